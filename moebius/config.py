@@ -1,0 +1,305 @@
+"""Configuration dataclasses: the model (read from a Hugging Face config.json), the engine's
+cache, scheduler and parallel settings, and model presets by name for benchmarks.
+
+Every dataclass validates itself on construction, so a bad value fails at start-up with one
+clear message naming the field, never deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+
+
+class ConfigError(ValueError):
+    """A configuration or checkpoint problem the user can fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shapes and options of a decoder-only MoE model (Qwen3-MoE or Mixtral)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    dense_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP is dense (Qwen3 mlp_only_layers)
+    norm_topk_prob: bool = True
+    qk_norm: bool = False
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "num_experts",
+            "top_k",
+            "moe_intermediate_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"model config: {name} must be positive, got {getattr(self, name)}"
+                )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.top_k > self.num_experts:
+            raise ConfigError("num_experts_per_tok exceeds the number of experts")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> ModelConfig:
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ConfigError("config.json has no 'architectures' entry")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise ConfigError(f"rope type {rope.get('rope_type')!r} is not supported yet")
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        num_layers = hf["num_hidden_layers"]
+        base = dict(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            top_k=hf["num_experts_per_tok"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"),
+        )
+        num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+        if arch == "Qwen3MoeForCausalLM":
+            step = hf.get("decoder_sparse_step", 1)
+            mlp_only = set(hf.get("mlp_only_layers") or [])
+            dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % step != 0)
+            return cls(
+                **base,
+                num_experts=num_experts,
+                moe_intermediate_size=hf["moe_intermediate_size"],
+                dense_intermediate_size=hf.get("intermediate_size", 0),
+                dense_layers=dense,
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                qk_norm=True,
+                attention_bias=bool(hf.get("attention_bias", False)),
+            )
+        return cls(  # Mixtral: every layer sparse, renormalised top-k, no q/k norm
+            **base,
+            num_experts=num_experts,
+            moe_intermediate_size=hf["intermediate_size"],
+            norm_topk_prob=True,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str) -> ModelConfig:
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"model directory {model_dir!r} does not exist")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{model_dir!r} has no config.json")
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        try:
+            return cls.from_hf_dict(hf)
+        except KeyError as e:
+            raise ConfigError(f"{path} lacks the field {e.args[0]!r}") from e
+
+
+# Model shapes for benchmarks and the simulator (random weights where real ones are not here).
+PRESETS: dict[str, dict] = {
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        vocab_size=151936,
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        norm_topk_prob=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        eos_token_id=151645,
+        dtype="bfloat16",
+    ),
+    "qwen3-235b-a22b": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        vocab_size=151936,
+        hidden_size=4096,
+        num_hidden_layers=94,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=1536,
+        intermediate_size=12288,
+        norm_topk_prob=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        eos_token_id=151645,
+        dtype="bfloat16",
+    ),
+    "mixtral-8x7b": dict(
+        architectures=["MixtralForCausalLM"],
+        vocab_size=32000,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=14336,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        eos_token_id=2,
+        dtype="bfloat16",
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A model config by preset name, e.g. ``preset("qwen3-30b-a3b", num_hidden_layers=12)``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig.from_hf_dict({**PRESETS[name], **overrides})
+
+
+LAYOUTS = ("tp", "ep")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs besides the model: cache, scheduler and parallel settings."""
+
+    model: ModelConfig
+    model_dir: str | None = None  # None: random weights from the config
+    ranks: int = 1
+    layout: str = "tp"  # initial layout: "tp" or "ep" (equal when ranks == 1)
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "auto"  # "auto" (checkpoint dtype; float32 on CPU), "float32", "bfloat16", ...
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # per rank, EP view; None: sized from kv_cache_memory
+    kv_cache_memory: float = 0.0  # bytes per rank for the KV pool; 0: a default by device
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    switch_schedule: tuple[tuple[int, str], ...] = ()  # (engine step, layout) pairs
+    enforce_eager: bool = False
+    dist_backend: str | None = None  # None: nccl on cuda, gloo on cpu
+    master_port: int = 0  # 0: pick a free port
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1:
+            raise ConfigError("ranks must be >= 1")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError("block_size must be a positive power of two")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
+            raise ConfigError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")
+        m = self.model
+        if self.ranks > 1:
+            if m.num_experts % self.ranks:
+                raise ConfigError(
+                    f"{m.num_experts} experts cannot be split over {self.ranks} ranks"
+                )
+            if m.moe_intermediate_size % self.ranks:
+                raise ConfigError("moe_intermediate_size must divide by the number of ranks")
+            if m.num_heads % self.ranks:
+                raise ConfigError("num_attention_heads must divide by the number of ranks")
+            kv = m.num_kv_heads
+            if kv % self.ranks and self.ranks % kv:
+                raise ConfigError("num_key_value_heads and ranks must divide one another")
+            if m.dense_layers and m.dense_intermediate_size % self.ranks:
+                raise ConfigError("intermediate_size must divide by the number of ranks")
+        for step, layout in self.switch_schedule:
+            if layout not in LAYOUTS or step < 0:
+                raise ConfigError(f"bad switch_schedule entry {(step, layout)!r}")
+        if self.max_model_len is not None and self.max_model_len > m.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {m.max_position_embeddings}"
+            )
+
+    @property
+    def context_len(self) -> int:
+        return self.max_model_len or self.model.max_position_embeddings
+
+    def with_(self, **kw) -> EngineConfig:
+        return replace(self, **kw)
+
+
+@dataclass
+class ParallelInfo:
+    """Set once per worker process: who am I among the ranks."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"

@@ -1,0 +1,288 @@
+"""The engine loop: requests in, one scheduled step at a time through the workers, outputs
+out. Owns the tokenizer, the scheduler, detokenization and stop strings, and applies layout
+switches at step boundaries (from a schedule, or ``switch()`` called from any thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from moebius.config import ConfigError, EngineConfig
+from moebius.core import (
+    CompletionOutput,
+    Logprob,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from moebius.engine.scheduler import Scheduler
+from moebius.engine.worker import make_executor
+from moebius.parallel.reshard import owner_changed_expert_bytes
+from moebius.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("moebius")
+
+
+class PromptTooLongError(ValueError):
+    """The prompt cannot fit the model's context or the KV pool."""
+
+
+@dataclass
+class SwitchRecord:
+    step: int
+    source: str
+    target: str
+    running: int
+    preempted: int
+    weight_bytes: int
+    kv_bytes: int
+    seconds: float
+    phases: dict
+
+
+@dataclass
+class _Group:
+    """The ``n`` completions of one prompt."""
+
+    request_id: str
+    prompt: str | None
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    texts: list[str] = field(default_factory=list)
+    reported: bool = False
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer = Tokenizer(cfg.model_dir) if cfg.model_dir else None
+        t0 = time.perf_counter()
+        self.executor = make_executor(cfg)
+        self.startup_seconds = time.perf_counter() - t0
+        self.memory = self.executor.reports
+        nb_ep = min(r["kv_blocks_ep"] for r in self.memory)
+        nb_tp = min(r["kv_blocks_tp"] for r in self.memory)
+        self.scheduler = Scheduler(cfg, {"ep": nb_ep, "tp": nb_tp})
+        eos = set(cfg.model.eos_token_ids)
+        if self.tokenizer and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler.eos_ids = tuple(sorted(eos))
+        self.groups: dict[str, _Group] = {}
+        self.requests: dict[str, Request] = {}
+        self.step_count = 0
+        self.switches: list[SwitchRecord] = []
+        self.switch_schedule = dict(cfg.switch_schedule)
+        self._pending_switch: str | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._rng = random.Random(cfg.seed)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def layout(self) -> str:
+        return self.scheduler.layout
+
+    def next_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        rid = request_id or self.next_request_id()
+        if rid in self.groups:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this engine has no tokenizer: pass token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        self.check_prompt(ids, params)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        children = []
+        for i in range(params.n):
+            child = Request(f"{rid}#{i}" if params.n > 1 else rid, ids, params,
+                            seed=base_seed + i)
+            children.append(child)
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                  if self.tokenizer else None for _ in children]
+        with self._lock:
+            self.groups[rid] = _Group(rid, text, children, detoks, [""] * len(children))
+            for child in children:
+                self.requests[child.request_id] = child
+                self.scheduler.add(child)
+        return rid
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise PromptTooLongError("the prompt is empty")
+        vocab = self.cfg.model.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.cfg.context_len
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens "
+                f"and at least one must remain for the output"
+            )
+        kv_limit = min(self.scheduler.num_blocks.values()) * self.cfg.block_size
+        if len(ids) + 1 > kv_limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds {kv_limit} per request"
+            )
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            group = self.groups.get(request_id)
+            if group is None:
+                return
+            for child in group.children:
+                if not child.is_finished:
+                    self.scheduler.finish(child, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ switching
+    def switch(self, target: str) -> None:
+        """Ask for a layout switch at the next step boundary (thread-safe)."""
+        if target not in ("tp", "ep"):
+            raise ValueError(f"layout must be 'tp' or 'ep', got {target!r}")
+        if self.cfg.ranks == 1:
+            raise ValueError("a single rank has one layout: switching needs ranks > 1")
+        with self._lock:
+            self._pending_switch = target
+
+    def _maybe_switch(self) -> None:
+        target = self.switch_schedule.pop(self.step_count, None)
+        with self._lock:
+            if self._pending_switch:
+                target, self._pending_switch = self._pending_switch, None
+        if target and target != self.layout and self.cfg.ranks > 1:
+            self._do_switch(target)
+
+    def _do_switch(self, target: str) -> SwitchRecord:
+        source = self.layout
+        t0 = time.perf_counter()
+        with self._lock:
+            plan, preempted = self.scheduler.plan_switch(target)
+        results = self.executor.switch(plan)
+        seconds = time.perf_counter() - t0
+        rec = SwitchRecord(
+            step=self.step_count, source=source, target=target, running=len(plan.moves),
+            preempted=len(preempted), weight_bytes=sum(r.weight_bytes_sent for r in results),
+            kv_bytes=sum(r.kv_bytes_sent for r in results), seconds=seconds,
+            phases={k: max(r.seconds[k] for r in results) for k in results[0].seconds},
+        )
+        self.switches.append(rec)
+        log.info(
+            "switch %s->%s at step %d: %d running (%d preempted), weights %.2f MB + KV %.3f MB "
+            "moved in %.1f ms (weights %.1f ms, kv %.1f ms)",
+            source, target, rec.step, rec.running, rec.preempted, rec.weight_bytes / 1e6,
+            rec.kv_bytes / 1e6, seconds * 1e3, rec.phases["weights"] * 1e3,
+            rec.phases["kv"] * 1e3,
+        )
+        return rec
+
+    def expected_switch_weight_bytes(self) -> int:
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+        from moebius.engine.model_runner import resolve_dtype
+
+        size = resolve_dtype(self.cfg).itemsize if self.cfg.dtype == "auto" else itemsize[
+            self.cfg.dtype]
+        return owner_changed_expert_bytes(self.cfg.model, self.cfg.ranks, size)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns outputs of the prompts that progressed."""
+        self._maybe_switch()
+        with self._lock:
+            batch = self.scheduler.schedule()
+        if batch.empty:
+            return self._collect([])
+        results = self.executor.step(batch.inputs)
+        tokens = {t.request_id: t for res in results for t in res.tokens}
+        with self._lock:
+            updated = self.scheduler.update(batch, tokens)
+            self.step_count += 1
+            now = time.monotonic()
+            for req in updated:
+                if req.first_token_time is None:
+                    req.first_token_time = now
+            return self._collect(updated)
+
+    def _collect(self, updated: list[Request]) -> list[RequestOutput]:
+        touched = {}
+        for req in updated:
+            gid = req.request_id.split("#")[0]
+            touched[gid] = self.groups[gid]
+            self._detokenize(self.groups[gid], req)
+        for gid, group in self.groups.items():  # aborted or finished without a new token
+            if gid not in touched and all(c.is_finished for c in group.children):
+                touched[gid] = group
+        outs = []
+        for gid, group in touched.items():
+            if group.reported:
+                continue
+            out = self._output(group)
+            outs.append(out)
+            if out.finished:
+                group.reported = True
+                del self.groups[gid]
+                for c in group.children:
+                    self.requests.pop(c.request_id, None)
+        return outs
+
+    def _detokenize(self, group: _Group, req: Request) -> None:
+        i = group.children.index(req)
+        detok = group.detoks[i]
+        if detok is None:
+            return
+        detok.step(req.output_token_ids)
+        text = detok.text
+        for stop in req.params.stop:
+            j = text.find(stop, max(0, len(group.texts[i]) - len(stop) + 1))
+            if j < 0:
+                continue
+            text = text[: j + len(stop)] if req.params.include_stop_str_in_output else text[:j]
+            if not req.is_finished:
+                self.scheduler.finish(req, "stop", stop)
+            req.finish_reason, req.stop_reason = "stop", stop
+            break
+        group.texts[i] = text
+
+    def _output(self, group: _Group) -> RequestOutput:
+        comps = []
+        for i, c in enumerate(group.children):
+            lps = None
+            if c.params.logprobs is not None:
+                lps = [{t: Logprob(v) for t, v in d.items()} for d in c.output_logprobs]
+            cum = sum(d[t] for d, t in zip(c.output_logprobs, c.output_token_ids)) if lps else None
+            comps.append(CompletionOutput(i, group.texts[i], list(c.output_token_ids), cum, lps,
+                                          c.finish_reason, c.stop_reason))
+        first = group.children[0]
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt,
+            prompt_token_ids=first.prompt_token_ids, outputs=comps,
+            finished=all(c.is_finished for c in group.children),
+            num_cached_tokens=first.num_cached_tokens,
+            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def stats(self) -> dict:
+        s = self.scheduler
+        hits = sum(m.num_hits for m in s.managers)
+        return {
+            "layout": self.layout, "steps": self.step_count, "running": len(s.running),
+            "waiting": len(s.waiting), "kv_usage": s.kv_usage(), "preemptions": s.num_preemptions,
+            "prefix_cache_hit_tokens": hits, "switches": len(self.switches),
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+

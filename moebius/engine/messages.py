@@ -1,0 +1,77 @@
+"""Messages between the engine (scheduler) and the workers: small dataclasses, pickled over a
+pipe to worker processes. The scheduler sends each rank only the sequences it computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a step on one rank."""
+
+    request_id: str
+    token_ids: list[int]  # tokens whose KV this step computes
+    start_pos: int  # position of token_ids[0]
+    block_ids: list[int]  # the whole block table in the current layout's view
+    sample: bool  # sample a token after this chunk (the prompt is complete)
+    # sampling (read only when sample is True)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    output_index: int = 0  # index of the token to sample among the outputs
+    num_logprobs: int = -1  # -1: none; n >= 0: the sampled logprob and the top n
+    banned_token_ids: list[int] = field(default_factory=list)  # eos/stop ids before min_tokens
+
+
+@dataclass
+class StepInput:
+    layout: str
+    seqs: list[SeqWork]
+    num_tokens_per_rank: list[int]  # EP: every rank's token count (pads the exchange)
+    record_experts: bool = False
+
+
+@dataclass
+class SampledToken:
+    request_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class StepResult:
+    rank: int
+    tokens: list[SampledToken]
+    # request_id -> per-MoE-layer top-k counts of this step's tokens (num_moe_layers, E)
+    expert_counts: dict | None = None
+
+
+@dataclass
+class KVMove:
+    """A running request's computed KV and where it lives before and after a switch."""
+
+    request_id: str
+    num_tokens: int
+    old_owner: int  # -1 under TP
+    old_blocks: list[int]
+    new_owner: int  # -1 under TP
+    new_blocks: list[int]
+
+
+@dataclass
+class SwitchInput:
+    target: str  # "tp" or "ep"
+    moves: list[KVMove]
+
+
+@dataclass
+class SwitchResult:
+    rank: int
+    weight_bytes_sent: int
+    kv_bytes_sent: int
+    seconds: dict  # phase -> seconds

@@ -1,0 +1,169 @@
+"""One rank's model runner: owns the weights, the KV pool and the current layout; turns a
+``StepInput`` into tensors, runs the decoder, samples; executes switches (``reshard``).
+
+Tensors begin here: the scheduler above speaks only ids and lists.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moebius.config import EngineConfig
+from moebius.engine.messages import SampledToken, SeqWork, StepInput, StepResult, SwitchInput
+from moebius.kv.pool import KVPool
+from moebius.model.attention import AttentionMeta, PrefillChunk
+from moebius.model.decoder import forward
+from moebius.model.loader import load_weights
+from moebius.model.ops import Rotary
+from moebius.model.sampler import SamplingTensors, logprobs_of, sample
+from moebius.parallel.comm import Comm
+from moebius.parallel.layout import Layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if cfg.device == "cpu":
+        return torch.float32
+    return DTYPES.get(cfg.model.torch_dtype, torch.bfloat16)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, comm: Comm, num_kv_blocks_ep: int) -> None:
+        self.cfg = cfg
+        self.model = cfg.model
+        self.comm = comm
+        self.rank = comm.rank
+        self.device = torch.device(
+            f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
+        )
+        self.dtype = resolve_dtype(cfg)
+        self.layout = Layout(cfg.layout if comm.world_size > 1 else "tp", comm.rank,
+                             comm.world_size)
+        t0 = time.perf_counter()
+        self.weights = load_weights(self.model, cfg.model_dir, self.layout, self.dtype,
+                                    self.device, seed=cfg.seed)
+        self.load_seconds = time.perf_counter() - t0
+        self.kv: KVPool | None = None
+        if num_kv_blocks_ep:
+            self.allocate_kv(num_kv_blocks_ep)
+        self.rotary = Rotary(self.model.head_dim, self.model.rope_theta, cfg.context_len + 1,
+                             self.device)
+
+    def allocate_kv(self, num_blocks_ep: int) -> None:
+        """Allocate the KV pool once; its address never changes afterwards."""
+        assert self.kv is None, "the KV pool is allocated once"
+        self.kv = KVPool(self.model, self.comm.world_size, num_blocks_ep, self.cfg.block_size,
+                         self.dtype, self.device)
+
+    # ------------------------------------------------------------------ step
+    def _samples_here(self) -> bool:
+        return not self.layout.is_tp or self.rank == 0
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepResult:
+        assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
+        input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
+        t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
+        hidden = forward(self.weights, self.model, self.layout, self.comm, self.rotary, self.kv,
+                         input_ids, positions, meta, t_max)
+        if not self._samples_here() or not sample_rows:
+            return StepResult(self.rank, [])
+        return StepResult(self.rank, self._sample(hidden, step.seqs, sample_rows))
+
+    def _prepare(self, seqs: list[SeqWork]):
+        bs = self.cfg.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        dec_idx, dec_tables, dec_lens = [], [], []
+        prefills: list[PrefillChunk] = []
+        sample_rows: list[int] = []
+        for s in seqs:
+            start = len(ids)
+            n = len(s.token_ids)
+            ids += s.token_ids
+            p = range(s.start_pos, s.start_pos + n)
+            pos += p
+            slots += [s.block_ids[i // bs] * bs + i % bs for i in p]
+            nb = (s.start_pos + n + bs - 1) // bs
+            if n == 1:
+                dec_idx.append(start)
+                dec_tables.append(s.block_ids[:nb])
+                dec_lens.append(s.start_pos + 1)
+            else:
+                table = torch.tensor(s.block_ids[:nb], dtype=torch.long, device=self.device)
+                prefills.append(PrefillChunk(start, n, s.start_pos, table))
+            if s.sample:
+                sample_rows.append(start + n - 1)
+        width = max((len(t) for t in dec_tables), default=0)
+        dev = self.device
+        meta = AttentionMeta(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=dev),
+            decode_block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev
+            ).view(len(dec_tables), width),
+            decode_ctx_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
+            prefills=prefills,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        return input_ids, positions, meta, sample_rows
+
+    def _sample(self, hidden, seqs: list[SeqWork], rows: list[int]) -> list[SampledToken]:
+        work = [s for s in seqs if s.sample]
+        dev = self.device
+        logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
+        for i, s in enumerate(work):
+            if s.banned_token_ids:
+                logits[i, s.banned_token_ids] = float("-inf")
+        st = SamplingTensors(
+            temperature=torch.tensor([s.temperature for s in work], device=dev),
+            top_k=torch.tensor([s.top_k for s in work], dtype=torch.long, device=dev),
+            top_p=torch.tensor([s.top_p for s in work], device=dev),
+            min_p=torch.tensor([s.min_p for s in work], device=dev),
+            seeds=torch.tensor([s.seed for s in work], dtype=torch.long, device=dev),
+            steps=torch.tensor([s.output_index for s in work], dtype=torch.long, device=dev),
+            need_filter=any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in work),
+            all_greedy=all(s.temperature == 0 for s in work),
+        )
+        tokens = sample(logits, st)
+        out = [SampledToken(s.request_id, 0) for s in work]
+        want = [i for i, s in enumerate(work) if s.num_logprobs >= 0]
+        if want:
+            n = max(work[i].num_logprobs for i in want)
+            rows_t = torch.tensor(want, device=dev)
+            chosen, top_ids, top_lp = logprobs_of(logits[rows_t], tokens[rows_t], n)
+            for j, i in enumerate(want):
+                k = work[i].num_logprobs
+                out[i].logprob = float(chosen[j])
+                out[i].top_logprobs = dict(zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist(),
+                                               strict=True))
+        for o, t in zip(out, tokens.tolist(), strict=True):
+            o.token_id = t
+        return out
+
+    # ------------------------------------------------------------------ switch
+    def reshard(self, switch: SwitchInput):
+        from moebius.parallel.reshard import execute_switch
+
+        result = execute_switch(self, switch)
+        self.layout = Layout(switch.target, self.rank, self.comm.world_size)
+        return result
+
+    def memory_report(self) -> dict:
+        return {
+            "rank": self.rank,
+            "dense_weight_bytes": self.weights.dense_nbytes(),
+            "expert_weight_bytes": self.weights.experts.nbytes(),
+            "kv_pool_bytes": self.kv.nbytes(),
+            "kv_blocks_tp": self.kv.num_blocks(Layout("tp", self.rank, self.comm.world_size)),
+            "kv_blocks_ep": self.kv.num_blocks(Layout("ep", self.rank, self.comm.world_size)),
+            "load_seconds": self.load_seconds,
+        }

@@ -1,0 +1,266 @@
+"""Continuous-batching scheduler (ids and lists only): admits requests under a token budget,
+mixes chunked prefill with decode, preempts when the KV pool runs out, assigns EP owners, and
+plans the bookkeeping side of a layout switch.
+
+Under TP one block manager serves all ranks (their tables are identical); under EP each rank
+has its own, and every request has an owner rank.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from moebius.config import EngineConfig
+from moebius.core import Request, RequestStatus
+from moebius.engine.messages import KVMove, SampledToken, SeqWork, StepInput, SwitchInput
+from moebius.kv.block_manager import BlockManager
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Request, int]]  # (request, tokens computed this step)
+    inputs: list[StepInput]  # one per rank
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, num_blocks: dict[str, int]) -> None:
+        self.cfg = cfg
+        self.world_size = cfg.ranks
+        self.layout = cfg.layout if cfg.ranks > 1 else "tp"
+        self.num_blocks = num_blocks  # layout -> blocks per manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.managers = self._make_managers(self.layout)
+        self.num_preemptions = 0
+
+    def _make_managers(self, layout: str) -> list[BlockManager]:
+        count = self.world_size if layout == "ep" else 1
+        return [
+            BlockManager(self.num_blocks[layout], self.cfg.block_size,
+                         self.cfg.enable_prefix_caching)
+            for _ in range(count)
+        ]
+
+    # ------------------------------------------------------------------ requests
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def manager(self, req: Request) -> BlockManager:
+        return self.managers[req.owner_rank if self.layout == "ep" else 0]
+
+    def kv_usage(self) -> float:
+        return sum(m.usage() for m in self.managers) / len(self.managers)
+
+    def max_tokens_per_request(self) -> int:
+        """The most tokens one request can ever hold in this layout's KV."""
+        return self.num_blocks[self.layout] * self.cfg.block_size
+
+    def finish(self, req: Request, reason: str, stop_reason=None) -> None:
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.manager(req).free_table(req.block_ids)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.manager(req).free_table(req.block_ids)
+        req.block_hashes.clear()
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.owner_rank = -1
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ scheduling
+    def _bucket(self, req: Request) -> int:
+        return req.owner_rank if self.layout == "ep" else 0
+
+    def _choose_owner(self, req: Request) -> int:
+        """EP owner: balance tokens held, prefer a rank that caches the prompt's prefix."""
+        loads = [0] * self.world_size
+        for r in self.running:
+            loads[r.owner_rank] += r.num_tokens
+        slack = max(self.cfg.block_size, sum(loads) // (4 * self.world_size))
+        floor = min(loads)
+        best, best_key = 0, None
+        for rank in range(self.world_size):
+            if loads[rank] > floor + slack:
+                continue
+            hit = len(self.managers[rank].match_prefix(req.all_token_ids))
+            key = (-hit, loads[rank], rank)
+            if best_key is None or key < best_key:
+                best, best_key = rank, key
+        return best
+
+    def schedule(self) -> ScheduledBatch:
+        ep = self.layout == "ep"
+        budgets = [self.cfg.max_num_batched_tokens] * (self.world_size if ep else 1)
+        items: list[tuple[Request, int]] = []
+        preempted = 0
+        for req in list(self.running):
+            if req.status != RequestStatus.RUNNING:
+                continue
+            b = self._bucket(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budgets[b])
+            if n <= 0:
+                continue
+            mgr = self.manager(req)
+            while not mgr.can_grow(req.block_ids, req.num_computed_tokens + n):
+                victims = [r for r in self.running if r is not req and self._bucket(r) == b]
+                victim = victims[-1] if victims else req
+                self._preempt(victim)
+                preempted += 1
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue
+            mgr.grow(req.block_ids, req.num_computed_tokens + n)
+            items.append((req, n))
+            budgets[b] -= n
+        while self.waiting and not preempted and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            req.owner_rank = self._choose_owner(req) if ep else -1
+            b = self._bucket(req)
+            mgr = self.manager(req)
+            cached = mgr.match_prefix(req.all_token_ids)
+            num_cached = len(cached) * self.cfg.block_size
+            n = min(req.num_tokens - num_cached, budgets[b])
+            if n <= 0 or not mgr.can_allocate(cached, num_cached + n):
+                req.owner_rank = -1
+                break
+            self.waiting.popleft()
+            req.block_ids = mgr.allocate(cached, num_cached + n)
+            req.block_hashes = []
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+                mgr.num_hits += num_cached
+                mgr.num_queries += req.num_prompt_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            items.append((req, n))
+            budgets[b] -= n
+        return ScheduledBatch(items, self._inputs(items), preempted)
+
+    def _inputs(self, items: list[tuple[Request, int]]) -> list[StepInput]:
+        per_rank: list[list[SeqWork]] = [[] for _ in range(self.world_size)]
+        for req, n in items:
+            work = self._work(req, n)
+            if self.layout == "ep":
+                per_rank[req.owner_rank].append(work)
+            else:
+                for lst in per_rank:
+                    lst.append(work)
+        counts = [sum(len(w.token_ids) for w in lst) for lst in per_rank]
+        return [StepInput(self.layout, lst, counts) for lst in per_rank]
+
+    def _work(self, req: Request, n: int) -> SeqWork:
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids[start : start + n]
+        p = req.params
+        do_sample = start + n == req.num_tokens
+        banned: list[int] = []
+        if do_sample and len(req.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+        return SeqWork(
+            request_id=req.request_id, token_ids=tokens, start_pos=start,
+            block_ids=list(req.block_ids), sample=do_sample, temperature=p.temperature,
+            top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=req.seed,
+            output_index=len(req.output_token_ids),
+            num_logprobs=-1 if p.logprobs is None else p.logprobs, banned_token_ids=banned,
+        )
+
+    eos_ids: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ results
+    def update(self, batch: ScheduledBatch, tokens: dict[str, SampledToken]) -> list[Request]:
+        """Advance computed counts, append sampled tokens; returns requests with a new token."""
+        out = []
+        for req, n in batch.items:
+            if req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            self.manager(req).commit_full_blocks(
+                req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+            )
+            tok = tokens.get(req.request_id)
+            if tok is None:
+                continue
+            req.output_token_ids.append(tok.token_id)
+            if tok.logprob is not None:
+                req.output_logprobs.append({tok.token_id: tok.logprob, **(tok.top_logprobs or {})})
+            self._check_stop(req)
+            out.append(req)
+        return out
+
+    def _check_stop(self, req: Request) -> None:
+        p = req.params
+        t = req.output_token_ids[-1]
+        if len(req.output_token_ids) >= p.min_tokens:
+            if not p.ignore_eos and t in self.eos_ids:
+                return self.finish(req, "stop")
+            if t in p.stop_token_ids:
+                return self.finish(req, "stop", t)
+        if p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+            return self.finish(req, "length")
+        if req.num_tokens >= self.cfg.context_len:
+            return self.finish(req, "length")
+
+    # ------------------------------------------------------------------ switching
+    def plan_switch(self, target: str) -> tuple[SwitchInput, list[Request]]:
+        """Re-home every running request's KV for ``target``; preempt the fewest requests
+        needed when the target view cannot hold them all. Returns the plan and the preempted."""
+        old = [(r, r.owner_rank, list(r.block_ids)) for r in self.running]
+        self.layout = target
+        self.managers = self._make_managers(target)
+        owners = self._balanced_owners([r for r, _, _ in old]) if target == "ep" else {}
+        moves: list[KVMove] = []
+        preempted: list[Request] = []
+        # Smallest first: keeps the most requests when they do not all fit.
+        for req, old_owner, old_blocks in sorted(old, key=lambda x: x[0].num_computed_tokens):
+            req.owner_rank = owners.get(req.request_id, -1)
+            mgr = self.manager(req)
+            req.block_hashes = []
+            if not mgr.can_allocate([], req.num_computed_tokens):
+                preempted.append(req)
+                continue
+            req.block_ids = mgr.allocate([], req.num_computed_tokens)
+            mgr.commit_full_blocks(req.block_ids, req.all_token_ids, req.num_computed_tokens,
+                                   req.block_hashes)
+            moves.append(KVMove(req.request_id, req.num_computed_tokens, old_owner, old_blocks,
+                                req.owner_rank, list(req.block_ids)))
+        for req in preempted:
+            self.running.remove(req)
+            req.block_ids = []
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.PREEMPTED
+            req.owner_rank = -1
+            req.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.appendleft(req)
+        for req in self.waiting:
+            req.owner_rank = -1
+        return SwitchInput(target, moves), preempted
+
+    def _balanced_owners(self, reqs: list[Request]) -> dict[str, int]:
+        loads = [0] * self.world_size
+        owners = {}
+        for req in sorted(reqs, key=lambda r: -r.num_tokens):
+            rank = min(range(self.world_size), key=lambda i: (loads[i], i))
+            owners[req.request_id] = rank
+            loads[rank] += req.num_tokens
+        return owners

@@ -1,0 +1,194 @@
+"""Workers: one per rank. ``LocalExecutor`` runs the single rank in-process; ``ProcessExecutor``
+spawns one process per rank (torch.distributed: NCCL on GPU, gloo on CPU), sends each its
+messages over a pipe and gathers the replies. A worker that dies or raises stops the engine
+with a clear error instead of a hang.
+
+Multi-node: start ``moebius worker`` under torchrun on every node instead (see docs/launch.md);
+the same ``worker_loop`` serves both.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+from moebius.config import EngineConfig
+from moebius.engine.messages import StepInput, StepResult, SwitchInput, SwitchResult
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed or died; the engine cannot continue."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_runner(cfg: EngineConfig, rank: int, world_size: int):
+    """Set up torch.distributed (when world_size > 1) and this rank's model runner."""
+    import torch
+    import torch.distributed as dist
+
+    from moebius.engine.model_runner import ModelRunner
+    from moebius.engine.sizing import kv_blocks_for_rank
+    from moebius.parallel.comm import Comm
+
+    torch.manual_seed(cfg.seed)
+    if cfg.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    comm = Comm()
+    if world_size > 1:
+        if not dist.is_initialized():
+            backend = cfg.dist_backend or ("nccl" if cfg.device == "cuda" else "gloo")
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        comm = Comm(rank, world_size, dist.group.WORLD)
+    runner = ModelRunner(cfg, comm, num_kv_blocks_ep=0)
+    runner.allocate_kv(kv_blocks_for_rank(cfg, runner))
+    return runner
+
+
+def worker_loop(cfg: EngineConfig, rank: int, world_size: int, conn) -> None:
+    """Serve messages until shutdown: ("step", StepInput) | ("switch", SwitchInput) |
+    ("memory", None) | ("shutdown", None)."""
+    try:
+        runner = build_runner(cfg, rank, world_size)
+        conn.send(("ready", runner.memory_report()))
+        while True:
+            kind, payload = conn.recv()
+            if kind == "shutdown":
+                break
+            if kind == "step":
+                conn.send(("ok", runner.execute(payload)))
+            elif kind == "switch":
+                conn.send(("ok", runner.reshard(payload)))
+            elif kind == "memory":
+                conn.send(("ok", runner.memory_report()))
+            elif kind == "call":
+                name, args = payload
+                conn.send(("ok", getattr(runner, name)(*args)))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException:
+        try:
+            conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LocalExecutor:
+    """The single rank in this process."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.runner = build_runner(cfg, 0, 1)
+        self.reports = [self.runner.memory_report()]
+
+    def step(self, inputs: list[StepInput]) -> list[StepResult]:
+        return [self.runner.execute(inputs[0])]
+
+    def switch(self, switch: SwitchInput) -> list[SwitchResult]:
+        return [self.runner.reshard(switch)]
+
+    def call(self, name: str, *args) -> list:
+        return [getattr(self.runner, name)(*args)]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _process_main(cfg, rank, world_size, conn, env):
+    os.environ.update(env)
+    worker_loop(cfg, rank, world_size, conn)
+
+
+class ProcessExecutor:
+    """One spawned process per rank, driven by method name over pipes."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        ctx = mp.get_context("spawn")
+        port = cfg.master_port or free_port()
+        self.procs = []
+        self.conns = []
+        for rank in range(cfg.ranks):
+            parent, child = ctx.Pipe()
+            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            p = ctx.Process(target=_process_main, args=(cfg, rank, cfg.ranks, child, env),
+                            daemon=True, name=f"moebius-rank{rank}")
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        self.reports = self._gather()
+
+    def _gather(self) -> list:
+        out = [None] * len(self.conns)
+        pending = set(range(len(self.conns)))
+        while pending:
+            ready = mp.connection.wait(
+                [self.conns[i] for i in pending] + [self.procs[i].sentinel for i in pending],
+                timeout=600,
+            )
+            if not ready:
+                self.shutdown()
+                raise WorkerError("workers did not answer within 600 s")
+            for i in list(pending):
+                if self.conns[i] in ready or self.conns[i].poll():
+                    try:
+                        kind, payload = self.conns[i].recv()
+                    except EOFError:
+                        kind, payload = "error", f"rank {i} closed its pipe"
+                    if kind == "error":
+                        self.shutdown()
+                        raise WorkerError(payload)
+                    out[i] = payload
+                    pending.discard(i)
+                elif self.procs[i].sentinel in ready:
+                    code = self.procs[i].exitcode
+                    self.shutdown()
+                    raise WorkerError(f"rank {i} died (exit code {code})")
+        return out
+
+    def _broadcast(self, kind: str, payloads: list) -> list:
+        for conn, payload in zip(self.conns, payloads, strict=True):
+            try:
+                conn.send((kind, payload))
+            except (BrokenPipeError, OSError) as e:
+                self.shutdown()
+                raise WorkerError(f"a worker is gone: {e}") from e
+        return self._gather()
+
+    def step(self, inputs: list[StepInput]) -> list[StepResult]:
+        return self._broadcast("step", inputs)
+
+    def switch(self, switch: SwitchInput) -> list[SwitchResult]:
+        return self._broadcast("switch", [switch] * len(self.conns))
+
+    def call(self, name: str, *args) -> list:
+        return self._broadcast("call", [(name, args)] * len(self.conns))
+
+    def shutdown(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("shutdown", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        self.conns = []
+        self.procs = []
+
+
+def make_executor(cfg: EngineConfig):
+    return LocalExecutor(cfg) if cfg.ranks == 1 else ProcessExecutor(cfg)

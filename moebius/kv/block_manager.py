@@ -1,0 +1,138 @@
+"""KV block bookkeeping for one pool view (ids only, no tensors): allocation, reference
+counts, and automatic prefix caching.
+
+A full block is identified by the hash of (previous block's hash, its tokens); the tokens are
+kept to rule out collisions. A freed block keeps its hash and contents and stays findable
+until it is evicted (least recently freed first), so a shared system prompt or the ``n``
+completions of one prompt reuse the KV instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((prev, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # free blocks in eviction order; cached ones carry a hash
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.num_hits = 0  # cached tokens served
+        self.num_queries = 0  # prompt tokens looked up
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / max(self.num_blocks, 1)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached block ids for the longest prefix of full blocks, leaving at least one token
+        to compute (the step must produce logits)."""
+        if not self.caching:
+            return []
+        bs = self.block_size
+        out: list[int] = []
+        h = None
+        for i in range((len(token_ids) - 1) // bs):
+            toks = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(h, toks)
+            bid = self.hash_to_block.get(h)
+            if bid is None or self.blocks[bid].token_ids != toks:
+                break
+            out.append(bid)
+        return out
+
+    # ------------------------------------------------------------------ changes
+    def allocate(self, cached: list[int], num_tokens: int) -> list[int]:
+        """Take the ``cached`` blocks (ref +1) and fresh blocks up to ``num_tokens``."""
+        need = self.blocks_needed(num_tokens) - len(cached)
+        fresh_needed = need + sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        if fresh_needed > self.num_free:
+            raise MemoryError("not enough free KV blocks")
+        table = []
+        for b in cached:
+            self._ref(b)
+            table.append(b)
+        table += [self._take_fresh() for _ in range(max(need, 0))]
+        return table
+
+    def can_allocate(self, cached: list[int], num_tokens: int) -> bool:
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        return self.blocks_needed(num_tokens) - len(cached) + revived <= self.num_free
+
+    def can_grow(self, table: list[int], num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(table) <= self.num_free
+
+    def grow(self, table: list[int], num_tokens: int) -> None:
+        """Append fresh blocks to ``table`` so it holds ``num_tokens``."""
+        for _ in range(self.blocks_needed(num_tokens) - len(table)):
+            table.append(self._take_fresh())
+
+    def free_table(self, table: list[int]) -> None:
+        # Free in reverse so a sequence's tail is evicted before its (more shareable) head.
+        for b in reversed(table):
+            blk = self.blocks[b]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                self.free[b] = None
+        table.clear()
+
+    def commit_full_blocks(self, table: list[int], token_ids: list[int], num_computed: int,
+                           hashes: list[int]) -> None:
+        """Register the hashes of blocks that became full of computed tokens. ``hashes`` is the
+        request's chain of full-block hashes so far; it is extended in place."""
+        if not self.caching:
+            return
+        bs = self.block_size
+        for i in range(len(hashes), num_computed // bs):
+            toks = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(hashes[-1] if hashes else None, toks)
+            hashes.append(h)
+            blk = self.blocks[table[i]]
+            if blk.hash is None and h not in self.hash_to_block:
+                blk.hash, blk.token_ids = h, toks
+                self.hash_to_block[h] = blk.block_id
+
+    def reset(self) -> None:
+        """Forget everything (used when the pool's view changes at a switch)."""
+        self.__init__(self.num_blocks, self.block_size, self.caching)
+
+    # ------------------------------------------------------------------ internals
+    def _ref(self, b: int) -> None:
+        blk = self.blocks[b]
+        if blk.ref_count == 0:
+            self.free.pop(b, None)
+        blk.ref_count += 1
+
+    def _take_fresh(self) -> int:
+        b, _ = self.free.popitem(last=False)
+        blk = self.blocks[b]
+        if blk.hash is not None:
+            if self.hash_to_block.get(blk.hash) == b:
+                del self.hash_to_block[blk.hash]
+            blk.hash, blk.token_ids = None, ()
+        blk.ref_count = 1
+        return b

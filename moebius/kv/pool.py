@@ -1,0 +1,40 @@
+"""The KV pool of one rank: one byte buffer allocated once, read through a TP view (this
+rank's KV-head slice of every request) or an EP view (all KV heads of its own requests).
+
+Shape legend: L layers, NB blocks (per view), bs block size, kvh KV heads in the view, d head
+dim. The buffer is (L, 2, NB_ep·bs·kv·d); the TP view has NB_ep·kv/kvh_local blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moebius.config import ModelConfig
+from moebius.parallel.layout import Layout
+
+
+class KVPool:
+    def __init__(self, cfg: ModelConfig, world_size: int, num_blocks_ep: int, block_size: int,
+                 dtype, device) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.num_blocks_ep = num_blocks_ep
+        self.world_size = world_size
+        per_layer = num_blocks_ep * block_size * cfg.num_kv_heads * cfg.head_dim
+        self.buf = torch.zeros(cfg.num_layers, 2, per_layer, dtype=dtype, device=device)
+
+    def num_blocks(self, layout: Layout) -> int:
+        return self.num_blocks_ep * self.cfg.num_kv_heads // layout.num_local_kv_heads(self.cfg)
+
+    def view(self, layer: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        kvh = layout.num_local_kv_heads(self.cfg)
+        shape = (self.num_blocks(layout), self.block_size, kvh, self.cfg.head_dim)
+        return self.buf[layer, 0].view(shape), self.buf[layer, 1].view(shape)
+
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype_size: int) -> int:
+        """Bytes of one EP-view block over all layers."""
+        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype_size

@@ -1,0 +1,101 @@
+"""The offline API with vLLM's shapes: ``LLM(model_dir, ...)``, ``generate``, ``chat``.
+
+A vLLM script runs after changing the import::
+
+    from moebius import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint", ranks=2, layout="tp")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moebius.config import EngineConfig, ModelConfig
+from moebius.core import RequestOutput, SamplingParams
+from moebius.engine.llm_engine import LLMEngine
+
+
+class LLM:
+    def __init__(self, model: str | ModelConfig, **kwargs) -> None:
+        """``model``: a checkpoint folder, or a ``ModelConfig`` for random weights.
+        Keyword arguments are ``EngineConfig`` fields (ranks, layout, device, dtype, ...)."""
+        if "switch_schedule" in kwargs:
+            kwargs["switch_schedule"] = tuple(tuple(x) for x in kwargs["switch_schedule"])
+        if isinstance(model, ModelConfig):
+            cfg = EngineConfig(model=model, model_dir=None, **kwargs)
+        else:
+            cfg = EngineConfig(model=ModelConfig.from_dir(model), model_dir=model, **kwargs)
+        self.engine = LLMEngine(cfg)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]] | list[int],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One ``RequestOutput`` per prompt, in order. Prompts are strings or token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        try:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in ids:
+                        final[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        return [final[i] for i in ids]
+
+    def switch(self, layout: str) -> None:
+        """Switch layout at the next step boundary (callable from any thread)."""
+        self.engine.switch(layout)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.engine.shutdown()
+        except Exception:
+            pass

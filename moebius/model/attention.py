@@ -1,0 +1,67 @@
+"""Attention over the paged KV pool: write the new keys/values into their slots, then attend.
+
+The reference path gathers each sequence's pages with its block table and calls SDPA: all
+decode tokens in one batched call (padded to the longest context), each prefill chunk alone.
+
+Shape legend: T tokens, B sequences, nh query heads, kvh KV heads, d head dim,
+NB blocks, bs block size, S gathered context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int  # index of the chunk's first token in the flat batch
+    num_tokens: int
+    start_pos: int  # position of the chunk's first token in its sequence
+    block_table: torch.Tensor  # (nb,) long
+
+
+@dataclass
+class AttentionMeta:
+    """Per-step tensors for attention, shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (T,) long: flat slot (block·bs + offset) of each new token
+    decode_token_idx: torch.Tensor  # (Bd,) long: flat index of each decode token
+    decode_block_tables: torch.Tensor  # (Bd, max_blocks) long, padded with 0
+    decode_ctx_lens: torch.Tensor  # (Bd,) long: context length including the new token
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+    """k, v (T, kvh, d) into caches (NB, bs, kvh, d) at ``slot_mapping``."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """q (T, nh, d) -> (T, nh, d), keys and values already written."""
+    out = torch.empty_like(q)
+    bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    if meta.decode_token_idx.numel():
+        qd = q[meta.decode_token_idx].unsqueeze(2)  # (Bd, nh, 1, d)
+        tables = meta.decode_block_tables
+        B, nb = tables.shape
+        k = k_cache[tables].view(B, nb * bs, kvh, d).transpose(1, 2)  # (Bd, kvh, S, d)
+        v = v_cache[tables].view(B, nb * bs, kvh, d).transpose(1, 2)
+        pos = torch.arange(nb * bs, device=q.device)
+        mask = (pos[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[meta.decode_token_idx] = o.squeeze(2)
+    for c in meta.prefills:
+        ctx = c.start_pos + c.num_tokens
+        k = k_cache[c.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1)  # (kvh, S, d)
+        v = v_cache[c.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1)
+        qc = q[c.token_start : c.token_start + c.num_tokens].transpose(0, 1)  # (nh, t, d)
+        qpos = c.start_pos + torch.arange(c.num_tokens, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[c.token_start : c.token_start + c.num_tokens] = o.transpose(0, 1)
+    return out

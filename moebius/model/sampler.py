@@ -1,0 +1,85 @@
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, with a counter-based
+random stream per request.
+
+Each request's noise is a pure function of (seed, output index, token id): a hash, turned
+into Gumbel noise, so ``argmax(logits / T + gumbel)`` is an exact draw from the filtered
+softmax. A draw therefore never depends on batch composition, on which rank samples, on
+preemption or on a layout switch; no generator state has to travel with a request.
+
+Shape legend: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (lowbias32) on int64 tensors holding values < 2**32."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, V) uniforms in (0, 1) from per-row seeds and steps (int64)."""
+    v = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    row = _hash32(_hash32(seeds) ^ (steps * 0x9E3779B1))
+    bits = _hash32(row[:, None] * 0x85EBCA6B + v[None, :] + 0x632BE5AB)
+    return ((bits >> 8).to(torch.float64) + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor  # (B,) float32; 0 = greedy
+    top_k: torch.Tensor  # (B,) long; 0 = off
+    top_p: torch.Tensor  # (B,) float32
+    min_p: torch.Tensor  # (B,) float32
+    seeds: torch.Tensor  # (B,) long
+    steps: torch.Tensor  # (B,) long: index of the token being sampled
+    need_filter: bool
+    all_greedy: bool
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """logits (B, V) float32 -> token ids (B,) long."""
+    greedy = logits.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy
+    temp = torch.where(st.temperature > 0, st.temperature, 1.0)
+    scaled = logits / temp[:, None]
+    if st.need_filter:
+        scaled = _filter(scaled, st)
+    gumbel = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, logits.shape[-1])))
+    drawn = (scaled.double() + gumbel).argmax(dim=-1)
+    return torch.where(st.temperature > 0, drawn, greedy)
+
+
+def _filter(scaled: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Mask tokens outside top-k / top-p / min-p with -inf (per row)."""
+    sorted_logits, idx = scaled.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    V = scaled.shape[-1]
+    rank = torch.arange(V, device=scaled.device)[None, :]
+    k = torch.where(st.top_k > 0, st.top_k, V)[:, None]
+    drop = rank >= k
+    drop |= (probs.cumsum(dim=-1) - probs) >= st.top_p[:, None]
+    drop |= probs < st.min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(1, idx, sorted_logits)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int):
+    """(sampled logprob (B,), top ids (B, n), top logprobs (B, n)) from the raw logits."""
+    lp = torch.log_softmax(logits, dim=-1)
+    chosen = lp.gather(1, tokens[:, None]).squeeze(1)
+    top_lp, top_ids = lp.topk(num_top, dim=-1) if num_top else (lp[:, :0], tokens[:, None][:, :0])
+    return chosen, top_ids, top_lp

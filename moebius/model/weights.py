@@ -1,0 +1,87 @@
+"""The weights of one rank: dense weights whole (TP reads its shard as a view) and the expert
+store, one fixed buffer per MoE layer read the same way under both layouts.
+
+Shape legend: E experts, I expert intermediate, H hidden, N ranks, c = I/N.
+The store holds E *pieces* per layer (see parallel/layout.py): under TP piece e is this rank's
+c-wide shard of expert e; under EP piece s·E/N + j is shard s of local expert j. Either way the
+view is (E, 2c, H) for w13 and (E, c, H) for w2ᵀ; only the token -> piece routing differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moebius.config import ModelConfig
+from moebius.parallel.layout import Layout, piece_index
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (H,)
+    post_norm: torch.Tensor  # (H,)
+    q_proj: torch.Tensor  # (nh·d, H)
+    k_proj: torch.Tensor  # (nkv·d, H)
+    v_proj: torch.Tensor  # (nkv·d, H)
+    o_proj: torch.Tensor  # (H, nh·d)
+    q_norm: torch.Tensor | None = None  # (d,)
+    k_norm: torch.Tensor | None = None  # (d,)
+    router: torch.Tensor | None = None  # (E, H); None for a dense layer
+    moe_index: int = -1  # index among MoE layers; -1 for a dense layer
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # gate (I,H), up (I,H), down (H,I)
+
+
+class ExpertStore:
+    """All MoE layers' expert pieces of one rank in two fixed buffers (w13 and w2ᵀ)."""
+
+    def __init__(self, cfg: ModelConfig, world_size: int, dtype, device) -> None:
+        self.cfg = cfg
+        self.world_size = world_size
+        self.num_moe_layers = len(cfg.moe_layers)
+        E, I, H, N = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, world_size
+        self.shard = I // N
+        self.w13 = torch.empty(self.num_moe_layers, E, 2 * self.shard, H, dtype=dtype,
+                               device=device)
+        self.w2 = torch.empty(self.num_moe_layers, E, self.shard, H, dtype=dtype, device=device)
+
+    def view(self, moe_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 (E, 2c, H), w2ᵀ (E, c, H)) pieces of one layer."""
+        return self.w13[moe_index], self.w2[moe_index]
+
+    def fill_expert(self, moe_index: int, layout: Layout, expert: int, gate_up, down) -> None:
+        """Write expert ``expert`` from HF tensors gate_up (2I, H) and down (H, I) into the
+        pieces ``layout`` gives this rank."""
+        I, c = self.cfg.moe_intermediate_size, self.shard
+        w13, w2 = self.view(moe_index)
+        shards = [layout.rank] if layout.is_tp else range(self.world_size)
+        for s in shards:
+            _, idx = piece_index(layout.mode, expert, s, self.cfg.num_experts, self.world_size)
+            w13[idx, :c].copy_(gate_up[s * c : (s + 1) * c])
+            w13[idx, c:].copy_(gate_up[I + s * c : I + (s + 1) * c])
+            w2[idx].copy_(down[:, s * c : (s + 1) * c].t())
+
+    def nbytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # (V, H)
+    norm: torch.Tensor  # (H,)
+    lm_head: torch.Tensor  # (V, H); may alias embed when tied
+    layers: list[LayerWeights]
+    experts: ExpertStore
+
+    def dense_nbytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        tensors = [self.embed, self.norm, self.lm_head]
+        for lw in self.layers:
+            tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+            tensors += list(lw.dense.values())
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,66 @@
+"""Collectives over one process group, with a single-rank no-op form.
+
+Layers call these explicitly in ``forward`` so every collective stays visible. gloo lacks a
+reduce-scatter, so on CPU it is an all-reduce followed by taking the own chunk (same result).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    """The collectives a layer needs, bound to one process group."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group=None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+        self.backend = dist.get_backend(group) if world_size > 1 else "none"
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped ``x`` of every rank along dim 0."""
+        if self.world_size == 1:
+            return x
+        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype,
+                          device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over ranks and return this rank's 1/N chunk of dim 0."""
+        if self.world_size == 1:
+            return x
+        chunk = x.shape[0] // self.world_size
+        if self.backend == "gloo":
+            dist.all_reduce(x, group=self.group)
+            return x[self.rank * chunk : (self.rank + 1) * chunk]
+        out = torch.empty((chunk, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_gather_object(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def p2p(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]):
+        """Run a batch of point-to-point transfers and wait for all of them."""
+        if not sends and not recvs:
+            return
+        ops = [dist.P2POp(dist.isend, t, peer, group=self.group) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, group=self.group) for t, peer in recvs]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()

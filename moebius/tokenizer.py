@@ -1,0 +1,112 @@
+"""Tokenizer of a checkpoint folder: tokenizer.json through `tokenizers`, the chat template of
+tokenizer_config.json rendered with jinja2, and incremental detokenization for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import jinja2
+from tokenizers import Tokenizer as HFTokenizer
+
+from moebius.config import ConfigError
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Encode, decode and render chat templates for one checkpoint folder."""
+
+    def __init__(self, model_dir: str) -> None:
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{model_dir!r} has no tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on a corrupt file
+            raise ConfigError(f"{path} could not be read: {e}") from e
+        cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+        cfg: dict = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.special_ids = {
+            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
+        }
+        self._template = None
+        if self.chat_template:
+            env = jinja2.Environment(
+                trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+            )
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(self.chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
+        if self._template is None:
+            raise ConfigError("this checkpoint has no chat_template in tokenizer_config.json")
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )
+
+
+def _raise_template_error(message: str):
+    raise ValueError(f"chat template: {message}")
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Holds back text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD) until the
+    next token completes it.
+    """
+
+    tokenizer: Tokenizer
+    skip_special_tokens: bool = True
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""
+
+    def step(self, ids: list[int]) -> str:
+        prefix = self.tokenizer.decode(
+            ids[self.prefix_offset : self.read_offset], self.skip_special_tokens
+        )
+        full = self.tokenizer.decode(ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(ids)
+            self.text += delta
+            return delta
+        return ""
