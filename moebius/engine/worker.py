@@ -9,8 +9,10 @@ the same ``worker_loop`` serves both.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import sys
 import socket
 import traceback
 
@@ -104,6 +106,24 @@ class LocalExecutor:
         pass
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers need nothing from the user's script: hide it from multiprocessing so a
+    script without an ``if __name__ == "__main__"`` guard is not re-run in every worker."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    for k in saved:
+        delattr(main, k)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        if "__spec__" not in saved:
+            del main.__spec__
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 def _process_main(cfg, rank, world_size, conn, env):
     os.environ.update(env)
     worker_loop(cfg, rank, world_size, conn)
@@ -123,7 +143,8 @@ class ProcessExecutor:
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             p = ctx.Process(target=_process_main, args=(cfg, rank, cfg.ranks, child, env),
                             daemon=True, name=f"moebius-rank{rank}")
-            p.start()
+            with _main_module_hidden():
+                p.start()
             child.close()
             self.procs.append(p)
             self.conns.append(parent)

@@ -10,6 +10,10 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.13 renames all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Comm:
     """The collectives a layer needs, bound to one process group."""
 
@@ -30,7 +34,7 @@ class Comm:
             return x
         out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype,
                           device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        _all_gather_single(out, x.contiguous(), group=self.group)
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
