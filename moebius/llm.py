@@ -29,6 +29,12 @@ class LLM:
             cfg = EngineConfig(model=ModelConfig.from_dir(model), model_dir=model, **kwargs)
         self.engine = LLMEngine(cfg)
 
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(cfg)
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

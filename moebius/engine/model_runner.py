@@ -157,6 +157,20 @@ class ModelRunner:
         self.layout = Layout(switch.target, self.rank, self.comm.world_size)
         return result
 
+    def weights_digest(self) -> str:
+        """A hash of the expert buffers' bytes (tests: switches must restore them exactly)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.weights.experts.w13, self.weights.experts.w2):
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def buffer_addresses(self) -> tuple[int, int, int]:
+        """Addresses of the expert buffers and the KV pool: fixed for the engine's life."""
+        e = self.weights.experts
+        return e.w13.data_ptr(), e.w2.data_ptr(), self.kv.buf.data_ptr()
+
     def memory_report(self) -> dict:
         return {
             "rank": self.rank,

@@ -120,8 +120,9 @@ class Scheduler:
                 continue
             mgr = self.manager(req)
             while not mgr.can_grow(req.block_ids, req.num_computed_tokens + n):
-                victims = [r for r in self.running if r is not req and self._bucket(r) == b]
-                victim = victims[-1] if victims else req
+                # the latest admitted of this bucket: never one already scheduled this step,
+                # since those precede req in the running order
+                victim = [r for r in self.running if self._bucket(r) == b][-1]
                 self._preempt(victim)
                 preempted += 1
                 if victim is req:

@@ -1,0 +1,169 @@
+"""Command line: ``moebius demo | generate | serve | make-tiny``.
+
+Engine flags are mapped onto ``EngineConfig`` in one place (``engine_args`` / ``engine_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from moebius.config import EngineConfig, ModelConfig
+
+
+def engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=int, default=1, help="ranks (one process per GPU or CPU worker)")
+    p.add_argument("--layout", choices=["tp", "ep"], default="tp", help="initial layout")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per rank (EP view)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--switch-schedule", default="",
+                   help="switch at engine steps, e.g. '5:ep,9:tp'")
+
+
+def parse_schedule(text: str) -> tuple[tuple[int, str], ...]:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        step, layout = item.split(":")
+        out.append((int(step), layout.strip()))
+    return tuple(out)
+
+
+def engine_config(args, model_dir: str) -> EngineConfig:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return EngineConfig(
+        model=ModelConfig.from_dir(model_dir), model_dir=model_dir, ranks=args.ranks,
+        layout=args.layout, device=device, dtype=args.dtype, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        switch_schedule=parse_schedule(args.switch_schedule),
+    )
+
+
+def cmd_make_tiny(args) -> None:
+    from moebius.model.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(args.path, args.arch, seed=args.seed, num_shards=args.shards,
+                                 fused_experts=args.fused)
+    print(f"wrote a tiny random {args.arch} checkpoint to {path}")
+
+
+def cmd_generate(args) -> None:
+    from moebius.core import SamplingParams
+
+    cfg = engine_config(args, args.model)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        sys.exit("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed, n=args.n)
+    from moebius.llm import LLM
+
+    llm = LLM.from_config(cfg)
+    try:
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                            use_tqdm=len(prompts) > 1)
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    finally:
+        llm.shutdown()
+    for p, o in zip(prompts, outs, strict=True):
+        for c in o.outputs:
+            if args.json:
+                print(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
+                                  "finish_reason": c.finish_reason}))
+            else:
+                print(f"--- {p!r}\n{c.text!r}  [{c.finish_reason}]")
+
+
+def cmd_serve(args) -> None:
+    from moebius.server.serve import run_server
+
+    cfg = engine_config(args, args.model)
+    run_server(cfg, host=args.host, port=args.port, api_key=args.api_key,
+               admin_key=args.admin_key, served_model_name=args.served_model_name,
+               max_queue=args.max_queue)
+
+
+def cmd_demo(args) -> None:
+    from moebius.demo import run_demo
+
+    run_demo(args.model, ranks=args.ranks, steps=args.max_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[moebius] %(message)s")
+    ap = argparse.ArgumentParser(prog="moebius", description="MoE serving engine")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="tiny random MoE on 2 CPU ranks with live EP<->TP switches")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: tiny, generated)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint folder")
+    p.add_argument("path")
+    p.add_argument("--arch", choices=["qwen3_moe", "mixtral"], default="qwen3_moe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--fused", action="store_true", help="fused 3-D expert tensors")
+    p.set_defaults(fn=cmd_make_tiny)
+
+    p = sub.add_parser("generate", help="offline generation")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompts-file")
+    p.add_argument("--chat", action="store_true", help="apply the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--sampling-seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    engine_args(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MOEBIUS_API_KEY"))
+    p.add_argument("--admin-key", default=os.environ.get("MOEBIUS_ADMIN_KEY"))
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-queue", type=int, default=1024)
+    engine_args(p)
+    p.set_defaults(fn=cmd_serve)
+
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"moebius: error: {e}")
+    logging.getLogger("moebius").debug("done in %.1f s", time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
