@@ -1,0 +1,1 @@
+"""Benchmarks: decode step times against the hardware floor, workloads, routing replays."""

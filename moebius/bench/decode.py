@@ -1,0 +1,134 @@
+"""Decode throughput of the real engine at fixed batch sizes, against the HBM floor.
+
+    python -m moebius.bench.decode --preset qwen3-30b-a3b --batches 1 16 64 256 --out r.json
+
+Random bf16 weights from a preset (no checkpoint needed). For each batch size: B requests with
+random prompts are prefilled, then decode steps are timed end to end through ``engine.step()``
+(scheduling, input preparation, forward, sampling, bookkeeping). The floor is the bytes a step
+must read (dense weights, lm_head, the distinct experts that B·k random picks activate in
+expectation, the KV of the batch) over the measured device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from moebius.config import EngineConfig, ModelConfig, preset
+from moebius.core import SamplingParams
+from moebius.engine.llm_engine import LLMEngine
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device="cuda", nbytes=4 << 30) -> float:
+    """Bytes/s of a large device-to-device copy, counting read plus write."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    _sync(device)
+    return 10 * nbytes / (time.perf_counter() - t0)
+
+
+def step_floor_bytes(m: ModelConfig, batch: int, context: int, elem: int = 2) -> dict:
+    """Bytes one decode step must read at ``batch`` sequences of ``context`` tokens."""
+    H = m.hidden_size
+    attn = (2 * m.q_size * H + 2 * m.kv_size * H) * elem
+    router = m.num_experts * H * elem
+    expert = 3 * m.moe_intermediate_size * H * elem
+    distinct = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** batch)
+    per_layer = attn + router + distinct * expert
+    kv = batch * context * m.num_layers * 2 * m.kv_size * elem
+    head = m.vocab_size * H * elem
+    return {"weights": per_layer * m.num_layers + head, "kv": kv,
+            "distinct_experts_per_layer": distinct}
+
+
+def run(model: ModelConfig, batches: list[int], prompt_len: int, decode_steps: int,
+        warmup: int, seed: int = 0, device: str = "cuda") -> list[dict]:
+    max_batch = max(batches)
+    ctx = prompt_len + warmup + decode_steps + 2
+    blocks = max_batch * ((ctx + 15) // 16) + 64
+    cfg = EngineConfig(model=model, model_dir=None, device=device,
+                       dtype="bfloat16" if device == "cuda" else "float32",
+                       num_kv_blocks=blocks, max_num_seqs=max_batch,
+                       max_num_batched_tokens=8192, max_model_len=4096,
+                       enable_prefix_caching=False, seed=seed)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg)
+    print(f"engine up in {time.perf_counter() - t0:.1f} s; memory {engine.memory[0]}")
+    bw = copy_bandwidth(device, (4 << 30) if device == "cuda" else (64 << 20))
+    rng = random.Random(seed)
+    rows = []
+    for B in batches:
+        params = SamplingParams(temperature=0, max_tokens=warmup + decode_steps + 1,
+                                ignore_eos=True)
+        for _ in range(B):
+            prompt = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
+            engine.add_request(prompt, params)
+        while any(r.num_computed_tokens < r.num_prompt_tokens
+                  for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        for _ in range(warmup):
+            engine.step()
+        _sync(device)
+        times = []
+        for _ in range(decode_steps):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        while engine.has_unfinished():
+            engine.step()
+        times.sort()
+        step = times[len(times) // 2]
+        floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
+        floor_s = (floor["weights"] + floor["kv"]) / (bw / 2)  # each byte read once
+        rows.append({"batch": B, "step_ms": step * 1e3, "tokens_per_s": B / step,
+                     "floor_ms": floor_s * 1e3, "x_floor": step / floor_s,
+                     "distinct_experts": floor["distinct_experts_per_layer"],
+                     "copy_bw_GBps": bw / 1e9})
+        print(json.dumps(rows[-1]))
+    engine.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--layers", type=int, default=None, help="override layer count")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    over = {"num_hidden_layers": args.layers} if args.layers else {}
+    model = preset(args.preset, **over)
+    rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup,
+               device=args.device)
+    print(f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['floor_ms']:>9.2f} {r['x_floor']:>8.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"preset": args.preset, "rows": rows,
+                       "device": torch.cuda.get_device_name() if args.device == "cuda"
+                       else "cpu"}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
