@@ -1,0 +1,146 @@
+"""The single-device engine: sampling, stops, n completions, preemption, prefix caching and
+errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from moebius import LLM, SamplingParams
+from moebius.config import ConfigError, ModelConfig
+from moebius.core import SamplingError
+from moebius.engine.llm_engine import PromptTooLongError
+from tests.conftest import PROMPTS
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen_dir):
+    with LLM(qwen_dir) as llm:
+        yield llm
+
+
+def toks(outs):
+    return [c.token_ids for o in outs for c in o.outputs]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=16,
+                        ignore_eos=True)
+    alone = toks(llm.generate(PROMPTS[0], sp))
+    batched = toks(llm.generate(PROMPTS, sp))
+    assert batched[0] == alone[0]
+    assert toks(llm.generate(PROMPTS[0], sp)) == alone
+    other = toks(llm.generate(PROMPTS[0], SamplingParams(temperature=0.9, seed=8, max_tokens=16,
+                                                         ignore_eos=True)))
+    assert other != alone
+
+
+def test_n_completions_share_prefix_cache_and_differ(llm):
+    sp = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
+    prompt = PROMPTS[3] * 2
+    out = llm.generate(prompt, sp)[0]
+    assert len(out.outputs) == 4
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+
+
+def test_prefix_cache_hits_are_counted_and_change_nothing(qwen_dir):
+    system = "You are a helpful assistant. " * 6
+    prompts = [system + p for p in PROMPTS]
+    with LLM(qwen_dir, enable_prefix_caching=False) as cold:
+        ref = toks(cold.generate(prompts, GREEDY))
+    with LLM(qwen_dir) as warm:
+        first = toks(warm.generate(prompts[:1], GREEDY))
+        rest = warm.generate(prompts[1:], GREEDY)
+        assert first + toks(rest) == ref
+        assert all(o.num_cached_tokens >= 16 for o in rest)
+        assert warm.engine.stats()["prefix_cache_hit_tokens"] >= 16 * len(rest)
+
+
+def test_preemption_under_tiny_pool_gives_same_tokens(qwen_dir, llm):
+    ref = toks(llm.generate(PROMPTS, GREEDY))
+    with LLM(qwen_dir, num_kv_blocks=14, block_size=4, enable_prefix_caching=False) as tiny:
+        assert toks(tiny.generate(PROMPTS, GREEDY)) == ref
+        assert tiny.engine.scheduler.num_preemptions > 0
+
+
+def test_chunked_prefill_gives_same_tokens(qwen_dir, llm):
+    ref = toks(llm.generate(PROMPTS, GREEDY))
+    with LLM(qwen_dir, max_num_batched_tokens=16) as small:
+        assert toks(small.generate(PROMPTS, GREEDY)) == ref
+
+
+def test_stop_strings_tokens_and_lengths(llm):
+    base = llm.generate(PROMPTS[0], GREEDY)[0].outputs[0]
+    stop_tok = base.token_ids[5]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16,
+                                                  stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_tok
+    assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
+    text = base.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop:
+        out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=stop,
+                                                      ignore_eos=True))[0].outputs[0]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == text[: text.find(stop)]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
+    assert len(out.token_ids) <= 3
+
+
+def test_logprobs_on_request(llm):
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                  ignore_eos=True))[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert tok in lp and lp[tok].logprob <= 0
+        assert max(lp.values(), key=lambda x: x.logprob).logprob == lp[tok].logprob  # greedy
+
+
+def test_chat_template(llm):
+    out = llm.chat([{"role": "user", "content": "Hello"}], GREEDY)[0]
+    rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert rendered == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert out.prompt == rendered and len(out.outputs[0].token_ids) == 16
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+                                dict(top_k=-2), dict(min_p=2), dict(max_tokens=0), dict(n=0),
+                                dict(logprobs=99), dict(stop=[""])])
+def test_invalid_sampling_values(kw):
+    with pytest.raises(SamplingError):
+        SamplingParams(**kw)
+
+
+def test_prompt_too_long(qwen_dir):
+    with LLM(qwen_dir, max_model_len=32) as small:
+        with pytest.raises(PromptTooLongError, match="context is 32"):
+            small.generate([1] * 40, GREEDY)
+        assert small.generate([1] * 8, GREEDY)[0].outputs[0].finish_reason == "length"
+
+
+def test_bad_checkpoints(qwen_dir, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+    bad = tmp_path / "bad"
+    shutil.copytree(qwen_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        LLM(str(bad))
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.write(b"garbage!" * 4)
+    with pytest.raises(ConfigError, match="corrupt"):
+        LLM(str(bad))
+    os.remove(bad / "model.safetensors")
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        LLM(str(bad))
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_dir(str(bad))
