@@ -20,6 +20,7 @@ from moebius.core import (
     RequestOutput,
     SamplingParams,
 )
+from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
 from moebius.engine.worker import make_executor
 from moebius.parallel.reshard import owner_changed_expert_bytes
@@ -81,6 +82,7 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
+        self.policy: SwitchPolicy = ManualPolicy()
 
     # ------------------------------------------------------------------ requests
     @property
@@ -157,11 +159,25 @@ class LLMEngine:
         with self._lock:
             self._pending_switch = target
 
+    def snapshot(self) -> EngineSnapshot:
+        s = self.scheduler
+        return EngineSnapshot(
+            step=self.step_count, now=time.monotonic(), layout=self.layout,
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            running_tokens=sum(r.num_tokens for r in s.running), kv_usage=s.kv_usage(),
+            remaining_tokens=[
+                None if r.params.max_tokens is None
+                else r.params.max_tokens - len(r.output_token_ids) for r in s.running
+            ],
+        )
+
     def _maybe_switch(self) -> None:
         target = self.switch_schedule.pop(self.step_count, None)
         with self._lock:
             if self._pending_switch:
                 target, self._pending_switch = self._pending_switch, None
+        if target is None and self.cfg.ranks > 1 and not isinstance(self.policy, ManualPolicy):
+            target = self.policy.decide(self.snapshot())
         if target and target != self.layout and self.cfg.ranks > 1:
             self._do_switch(target)
 
@@ -179,6 +195,7 @@ class LLMEngine:
             phases={k: max(r.seconds[k] for r in results) for k in results[0].seconds},
         )
         self.switches.append(rec)
+        self.policy.observe_switch(rec)
         log.info(
             "switch %s->%s at step %d: %d running (%d preempted), weights %.2f MB + KV %.3f MB "
             "moved in %.1f ms (weights %.1f ms, kv %.1f ms)",
@@ -204,7 +221,9 @@ class LLMEngine:
             batch = self.scheduler.schedule()
         if batch.empty:
             return self._collect([])
+        t0 = time.perf_counter()
         results = self.executor.step(batch.inputs)
+        self.policy.observe_step(self.layout, len(batch.items), time.perf_counter() - t0)
         tokens = {t.request_id: t for res in results for t in res.tokens}
         with self._lock:
             updated = self.scheduler.update(batch, tokens)
