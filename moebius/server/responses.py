@@ -1,0 +1,302 @@
+"""Turns OpenAI requests into engine requests and engine outputs into OpenAI responses: whole
+JSON bodies, or server-sent-event chunks ending with ``data: [DONE]``.
+
+A request with several prompts (completions) becomes one engine request per prompt; their
+outputs are merged as they come. Choice ``i * n + j`` is completion ``j`` of prompt ``i``.
+While streaming, text that could still turn out to be the start of a stop string is held back,
+so a streamed text always equals the non-streamed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from moebius.core import RequestOutput, SamplingParams
+from moebius.server import protocol as P
+from moebius.server.async_engine import AsyncEngine
+
+
+@dataclass
+class Job:
+    """A validated request, ready to run."""
+
+    kind: str  # "completion" or "chat"
+    id: str
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    num_logprobs: int | None = None
+    token_ids_as_tokens: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Responder:
+    def __init__(self, aengine: AsyncEngine, model_name: str) -> None:
+        self.aengine = aengine
+        self.engine = aengine.engine
+        self.tokenizer = aengine.engine.tokenizer
+        self.model_name = model_name
+
+    # ---------------------------------------------------------------- requests
+    def prepare_completion(self, req: P.CompletionRequest) -> Job:
+        if req.echo or req.suffix:
+            raise ValueError("echo and suffix are not supported")
+        if req.best_of is not None and req.best_of != req.n:
+            raise ValueError("best_of must equal n (best-of sampling is not supported)")
+        prompts = [self._encode(p) for p in req.prompts()]
+        return self._job(
+            "completion", P.random_id("cmpl"), req, prompts, req.max_tokens, req.logprobs
+        )
+
+    def prepare_chat(self, req: P.ChatCompletionRequest) -> Job:
+        messages = [m.render() for m in req.messages]
+        text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return self._job(
+            "chat",
+            P.random_id("chatcmpl"),
+            req,
+            [self._encode(text)],
+            max_tokens,
+            req.num_logprobs(),
+        )
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _job(self, kind, rid, req, prompts, max_tokens, num_logprobs) -> Job:
+        context = self.engine.cfg.context_len
+        vocab = self.engine.cfg.model.vocab_size
+        if any(t >= vocab for t in req.stop_token_ids or []):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        params = []
+        for ids in prompts:
+            limit = max_tokens if max_tokens is not None else max(context - len(ids), 1)
+            sp = req.sampling_params(limit, num_logprobs)
+            self.engine.check_prompt(ids, sp)
+            if len(ids) + limit > context:
+                raise ValueError(
+                    f"This model's maximum context length is {context} tokens. However, you "
+                    f"requested {len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} "
+                    f"for the completion). Please reduce the prompt or max_tokens."
+                )
+            params.append(sp)
+        opts = req.stream_options
+        return Job(
+            kind,
+            rid,
+            prompts,
+            params,
+            num_logprobs,
+            req.return_tokens_as_token_ids,
+            bool(req.stream and opts and opts.include_usage),
+        )
+
+    # ---------------------------------------------------------------- running
+    async def _run(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) as they come, for every prompt of ``job``."""
+        gens = [
+            self.aengine.generate(ids, sp, f"{job.id}-{i}")
+            for i, (ids, sp) in enumerate(zip(job.prompts, job.params, strict=True))
+        ]
+        if len(gens) == 1:
+            async with aclosing(gens[0]) as gen:
+                async for out in gen:
+                    yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, gen):
+            try:
+                async for out in gen:
+                    queue.put_nowait((i, out))
+            except Exception as e:
+                queue.put_nowait((i, e))
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            live = len(tasks)
+            while live:
+                i, item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, job: Job) -> dict:
+        finals: dict[int, RequestOutput] = {}
+        async with aclosing(self._run(job)) as outs:
+            async for i, out in outs:
+                if out.finished:
+                    finals[i] = out
+        choices = []
+        for i in sorted(finals):
+            for c in finals[i].outputs:
+                index = i * job.params[i].n + c.index
+                lps = self._logprobs(job, c.token_ids, c.logprobs, 0, c.text)
+                if job.kind == "chat":
+                    choices.append(
+                        P.ChatChoice(
+                            index=index,
+                            message=P.AssistantMessage(content=c.text),
+                            logprobs=lps,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    )
+                else:
+                    choices.append(
+                        P.CompletionChoice(
+                            index=index,
+                            text=c.text,
+                            logprobs=lps,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    )
+        cls = P.ChatCompletionResponse if job.kind == "chat" else P.CompletionResponse
+        resp = cls(
+            id=job.id,
+            created=job.created,
+            model=self.model_name,
+            choices=choices,
+            usage=self._usage(job, finals),
+        )
+        return resp.model_dump()
+
+    async def stream(self, job: Job) -> AsyncIterator[str]:
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+        closed: set[int] = set()
+        try:
+            async with aclosing(self._run(job)) as outs:
+                async for i, out in outs:
+                    hold = max((len(s) for s in job.params[i].stop), default=1) - 1
+                    for c in out.outputs:
+                        index = i * job.params[i].n + c.index
+                        if index in closed:
+                            continue
+                        if job.kind == "chat" and index not in sent_text:
+                            yield self._chunk(job, index, {"role": "assistant", "content": ""})
+                            sent_text[index] = 0
+                        done = c.finish_reason is not None
+                        if done:
+                            closed.add(index)
+                        safe = len(c.text) if done else max(len(c.text) - hold, 0)
+                        start, tok_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                        if safe <= start and len(c.token_ids) == tok_start and not done:
+                            continue
+                        delta = c.text[start:safe] if safe > start else ""
+                        sent_text[index], sent_tokens[index] = max(safe, start), len(c.token_ids)
+                        new_ids = c.token_ids[tok_start:]
+                        lps = self._logprobs(
+                            job,
+                            new_ids,
+                            c.logprobs[tok_start:] if c.logprobs else None,
+                            start,
+                            delta,
+                        )
+                        yield self._chunk(job, index, delta, lps, c.finish_reason if done else None)
+                    if out.finished:
+                        finals[i] = out
+            if job.include_usage:
+                yield self._event(job, [], self._usage(job, finals))
+        except Exception as e:  # after the headers: report in the stream, as vLLM does
+            from moebius.server.api import to_api_error
+
+            err = to_api_error(e)
+            info = P.ErrorInfo(message=err.message, type=err.type, code=err.status)
+            yield f"data: {json.dumps({'error': info.model_dump()})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------- formatting
+    def _chunk(self, job: Job, index: int, delta, logprobs=None, finish=None) -> str:
+        if job.kind == "chat":
+            d = (
+                delta
+                if isinstance(delta, dict)
+                else ({"content": delta} if not finish or delta else {})
+            )
+            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+        return self._event(job, [choice], None)
+
+    def _event(self, job: Job, choices: list, usage: P.Usage | None) -> str:
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        body = {
+            "id": job.id,
+            "object": obj,
+            "created": job.created,
+            "model": self.model_name,
+            "choices": [_dump(c) for c in choices],
+        }
+        if job.include_usage:
+            body["usage"] = usage.model_dump() if usage else None
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    def _usage(self, job: Job, finals: dict[int, RequestOutput]) -> P.Usage:
+        prompt = sum(len(job.prompts[i]) for i in finals)
+        completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
+        return P.Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+    def _token(self, job: Job, tid: int) -> str:
+        if job.token_ids_as_tokens:
+            return f"token_id:{tid}"
+        return self.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def _logprobs(self, job: Job, ids: list[int], lps, offset: int, text: str):
+        if job.num_logprobs is None or lps is None:
+            return None
+        if job.kind == "chat":
+            content = []
+            for tid, d in zip(ids, lps, strict=False):
+                tops = sorted(d.items(), key=lambda kv: -kv[1].logprob)[: job.num_logprobs]
+                tok = self._token(job, tid)
+                content.append(
+                    P.TokenLogprob(
+                        token=tok,
+                        logprob=d[tid].logprob,
+                        bytes=list(tok.encode()),
+                        top_logprobs=[
+                            P.TopLogprob(
+                                token=self._token(job, t),
+                                logprob=v.logprob,
+                                bytes=list(self._token(job, t).encode()),
+                            )
+                            for t, v in tops
+                        ],
+                    )
+                )
+            return P.ChoiceLogprobs(content=content)
+        out = P.CompletionLogprobs()
+        for tid, d in zip(ids, lps, strict=False):
+            tok = self._token(job, tid)
+            out.tokens.append(tok)
+            out.token_logprobs.append(d[tid].logprob)
+            out.top_logprobs.append({self._token(job, t): v.logprob for t, v in d.items()})
+            out.text_offset.append(offset)
+            offset += len(tok)
+        return out
+
+
+def _dump(choice) -> dict:
+    if isinstance(choice, dict):
+        lp = choice.get("logprobs")
+        return {**choice, "logprobs": lp.model_dump() if lp is not None else None}
+    return choice.model_dump()
