@@ -1,0 +1,1 @@
+"""Disaggregated serving: decode routing (ELDR and baselines) and its offline fitting."""
