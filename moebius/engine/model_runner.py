@@ -60,6 +60,14 @@ class ModelRunner:
         assert self.kv is None, "the KV pool is allocated once"
         self.kv = KVPool(self.model, self.comm.world_size, num_blocks_ep, self.cfg.block_size,
                          self.dtype, self.device)
+        self.graphs = None
+        # Graphs need the pool; multi-rank capture (collectives inside graphs) is not
+        # validated yet, so ranks > 1 run eagerly for now.
+        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.comm.world_size == 1:
+            from moebius.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, 512))
+            self.graphs.capture(self.layout)
 
     # ------------------------------------------------------------------ step
     def _samples_here(self) -> bool:
@@ -68,13 +76,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
         assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
+        if self.graphs is not None and self.graphs.fits(self.layout, step.seqs):
+            logits = self.graphs.run(self.layout, step.seqs)
+            keep = [i for i, s in enumerate(step.seqs) if s.sample]
+            if len(keep) < len(step.seqs):
+                logits = logits[torch.tensor(keep, device=self.device)]
+            return StepResult(self.rank, self._sample(logits, step.seqs))
         input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
         t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
         hidden = forward(self.weights, self.model, self.layout, self.comm, self.rotary, self.kv,
                          input_ids, positions, meta, t_max)
         if not self._samples_here() or not sample_rows:
             return StepResult(self.rank, [])
-        return StepResult(self.rank, self._sample(hidden, step.seqs, sample_rows))
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = (hidden[rows] @ self.weights.lm_head.t()).float()
+        return StepResult(self.rank, self._sample(logits, step.seqs))
 
     def _prepare(self, seqs: list[SeqWork]):
         bs = self.cfg.block_size
@@ -111,15 +127,16 @@ class ModelRunner:
             ).view(len(dec_tables), width),
             decode_ctx_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
             prefills=prefills,
+            decode_max_context=max(dec_lens, default=0),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions, meta, sample_rows
 
-    def _sample(self, hidden, seqs: list[SeqWork], rows: list[int]) -> list[SampledToken]:
+    def _sample(self, logits, seqs: list[SeqWork]) -> list[SampledToken]:
+        """Sample one token for each sequence with ``sample`` set; logits (n_sample, V)."""
         work = [s for s in seqs if s.sample]
         dev = self.device
-        logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
         for i, s in enumerate(work):
             if s.banned_token_ids:
                 logits[i, s.banned_token_ids] = float("-inf")
@@ -180,4 +197,6 @@ class ModelRunner:
             "kv_blocks_tp": self.kv.num_blocks(Layout("tp", self.rank, self.comm.world_size)),
             "kv_blocks_ep": self.kv.num_blocks(Layout("ep", self.rank, self.comm.world_size)),
             "load_seconds": self.load_seconds,
+            "graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0,
+            "graph_buckets": self.graphs.buckets if self.graphs else [],
         }

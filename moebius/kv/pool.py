@@ -20,15 +20,25 @@ class KVPool:
         self.block_size = block_size
         self.num_blocks_ep = num_blocks_ep
         self.world_size = world_size
-        per_layer = num_blocks_ep * block_size * cfg.num_kv_heads * cfg.head_dim
+        # one extra EP block at the end: the pad block that padded rows of a CUDA-graph batch
+        # write into; the scheduler never hands it out
+        per_layer = (num_blocks_ep + 1) * block_size * cfg.num_kv_heads * cfg.head_dim
         self.buf = torch.zeros(cfg.num_layers, 2, per_layer, dtype=dtype, device=device)
 
+    def _ratio(self, layout: Layout) -> int:
+        return self.cfg.num_kv_heads // layout.num_local_kv_heads(self.cfg)
+
     def num_blocks(self, layout: Layout) -> int:
-        return self.num_blocks_ep * self.cfg.num_kv_heads // layout.num_local_kv_heads(self.cfg)
+        """Blocks the scheduler may use in ``layout``'s view (the pad block excluded)."""
+        return self.num_blocks_ep * self._ratio(layout)
+
+    def pad_block(self, layout: Layout) -> int:
+        return self.num_blocks(layout)
 
     def view(self, layer: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         kvh = layout.num_local_kv_heads(self.cfg)
-        shape = (self.num_blocks(layout), self.block_size, kvh, self.cfg.head_dim)
+        blocks = (self.num_blocks_ep + 1) * self._ratio(layout)
+        shape = (blocks, self.block_size, kvh, self.cfg.head_dim)
         return self.buf[layer, 0].view(shape), self.buf[layer, 1].view(shape)
 
     def nbytes(self) -> int:

@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model.triton_attention import paged_decode_attention as _triton_decode
+except ImportError:  # pragma: no cover - depends on the install
+    _triton_decode = None
+
+
 @dataclass
 class PrefillChunk:
     token_start: int  # index of the chunk's first token in the flat batch
@@ -32,6 +38,7 @@ class AttentionMeta:
     decode_block_tables: torch.Tensor  # (Bd, max_blocks) long, padded with 0
     decode_ctx_lens: torch.Tensor  # (Bd,) long: context length including the new token
     prefills: list[PrefillChunk]
+    decode_max_context: int = 0  # an upper bound of decode_ctx_lens (fixed under CUDA graphs)
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
@@ -45,7 +52,12 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> t
     """q (T, nh, d) -> (T, nh, d), keys and values already written."""
     out = torch.empty_like(q)
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    if meta.decode_token_idx.numel():
+    if meta.decode_token_idx.numel() and q.is_cuda and _triton_decode is not None:
+        out[meta.decode_token_idx] = _triton_decode(
+            q[meta.decode_token_idx], k_cache, v_cache, meta.decode_block_tables,
+            meta.decode_ctx_lens, scale, meta.decode_max_context,
+        )
+    elif meta.decode_token_idx.numel():
         qd = q[meta.decode_token_idx].unsqueeze(2)  # (Bd, nh, 1, d)
         tables = meta.decode_block_tables
         B, nb = tables.shape

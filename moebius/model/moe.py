@@ -59,7 +59,9 @@ def experts_grouped(x, pieces, weights, w13, w2t):
     P = w13.shape[0]
     flat = torch.where(pieces >= 0, pieces, P).flatten()  # P: not held here, sorts last
     order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=P + 1)[:P], 0).to(torch.int32)
+    counts = torch.zeros(P + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # no host sync
+    offs = torch.cumsum(counts[:P], 0, dtype=torch.int32)
     tok = order // K
     h = torch._grouped_mm(x[tok], w13.transpose(1, 2), offs=offs)
     y = torch._grouped_mm(_gated(h), w2t, offs=offs)

@@ -1,0 +1,110 @@
+"""CUDA graphs of the decode step: captured once at start-up for a ladder of batch sizes, for
+each layout a rank can run, over the fixed-address weights and KV pool, then replayed.
+
+A batch of n decode sequences replays the smallest bucket >= n; the padded rows compute on
+the pool's pad block and their logits are dropped. Larger batches and prefill run eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moebius.engine.messages import SeqWork
+from moebius.model.attention import AttentionMeta
+from moebius.model.decoder import forward
+from moebius.parallel.layout import Layout
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int) -> None:
+        self.runner = runner
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.buckets = sorted(set(self.buckets))
+        bs = runner.cfg.block_size
+        self.max_blocks = (runner.cfg.context_len + bs - 1) // bs
+        B, dev = self.buckets[-1], runner.device
+        self.ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(B, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(B, self.max_blocks, dtype=torch.long, device=dev)
+        self.ctx = torch.ones(B, dtype=torch.long, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.capture_seconds = 0.0
+
+    def _meta(self, B: int) -> AttentionMeta:
+        return AttentionMeta(
+            slot_mapping=self.slots[:B], decode_token_idx=self.rows[:B],
+            decode_block_tables=self.tables[:B], decode_ctx_lens=self.ctx[:B], prefills=[],
+            decode_max_context=self.max_blocks * self.runner.cfg.block_size,
+        )
+
+    def _forward(self, layout: Layout, B: int) -> torch.Tensor:
+        r = self.runner
+        hidden = forward(r.weights, r.model, layout, r.comm, r.rotary, r.kv, self.ids[:B],
+                         self.pos[:B], self._meta(B), B)
+        return (hidden @ r.weights.lm_head.t()).float()
+
+    @torch.inference_mode()
+    def capture(self, layout: Layout) -> None:
+        t0 = time.perf_counter()
+        self._pad(layout, 0, self.buckets[-1])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for B in reversed(self.buckets):  # largest first: smaller ones reuse its memory
+                for _ in range(2):
+                    self._forward(layout, B)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                    logits = self._forward(layout, B)
+                self.graphs[(layout.mode, B)] = (g, logits)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - t0
+
+    def _pad(self, layout: Layout, start: int, stop: int) -> None:
+        pad = self.runner.kv.pad_block(layout)
+        bs = self.runner.cfg.block_size
+        self.ids[start:stop] = 0
+        self.pos[start:stop] = 0
+        self.slots[start:stop] = pad * bs
+        self.tables[start:stop] = pad
+        self.ctx[start:stop] = 1
+
+    def fits(self, layout: Layout, seqs: list[SeqWork]) -> bool:
+        return (0 < len(seqs) <= self.buckets[-1] and (layout.mode, self.buckets[-1]) in self.graphs
+                and all(len(s.token_ids) == 1 for s in seqs))
+
+    @torch.inference_mode()
+    def run(self, layout: Layout, seqs: list[SeqWork]) -> torch.Tensor:
+        """Logits (n, V) float32 of n decode sequences."""
+        n = len(seqs)
+        B = next(b for b in self.buckets if b >= n)
+        bs = self.runner.cfg.block_size
+        tables = torch.full((n, self.max_blocks), self.runner.kv.pad_block(layout),
+                            dtype=torch.long)
+        ids, pos, slots, ctx = [], [], [], []
+        for i, s in enumerate(seqs):
+            p = s.start_pos
+            ids.append(s.token_ids[0])
+            pos.append(p)
+            slots.append(s.block_ids[p // bs] * bs + p % bs)
+            ctx.append(p + 1)
+            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
+        host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
+        self.ids[:n].copy_(host[0], non_blocking=True)
+        self.pos[:n].copy_(host[1], non_blocking=True)
+        self.slots[:n].copy_(host[2], non_blocking=True)
+        self.ctx[:n].copy_(host[3], non_blocking=True)
+        self.tables[:n].copy_(tables, non_blocking=True)
+        if n < B:
+            self._pad(layout, n, B)
+        graph, logits = self.graphs[(layout.mode, B)]
+        graph.replay()
+        return logits[:n]
