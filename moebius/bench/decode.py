@@ -56,6 +56,25 @@ def step_floor_bytes(m: ModelConfig, batch: int, context: int, elem: int = 2) ->
             "distinct_experts_per_layer": distinct}
 
 
+def _graph_replay_seconds(engine: LLMEngine, batch: int) -> float | None:
+    """GPU time of the decode graph alone for ``batch`` (median of 20 replays)."""
+    runner = getattr(engine.executor, "runner", None)
+    graphs = getattr(runner, "graphs", None)
+    if graphs is None or batch > graphs.buckets[-1]:
+        return None
+    bucket = next(b for b in graphs.buckets if b >= batch)
+    graph, _ = graphs.graphs[(runner.layout.mode, bucket)]
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[10]
+
+
 def run(model: ModelConfig, batches: list[int], prompt_len: int, decode_steps: int,
         warmup: int, seed: int = 0, device: str = "cuda") -> list[dict]:
     max_batch = max(batches)
@@ -93,12 +112,15 @@ def run(model: ModelConfig, batches: list[int], prompt_len: int, decode_steps: i
             engine.step()
         times.sort()
         step = times[len(times) // 2]
+        gpu = _graph_replay_seconds(engine, B) if device == "cuda" else None
         floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
         floor_s = (floor["weights"] + floor["kv"]) / (bw / 2)  # each byte read once
         rows.append({"batch": B, "step_ms": step * 1e3, "tokens_per_s": B / step,
                      "floor_ms": floor_s * 1e3, "x_floor": step / floor_s,
                      "distinct_experts": floor["distinct_experts_per_layer"],
-                     "copy_bw_GBps": bw / 1e9})
+                     "copy_bw_GBps": bw / 1e9,
+                     "gpu_ms": None if gpu is None else gpu * 1e3,
+                     "host_ms": None if gpu is None else (step - gpu) * 1e3})
         print(json.dumps(rows[-1]))
     engine.shutdown()
     return rows
@@ -119,10 +141,13 @@ def main() -> None:
     model = preset(args.preset, **over)
     rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup,
                device=args.device)
-    print(f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8}")
+    print(f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8} "
+          f"{'gpu ms':>8} {'host ms':>8}")
     for r in rows:
+        gpu = "-" if r["gpu_ms"] is None else f"{r['gpu_ms']:.2f}"
+        host = "-" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
         print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['floor_ms']:>9.2f} {r['x_floor']:>8.2f}")
+              f"{r['floor_ms']:>9.2f} {r['x_floor']:>8.2f} {gpu:>8} {host:>8}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"preset": args.preset, "rows": rows,

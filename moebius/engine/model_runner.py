@@ -63,7 +63,10 @@ class ModelRunner:
         self.graphs = None
         # Graphs need the pool; multi-rank capture (collectives inside graphs) is not
         # validated yet, so ranks > 1 run eagerly for now.
-        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.comm.world_size == 1:
+        # The experts' grouped GEMM (bf16) is capturable; the float32 reference loop syncs.
+        capturable = self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        if (self.device.type == "cuda" and not self.cfg.enforce_eager and capturable
+                and self.comm.world_size == 1):
             from moebius.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, 512))

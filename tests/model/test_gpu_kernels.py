@@ -37,7 +37,7 @@ def test_engine_on_cuda_matches_cpu(qwen_dir):
     from tests.conftest import PROMPTS
 
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    with LLM(qwen_dir) as cpu, LLM(qwen_dir, device="cuda", dtype="float32") as gpu:
+    with LLM(qwen_dir) as cpu, LLM(qwen_dir, device="cuda", dtype="float32", num_kv_blocks=256) as gpu:
         ids = [cpu.tokenizer.encode(p) for p in PROMPTS]
         a = [o.outputs[0].token_ids for o in cpu.generate(ids, sp)]
         b = [o.outputs[0].token_ids for o in gpu.generate(ids, sp)]
@@ -77,11 +77,16 @@ def test_cuda_graphs_match_eager(qwen_dir):
     from moebius import LLM, SamplingParams
     from tests.conftest import PROMPTS
 
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    with LLM(qwen_dir, device="cuda", dtype="float32", enforce_eager=True) as eager, \
-            LLM(qwen_dir, device="cuda", dtype="float32") as graphed:
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=256)
+    with LLM(qwen_dir, enforce_eager=True, **kw) as eager, \
+            LLM(qwen_dir, **kw) as graphed:
         assert graphed.engine.memory[0]["graph_buckets"]
+        assert not eager.engine.memory[0]["graph_buckets"]
         ids = [eager.tokenizer.encode(p) for p in PROMPTS]
-        a = [o.outputs[0].token_ids for o in eager.generate(ids, sp)]
-        b = [o.outputs[0].token_ids for o in graphed.generate(ids, sp)]
-    assert a == b
+        a = [o.outputs[0] for o in eager.generate(ids, sp)]
+        b = [o.outputs[0] for o in graphed.generate(ids, sp)]
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        for lx, ly, t in zip(x.logprobs, y.logprobs, x.token_ids, strict=True):
+            assert abs(lx[t].logprob - ly[t].logprob) < 2e-2
