@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -342,7 +344,33 @@ def main(argv: list[str] | None = None) -> None:
             f"  {name} {q.get('layers', '')}: {q['spearman']:.3f}, "
             f"length-controlled {q['length_controlled']:.3f}"
         )
-    text = "\n".join(summary) + "\n\n" + table(result["replay"])
+    cmd = " ".join(
+        ["python -m moebius.bench.routing_replay", *(sys.argv[1:] if argv is None else argv)]
+    )
+    when = time.strftime("%Y-%m-%d")
+    head = f"`{cmd}` ({platform.machine()} CPU, {when}, {result['seconds']:.0f} s)"
+    taus = [
+        f"| {r['workload']} | {r['workers']} | {r['batch']} | {r['tau']} "
+        f"| {r['reads_per_token']:.2f} "
+        f"| {100 * (r['vs_random_same_size'] - 1):+.1f}% | {r['max_over_mean_load']:.2f} |"
+        for r in result["replay"]
+        if r["policy"] == "eldr" and r["workload"] == "uniform" and r.get("steps")
+    ]
+    tau_table = (
+        "| workload | W | batch/W | tau | reads/token | vs random batch of same size "
+        "| max/mean load |\n|---|---|---|---|---|---|---|\n"
+    )
+    text = (
+        head
+        + "\n\n"
+        + "\n".join(summary)
+        + "\n\n"
+        + table(result["replay"])
+        + "\nELDR tau sweep:\n\n"
+        + tau_table
+        + "\n".join(taus)
+        + "\n"
+    )
     Path(args.md or out.with_suffix(".md")).write_text(text)
     print(text)
 
