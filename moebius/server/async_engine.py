@@ -172,6 +172,8 @@ class AsyncEngine:
             if not finished and self.error is None:
                 self.engine.abort(request_id)  # frees its KV at the next step boundary
                 self._notify()
+                if self.metrics:
+                    self.metrics.observe_finish(time.monotonic() - arrival, ["abort"])
             if not self._queues:
                 self._idle.set()
 

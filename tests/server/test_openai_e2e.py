@@ -1,0 +1,572 @@
+"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint) driven by the
+official ``openai`` client: outputs equal the offline API's, 64 streams survive two live layout
+switches token for token, fuzzed bodies never cause a 500, a disconnect aborts its request,
+SIGTERM drains and exits 0. Plus in-process checks of the queue bound and of engine failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from moebius import LLM, SamplingParams
+from tests.conftest import PROMPTS
+
+MODEL, API_KEY, ADMIN_KEY, MAX_MODEL_LEN = "tiny", "sk-test", "admin-test", 256
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+EXTRA = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(qwen_dir, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "moebius.server",
+        qwen_dir,
+        "--ranks",
+        "2",
+        "--layout",
+        "tp",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--served-model-name",
+        MODEL,
+        "--api-key",
+        API_KEY,
+        "--admin-key",
+        ADMIN_KEY,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.3)
+    yield SimpleNamespace(proc=proc, base=base, log=log_path)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(qwen_dir):
+    llm = LLM(qwen_dir, max_model_len=MAX_MODEL_LEN)
+    yield llm
+    llm.shutdown()
+
+
+def ids_of(tokens: list[str]) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{server.base}/metrics").text
+    m = re.search(rf"^moebius:{name}\{{[^}}]*{labels}[^}}]*\}} (\S+)$", text, re.M)
+    return float(m.group(1))
+
+
+def test_models_health_version_auth(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.base}/health").json() == {"status": "ok"}
+    assert "version" in httpx.get(f"{server.base}/version").json()
+    bad = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert httpx.get(f"{server.base}/admin/layout").status_code == 401
+    r = httpx.get(f"{server.base}/admin/layout", headers={"X-Admin-Key": ADMIN_KEY})
+    assert r.json()["layout"] == "tp" and r.json()["ranks"] == 2
+
+
+def test_completions_match_offline(client, offline):
+    max_tokens = 12
+    ref = offline.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    )
+    for prompt, want in zip(PROMPTS, ref, strict=True):
+        want = want.outputs[0]
+        r = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=0,
+            extra_body=EXTRA,
+        )
+        assert r.choices[0].text == want.text
+        assert ids_of(r.choices[0].logprobs.tokens) == want.token_ids
+        assert r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
+        chunks = list(
+            client.completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=0,
+                logprobs=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=EXTRA,
+            )
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+        toks = [
+            t
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.tokens
+        ]
+        assert ids_of(toks) == want.token_ids
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == max_tokens
+
+
+def test_chat_matches_offline(client, offline):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[
+        0
+    ].outputs[0]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == 10
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_completion_tokens=10,
+        temperature=0,
+        stream=True,
+        logprobs=True,
+        top_logprobs=2,
+        stream_options={"include_usage": True},
+        extra_body=EXTRA,
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    lps = [
+        x
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for x in c.choices[0].logprobs.content
+    ]
+    assert ids_of([x.token for x in lps]) == want.token_ids
+    assert all(len(x.top_logprobs) == 2 for x in lps)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.prompt_tokens > 0 and chunks[-1].usage.completion_tokens == 10
+
+
+def test_several_prompts_and_n(client):
+    r = client.completions.create(
+        model=MODEL, prompt=["Hello", "def add(a, b):"], n=2, max_tokens=4, temperature=0.8, seed=7
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == 16
+    again = client.completions.create(
+        model=MODEL, prompt=["Hello", "def add(a, b):"], n=2, max_tokens=4, temperature=0.8, seed=7
+    )
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded
+
+
+BAD_BODIES = [
+    (b'{"model": "tiny", "prompt": "hi"', 400),  # malformed JSON
+    (b"\xff\xfe not utf-8", 400),
+    (b'["a list"]', 400),
+    (b'{"prompt": "hi"}', 400),  # missing model
+    (b'{"model": "tiny"}', 400),  # missing prompt
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": "4"}', 400),  # wrong type
+    (b'{"model": "tiny", "prompt": "hi", "temperature": -1}', 400),  # out of range
+    (b'{"model": "tiny", "prompt": "hi", "top_p": 0}', 400),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 0}', 400),
+    (b'{"model": "tiny", "prompt": "hi", "logprobs": 21}', 400),
+    (b'{"model": "tiny", "prompt": "hi", "stop_token_ids": [999999]}', 400),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 1000}', 400),  # over the context
+    (json.dumps({"model": "tiny", "prompt": [5] * 300}).encode(), 400),  # prompt too long
+    (b'{"model": "tiny", "prompt": ""}', 400),  # empty prompt
+    (b'{"model": "gpt-4", "prompt": "hi"}', 404),  # unknown model
+]
+
+
+@pytest.mark.parametrize("body,status", BAD_BODIES)
+def test_bad_input_is_openai_error(server, body, status):
+    r = httpx.post(f"{server.base}/v1/completions", content=body, headers=AUTH, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+
+
+def test_openai_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=3
+        )
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+
+
+def test_64_streams_survive_two_switches(server, client, offline):
+    num, max_tokens = 64, 24
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(num)]
+    ref = offline.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    )
+    got: list[list[int] | None] = [None] * num
+    started = threading.Semaphore(0)
+    errors = []
+
+    def run(i: int) -> None:
+        try:
+            stream = client.completions.create(
+                model=MODEL,
+                prompt=prompts[i],
+                stream=True,
+                max_tokens=max_tokens,
+                temperature=0,
+                logprobs=0,
+                extra_body=EXTRA,
+            )
+            toks = []
+            for chunk in stream:
+                if not toks:
+                    started.release()
+                toks += chunk.choices[0].logprobs.tokens
+            got[i] = ids_of(toks)
+        except Exception as e:  # reported below
+            errors.append(e)
+            started.release()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(num)]
+    for t in threads:
+        t.start()
+    for _ in range(num):
+        assert started.acquire(timeout=120)
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    records = []
+    for layout in ("ep", "tp"):
+        r = httpx.post(
+            f"{server.base}/admin/switch", json={"layout": layout}, headers=admin, timeout=120
+        )
+        assert r.status_code == 200 and r.json()["layout"] == layout, r.text
+        records.append(r.json()["switch"])
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert all(rec["running"] > 0 for rec in records), records  # switched mid-stream
+    for i in range(num):
+        assert got[i] == ref[i].outputs[0].token_ids, f"stream {i} differs"
+    assert metric(server, "switches_total") >= 2
+    assert metric(server, "layout", 'layout="tp"') == 1
+    assert metric(server, "switch_bytes_total", 'kind="weights"') > 0
+
+
+def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    values = [
+        None,
+        -1,
+        0,
+        1,
+        2,
+        2.5,
+        -0.5,
+        1e308,
+        -1e308,
+        10**30,
+        -(2**63),
+        2**64,
+        True,
+        False,
+        "",
+        "x",
+        "a" * 3000,
+        [],
+        {},
+        [1, "a"],
+        [[1, 2]],
+        {"a": {"b": []}},
+        [-1],
+        [10**9],
+        ["stop"],
+        {"include_usage": True},
+        {"include_usage": "yes"},
+        [{"role": "user"}],
+        [{"role": "wizard", "content": "x"}],
+        [{"content": 3}],
+    ]
+    keys = [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_k",
+        "min_p",
+        "stream_options",
+        "stop_token_ids",
+        "min_tokens",
+        "top_logprobs",
+        "max_completion_tokens",
+        "presence_penalty",
+        "echo",
+        "ignore_eos",
+        "best_of",
+        "unknown_field",
+    ]
+    cases = []
+    for _ in range(count):
+        path = rng.choice(["/v1/completions", "/v1/chat/completions"])
+        if path == "/v1/completions":
+            body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 2}
+        else:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+            }
+        body["stream"] = rng.random() < 0.3
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice(keys)
+            value = rng.choice(values)
+            if key in ("max_tokens", "max_completion_tokens") and value is None:
+                continue  # no limit: valid, but runs to the context; keep the test fast
+            if rng.random() < 0.2:
+                body.pop(key, None)
+            else:
+                body[key] = value
+        raw = json.dumps(body).encode()
+        kind = rng.random()
+        if kind < 0.1:
+            raw = raw[: rng.randint(0, len(raw))]  # truncated
+        elif kind < 0.15:
+            raw = bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
+        elif kind < 0.2:
+            raw = json.dumps(rng.choice(values)).encode()  # not an object
+        elif kind < 0.22:
+            raw = b"[" * 5000 + b"]" * 5000
+        elif kind < 0.25:
+            raw = raw.replace(b'"max_tokens": 2', b'"max_tokens": NaN')
+        cases.append((path, raw))
+    return cases
+
+
+def test_fuzz_never_500(server):
+    cases = fuzz_cases(seed=1234, count=400)
+
+    async def go():
+        sem = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=server.base, headers=AUTH, timeout=120) as c:
+
+            async def one(path, raw):
+                async with sem:
+                    r = await c.post(path, content=raw)
+                    return r.status_code, r.text
+
+            return await asyncio.gather(*(one(p, raw) for p, raw in cases))
+
+    results = asyncio.run(go())
+    statuses = [s for s, _ in results]
+    assert all(s < 500 for s in statuses), [r for r in results if r[0] >= 500][:3]
+    assert set(statuses) <= {200, 400, 404}, set(statuses)
+    assert statuses.count(400) > 100 and statuses.count(200) > 20
+    for s, text in results:
+        if s != 200:
+            assert json.loads(text)["error"]["message"]
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def test_disconnect_aborts_request(server):
+    aborted_before = metric(server, "request_success_total", 'finished_reason="abort"')
+    body = {
+        "model": MODEL,
+        "prompt": "Hello",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.base}/v1/completions", json=body, headers=AUTH, timeout=60
+    ) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert metric(server, "num_requests_running") == 1
+    deadline = time.monotonic() + 10
+    while metric(server, "num_requests_running") != 0:
+        assert time.monotonic() < deadline, "the disconnected request kept running"
+        time.sleep(0.1)
+    assert metric(server, "request_success_total", 'finished_reason="abort"') > aborted_before
+    assert metric(server, "kv_cache_usage_perc") == 0
+
+
+def test_sigterm_drains_then_exits_0(server):
+    """Last: it stops the module's server. The stream is long enough (200 steps) to be in
+    flight while new requests are refused."""
+    max_tokens = 200
+    body = {
+        "model": MODEL,
+        "prompt": "Hello",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.base}/v1/completions", json=body, headers=AUTH, timeout=60
+    ) as r:
+        lines = (x for x in r.iter_lines() if x)
+        next(lines)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        late = httpx.post(
+            f"{server.base}/v1/completions",
+            headers=AUTH,
+            timeout=30,
+            json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+        )
+        health = httpx.get(f"{server.base}/health")
+        rest = list(lines)
+    assert late.status_code == 503 and late.headers["retry-after"], late.text
+    assert health.status_code == 503
+    assert rest[-1] == "data: [DONE]" and len(rest) == max_tokens  # the other tokens, [DONE]
+    assert server.proc.wait(60) == 0
+
+
+# ---------------------------------------------------------------- in process, a fake engine
+class FakeEngine:
+    """Just enough of ``LLMEngine`` for the async front: a step blocks until released and
+    then fails like a dead worker."""
+
+    def __init__(self) -> None:
+        from moebius.engine.worker import WorkerError
+
+        self.error_cls = WorkerError
+        self.switches, self.layout, self.waiting = [], "tp", set()
+        self.release = threading.Event()
+        self.cfg = SimpleNamespace(
+            context_len=64, model=SimpleNamespace(vocab_size=100), model_dir=None, ranks=1
+        )
+        self.tokenizer = SimpleNamespace(encode=lambda s: [1, 2, 3])
+
+    def add_request(self, prompt, params, request_id=None):
+        self.waiting.add(request_id)
+
+    def check_prompt(self, ids, params):
+        pass
+
+    def abort(self, request_id):
+        self.waiting.discard(request_id)
+
+    def has_unfinished(self):
+        return bool(self.waiting)
+
+    def step(self):
+        self.release.wait(30)
+        raise self.error_cls("rank 1 died (exit code -9)")
+
+    def stats(self):
+        return {"layout": "tp", "running": 0, "waiting": len(self.waiting), "kv_usage": 0.0}
+
+    def shutdown(self):
+        pass
+
+
+def test_queue_bound_and_engine_failure():
+    from moebius.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+
+    async def go():
+        engine = FakeEngine()
+        aengine = AsyncEngine(engine, max_queue=2)
+        aengine.start()
+        params = SamplingParams(max_tokens=2)
+
+        async def consume(rid):
+            return [o async for o in aengine.generate([1], params, rid)]
+
+        tasks = [asyncio.create_task(consume(f"r{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await consume("r2")
+        engine.release.set()
+        for t in tasks:
+            with pytest.raises(EngineDeadError, match="rank 1 died"):
+                await t
+        assert not aengine.healthy
+        with pytest.raises(EngineDeadError):
+            aengine.check_admission()
+        await aengine.shutdown()
+
+    asyncio.run(go())
+
+
+def test_http_status_for_full_queue_and_dead_engine():
+    from fastapi.testclient import TestClient
+
+    from moebius.server.api import create_app
+
+    engine = FakeEngine()
+    app = create_app(engine, "fake", max_queue=0)
+    with TestClient(app) as c:
+        body = {"model": "fake", "prompt": "hi", "max_tokens": 2}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]
+        app.state.engine.max_queue = 4
+        engine.release.set()
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "rank 1 died" in r.json()["error"]["message"]
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503
