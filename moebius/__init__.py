@@ -5,5 +5,13 @@ from moebius.core import CompletionOutput, RequestOutput, SamplingParams
 from moebius.llm import LLM
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig",
-           "ModelConfig", "preset", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EngineConfig",
+    "ModelConfig",
+    "preset",
+    "__version__",
+]

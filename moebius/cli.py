@@ -18,8 +18,9 @@ from moebius.config import EngineConfig, ModelConfig
 def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, default=1, help="ranks (one process per GPU or CPU worker)")
     p.add_argument("--layout", choices=["tp", "ep"], default="tp", help="initial layout")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per rank (EP view)")
@@ -28,8 +29,7 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--switch-schedule", default="",
-                   help="switch at engine steps, e.g. '5:ep,9:tp'")
+    p.add_argument("--switch-schedule", default="", help="switch at engine steps, e.g. '5:ep,9:tp'")
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, str], ...]:
@@ -47,11 +47,19 @@ def engine_config(args, model_dir: str) -> EngineConfig:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return EngineConfig(
-        model=ModelConfig.from_dir(model_dir), model_dir=model_dir, ranks=args.ranks,
-        layout=args.layout, device=device, dtype=args.dtype, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        model=ModelConfig.from_dir(model_dir),
+        model_dir=model_dir,
+        ranks=args.ranks,
+        layout=args.layout,
+        device=device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
         switch_schedule=parse_schedule(args.switch_schedule),
     )
 
@@ -59,8 +67,9 @@ def engine_config(args, model_dir: str) -> EngineConfig:
 def cmd_make_tiny(args) -> None:
     from moebius.model.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(args.path, args.arch, seed=args.seed, num_shards=args.shards,
-                                 fused_experts=args.fused)
+    path = write_tiny_checkpoint(
+        args.path, args.arch, seed=args.seed, num_shards=args.shards, fused_experts=args.fused
+    )
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
 
 
@@ -74,15 +83,24 @@ def cmd_generate(args) -> None:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         sys.exit("give --prompt TEXT (repeatable) or --prompts-file FILE")
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.sampling_seed, n=args.n)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.sampling_seed,
+        n=args.n,
+    )
     from moebius.llm import LLM
 
     llm = LLM.from_config(cfg)
     try:
         if args.chat:
-            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
-                            use_tqdm=len(prompts) > 1)
+            outs = llm.chat(
+                [[{"role": "user", "content": p}] for p in prompts],
+                params,
+                use_tqdm=len(prompts) > 1,
+            )
         else:
             outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     finally:
@@ -90,8 +108,16 @@ def cmd_generate(args) -> None:
     for p, o in zip(prompts, outs, strict=True):
         for c in o.outputs:
             if args.json:
-                print(json.dumps({"prompt": p, "text": c.text, "token_ids": c.token_ids,
-                                  "finish_reason": c.finish_reason}))
+                print(
+                    json.dumps(
+                        {
+                            "prompt": p,
+                            "text": c.text,
+                            "token_ids": c.token_ids,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+                )
             else:
                 print(f"--- {p!r}\n{c.text!r}  [{c.finish_reason}]")
 
@@ -100,9 +126,15 @@ def cmd_serve(args) -> None:
     from moebius.server.serve import run_server
 
     cfg = engine_config(args, args.model)
-    run_server(cfg, host=args.host, port=args.port, api_key=args.api_key,
-               admin_key=args.admin_key, served_model_name=args.served_model_name,
-               max_queue=args.max_queue)
+    run_server(
+        cfg,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        served_model_name=args.served_model_name,
+        max_queue=args.max_queue,
+    )
 
 
 def cmd_demo(args) -> None:

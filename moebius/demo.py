@@ -32,15 +32,19 @@ def _run(engine: LLMEngine, params: SamplingParams, verbose: bool) -> dict[str, 
         if verbose:
             if engine.layout != last_layout:
                 rec = engine.switches[-1]
-                print(f"  >>> switched {rec.source.upper()} -> {rec.target.upper()} before step "
-                      f"{rec.step}: {rec.running} requests in flight kept, "
-                      f"{rec.weight_bytes / 1e6:.2f} MB of experts + {rec.kv_bytes / 1e3:.1f} KB "
-                      f"of KV moved in {rec.seconds * 1e3:.0f} ms")
+                print(
+                    f"  >>> switched {rec.source.upper()} -> {rec.target.upper()} before step "
+                    f"{rec.step}: {rec.running} requests in flight kept, "
+                    f"{rec.weight_bytes / 1e6:.2f} MB of experts + {rec.kv_bytes / 1e3:.1f} KB "
+                    f"of KV moved in {rec.seconds * 1e3:.0f} ms"
+                )
                 last_layout = engine.layout
             s = engine.stats()
             lens = " ".join(f"{len(o.outputs[0].token_ids):2d}" for o in outs)
-            print(f"  step {s['steps']:3d}  layout={engine.layout.upper()}  "
-                  f"running={s['running']}  tokens so far: {lens}")
+            print(
+                f"  step {s['steps']:3d}  layout={engine.layout.upper()}  "
+                f"running={s['running']}  tokens so far: {lens}"
+            )
         for o in outs:
             if o.finished:
                 done[o.request_id] = o.outputs[0].token_ids
@@ -55,8 +59,14 @@ def run_demo(model_dir: str | None = None, ranks: int = 2, steps: int = 24) -> b
     model = ModelConfig.from_dir(model_dir)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     schedule = ((4, "ep"), (9, "tp"), (14, "ep"), (18, "tp"))
-    cfg = EngineConfig(model=model, model_dir=model_dir, ranks=ranks, layout="tp",
-                       switch_schedule=schedule, max_num_batched_tokens=32)
+    cfg = EngineConfig(
+        model=model,
+        model_dir=model_dir,
+        ranks=ranks,
+        layout="tp",
+        switch_schedule=schedule,
+        max_num_batched_tokens=32,
+    )
     print(f"\n== {ranks} CPU ranks over gloo, starting in TP, switch schedule {list(schedule)}")
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -72,8 +82,10 @@ def run_demo(model_dir: str | None = None, ranks: int = 2, steps: int = 24) -> b
     same = list(switched.values()) == list(reference.values())
     for p, toks in zip(PROMPTS, switched.values(), strict=True):
         print(f"  {p[:40]!r:44} -> {single.tokenizer.decode(toks)[:40]!r}")
-    print(f"\ngreedy tokens with {len(engine.switches)} live switches == single rank without "
-          f"switching: {same}")
+    print(
+        f"\ngreedy tokens with {len(engine.switches)} live switches == single rank without "
+        f"switching: {same}"
+    )
     if not same:
         raise SystemExit("demo failed: switching changed the output")
     return same

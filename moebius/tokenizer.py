@@ -42,9 +42,7 @@ class Tokenizer:
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.special_ids = {
-            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
-        }
+        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._template = None
         if self.chat_template:
             env = jinja2.Environment(

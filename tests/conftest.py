@@ -23,14 +23,20 @@ def qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mixtral_dir(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("mixtral")), "mixtral", seed=2,
-                                 num_shards=3)
+    return write_tiny_checkpoint(
+        str(tmp_path_factory.mktemp("mixtral")), "mixtral", seed=2, num_shards=3
+    )
 
 
 @pytest.fixture(scope="session")
 def qwen_fused_dir(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("qwenfused")), "qwen3_moe", seed=1,
-                                 fused_experts=True, num_shards=2)
+    return write_tiny_checkpoint(
+        str(tmp_path_factory.mktemp("qwenfused")),
+        "qwen3_moe",
+        seed=1,
+        fused_experts=True,
+        num_shards=2,
+    )
 
 
 def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int):
@@ -43,9 +49,15 @@ def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int):
     for ids in prompt_ids:
         x = torch.tensor([ids])
         with torch.no_grad():
-            y = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
-        outs.append(y[0, len(ids):].tolist())
+            y = model.generate(
+                x,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                min_new_tokens=max_new_tokens,
+            )
+        outs.append(y[0, len(ids) :].tolist())
     return outs, model
 
 

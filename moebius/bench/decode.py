@@ -52,8 +52,11 @@ def step_floor_bytes(m: ModelConfig, batch: int, context: int, elem: int = 2) ->
     per_layer = attn + router + distinct * expert
     kv = batch * context * m.num_layers * 2 * m.kv_size * elem
     head = m.vocab_size * H * elem
-    return {"weights": per_layer * m.num_layers + head, "kv": kv,
-            "distinct_experts_per_layer": distinct}
+    return {
+        "weights": per_layer * m.num_layers + head,
+        "kv": kv,
+        "distinct_experts_per_layer": distinct,
+    }
 
 
 def _graph_replay_seconds(engine: LLMEngine, batch: int) -> float | None:
@@ -75,16 +78,30 @@ def _graph_replay_seconds(engine: LLMEngine, batch: int) -> float | None:
     return sorted(times)[10]
 
 
-def run(model: ModelConfig, batches: list[int], prompt_len: int, decode_steps: int,
-        warmup: int, seed: int = 0, device: str = "cuda") -> list[dict]:
+def run(
+    model: ModelConfig,
+    batches: list[int],
+    prompt_len: int,
+    decode_steps: int,
+    warmup: int,
+    seed: int = 0,
+    device: str = "cuda",
+) -> list[dict]:
     max_batch = max(batches)
     ctx = prompt_len + warmup + decode_steps + 2
     blocks = max_batch * ((ctx + 15) // 16) + 64
-    cfg = EngineConfig(model=model, model_dir=None, device=device,
-                       dtype="bfloat16" if device == "cuda" else "float32",
-                       num_kv_blocks=blocks, max_num_seqs=max_batch,
-                       max_num_batched_tokens=8192, max_model_len=4096,
-                       enable_prefix_caching=False, seed=seed)
+    cfg = EngineConfig(
+        model=model,
+        model_dir=None,
+        device=device,
+        dtype="bfloat16" if device == "cuda" else "float32",
+        num_kv_blocks=blocks,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=8192,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        seed=seed,
+    )
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine up in {time.perf_counter() - t0:.1f} s; memory {engine.memory[0]}")
@@ -92,13 +109,16 @@ def run(model: ModelConfig, batches: list[int], prompt_len: int, decode_steps: i
     rng = random.Random(seed)
     rows = []
     for B in batches:
-        params = SamplingParams(temperature=0, max_tokens=warmup + decode_steps + 1,
-                                ignore_eos=True)
+        params = SamplingParams(
+            temperature=0, max_tokens=warmup + decode_steps + 1, ignore_eos=True
+        )
         for _ in range(B):
             prompt = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
             engine.add_request(prompt, params)
-        while any(r.num_computed_tokens < r.num_prompt_tokens
-                  for r in engine.scheduler.running) or engine.scheduler.waiting:
+        while (
+            any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
+            or engine.scheduler.waiting
+        ):
             engine.step()
         for _ in range(warmup):
             engine.step()
@@ -115,12 +135,19 @@ def run(model: ModelConfig, batches: list[int], prompt_len: int, decode_steps: i
         gpu = _graph_replay_seconds(engine, B) if device == "cuda" else None
         floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
         floor_s = (floor["weights"] + floor["kv"]) / (bw / 2)  # each byte read once
-        rows.append({"batch": B, "step_ms": step * 1e3, "tokens_per_s": B / step,
-                     "floor_ms": floor_s * 1e3, "x_floor": step / floor_s,
-                     "distinct_experts": floor["distinct_experts_per_layer"],
-                     "copy_bw_GBps": bw / 1e9,
-                     "gpu_ms": None if gpu is None else gpu * 1e3,
-                     "host_ms": None if gpu is None else (step - gpu) * 1e3})
+        rows.append(
+            {
+                "batch": B,
+                "step_ms": step * 1e3,
+                "tokens_per_s": B / step,
+                "floor_ms": floor_s * 1e3,
+                "x_floor": step / floor_s,
+                "distinct_experts": floor["distinct_experts_per_layer"],
+                "copy_bw_GBps": bw / 1e9,
+                "gpu_ms": None if gpu is None else gpu * 1e3,
+                "host_ms": None if gpu is None else (step - gpu) * 1e3,
+            }
+        )
         print(json.dumps(rows[-1]))
     engine.shutdown()
     return rows
@@ -139,20 +166,29 @@ def main() -> None:
     args = ap.parse_args()
     over = {"num_hidden_layers": args.layers} if args.layers else {}
     model = preset(args.preset, **over)
-    rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup,
-               device=args.device)
-    print(f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8} "
-          f"{'gpu ms':>8} {'host ms':>8}")
+    rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup, device=args.device)
+    print(
+        f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8} "
+        f"{'gpu ms':>8} {'host ms':>8}"
+    )
     for r in rows:
         gpu = "-" if r["gpu_ms"] is None else f"{r['gpu_ms']:.2f}"
         host = "-" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
-        print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['floor_ms']:>9.2f} {r['x_floor']:>8.2f} {gpu:>8} {host:>8}")
+        print(
+            f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>9.1f} "
+            f"{r['floor_ms']:>9.2f} {r['x_floor']:>8.2f} {gpu:>8} {host:>8}"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "rows": rows,
-                       "device": torch.cuda.get_device_name() if args.device == "cuda"
-                       else "cpu"}, f, indent=2)
+            json.dump(
+                {
+                    "preset": args.preset,
+                    "rows": rows,
+                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """transformers' own ``generate`` on the same random-weight model shapes, for comparison.
 
-    python -m moebius.bench.hf_baseline --preset qwen3-30b-a3b --batches 1 64 --new-tokens 16
+python -m moebius.bench.hf_baseline --preset qwen3-30b-a3b --batches 1 64 --new-tokens 16
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def main() -> None:
             model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
             torch.cuda.synchronize()
             t1 = time.perf_counter()
-            model.generate(x, max_new_tokens=1 + args.new_tokens,
-                           min_new_tokens=1 + args.new_tokens, **kw)
+            model.generate(
+                x, max_new_tokens=1 + args.new_tokens, min_new_tokens=1 + args.new_tokens, **kw
+            )
             torch.cuda.synchronize()
             t2 = time.perf_counter()
         step = ((t2 - t1) - (t1 - t0)) / args.new_tokens

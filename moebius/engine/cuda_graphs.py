@@ -39,15 +39,28 @@ class DecodeGraphs:
 
     def _meta(self, B: int) -> AttentionMeta:
         return AttentionMeta(
-            slot_mapping=self.slots[:B], decode_token_idx=self.rows[:B],
-            decode_block_tables=self.tables[:B], decode_ctx_lens=self.ctx[:B], prefills=[],
+            slot_mapping=self.slots[:B],
+            decode_token_idx=self.rows[:B],
+            decode_block_tables=self.tables[:B],
+            decode_ctx_lens=self.ctx[:B],
+            prefills=[],
             decode_max_context=self.max_blocks * self.runner.cfg.block_size,
         )
 
     def _forward(self, layout: Layout, B: int) -> torch.Tensor:
         r = self.runner
-        hidden = forward(r.weights, r.model, layout, r.comm, r.rotary, r.kv, self.ids[:B],
-                         self.pos[:B], self._meta(B), B)
+        hidden = forward(
+            r.weights,
+            r.model,
+            layout,
+            r.comm,
+            r.rotary,
+            r.kv,
+            self.ids[:B],
+            self.pos[:B],
+            self._meta(B),
+            B,
+        )
         return (hidden @ r.weights.lm_head.t()).float()
 
     @torch.inference_mode()
@@ -78,8 +91,11 @@ class DecodeGraphs:
         self.ctx[start:stop] = 1
 
     def fits(self, layout: Layout, seqs: list[SeqWork]) -> bool:
-        return (0 < len(seqs) <= self.buckets[-1] and (layout.mode, self.buckets[-1]) in self.graphs
-                and all(len(s.token_ids) == 1 for s in seqs))
+        return (
+            0 < len(seqs) <= self.buckets[-1]
+            and (layout.mode, self.buckets[-1]) in self.graphs
+            and all(len(s.token_ids) == 1 for s in seqs)
+        )
 
     @torch.inference_mode()
     def run(self, layout: Layout, seqs: list[SeqWork]) -> torch.Tensor:
@@ -87,8 +103,9 @@ class DecodeGraphs:
         n = len(seqs)
         B = next(b for b in self.buckets if b >= n)
         bs = self.runner.cfg.block_size
-        tables = torch.full((n, self.max_blocks), self.runner.kv.pad_block(layout),
-                            dtype=torch.long)
+        tables = torch.full(
+            (n, self.max_blocks), self.runner.kv.pad_block(layout), dtype=torch.long
+        )
         ids, pos, slots, ctx = [], [], [], []
         for i, s in enumerate(seqs):
             p = s.start_pos

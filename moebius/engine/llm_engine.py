@@ -92,8 +92,9 @@ class LLMEngine:
     def next_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
         rid = request_id or self.next_request_id()
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -107,11 +108,14 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         children = []
         for i in range(params.n):
-            child = Request(f"{rid}#{i}" if params.n > 1 else rid, ids, params,
-                            seed=base_seed + i)
+            child = Request(f"{rid}#{i}" if params.n > 1 else rid, ids, params, seed=base_seed + i)
             children.append(child)
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-                  if self.tokenizer else None for _ in children]
+        detoks = [
+            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            if self.tokenizer
+            else None
+            for _ in children
+        ]
         with self._lock:
             self.groups[rid] = _Group(rid, text, children, detoks, [""] * len(children))
             for child in children:
@@ -162,12 +166,18 @@ class LLMEngine:
     def snapshot(self) -> EngineSnapshot:
         s = self.scheduler
         return EngineSnapshot(
-            step=self.step_count, now=time.monotonic(), layout=self.layout,
-            num_running=len(s.running), num_waiting=len(s.waiting),
-            running_tokens=sum(r.num_tokens for r in s.running), kv_usage=s.kv_usage(),
+            step=self.step_count,
+            now=time.monotonic(),
+            layout=self.layout,
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            running_tokens=sum(r.num_tokens for r in s.running),
+            kv_usage=s.kv_usage(),
             remaining_tokens=[
-                None if r.params.max_tokens is None
-                else r.params.max_tokens - len(r.output_token_ids) for r in s.running
+                None
+                if r.params.max_tokens is None
+                else r.params.max_tokens - len(r.output_token_ids)
+                for r in s.running
             ],
         )
 
@@ -189,9 +199,14 @@ class LLMEngine:
         results = self.executor.switch(plan)
         seconds = time.perf_counter() - t0
         rec = SwitchRecord(
-            step=self.step_count, source=source, target=target, running=len(plan.moves),
-            preempted=len(preempted), weight_bytes=sum(r.weight_bytes_sent for r in results),
-            kv_bytes=sum(r.kv_bytes_sent for r in results), seconds=seconds,
+            step=self.step_count,
+            source=source,
+            target=target,
+            running=len(plan.moves),
+            preempted=len(preempted),
+            weight_bytes=sum(r.weight_bytes_sent for r in results),
+            kv_bytes=sum(r.kv_bytes_sent for r in results),
+            seconds=seconds,
             phases={k: max(r.seconds[k] for r in results) for k in results[0].seconds},
         )
         self.switches.append(rec)
@@ -199,8 +214,15 @@ class LLMEngine:
         log.info(
             "switch %s->%s at step %d: %d running (%d preempted), weights %.2f MB + KV %.3f MB "
             "moved in %.1f ms (weights %.1f ms, kv %.1f ms)",
-            source, target, rec.step, rec.running, rec.preempted, rec.weight_bytes / 1e6,
-            rec.kv_bytes / 1e6, seconds * 1e3, rec.phases["weights"] * 1e3,
+            source,
+            target,
+            rec.step,
+            rec.running,
+            rec.preempted,
+            rec.weight_bytes / 1e6,
+            rec.kv_bytes / 1e6,
+            seconds * 1e3,
+            rec.phases["weights"] * 1e3,
             rec.phases["kv"] * 1e3,
         )
         return rec
@@ -209,8 +231,11 @@ class LLMEngine:
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
         from moebius.engine.model_runner import resolve_dtype
 
-        size = resolve_dtype(self.cfg).itemsize if self.cfg.dtype == "auto" else itemsize[
-            self.cfg.dtype]
+        size = (
+            resolve_dtype(self.cfg).itemsize
+            if self.cfg.dtype == "auto"
+            else itemsize[self.cfg.dtype]
+        )
         return owner_changed_expert_bytes(self.cfg.model, self.cfg.ranks, size)
 
     # ------------------------------------------------------------------ the loop
@@ -280,16 +305,31 @@ class LLMEngine:
             lps = None
             if c.params.logprobs is not None:
                 lps = [{t: Logprob(v) for t, v in d.items()} for d in c.output_logprobs]
-            cum = sum(d[t] for d, t in zip(c.output_logprobs, c.output_token_ids)) if lps else None
-            comps.append(CompletionOutput(i, group.texts[i], list(c.output_token_ids), cum, lps,
-                                          c.finish_reason, c.stop_reason))
+            pairs = zip(c.output_logprobs, c.output_token_ids, strict=True)
+            cum = sum(d[t] for d, t in pairs) if lps else None
+            comps.append(
+                CompletionOutput(
+                    i,
+                    group.texts[i],
+                    list(c.output_token_ids),
+                    cum,
+                    lps,
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+            )
         first = group.children[0]
         return RequestOutput(
-            request_id=group.request_id, prompt=group.prompt,
-            prompt_token_ids=first.prompt_token_ids, outputs=comps,
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=comps,
             finished=all(c.is_finished for c in group.children),
             num_cached_tokens=first.num_cached_tokens,
-            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
+            metrics={
+                "arrival_time": first.arrival_time,
+                "first_token_time": first.first_token_time,
+            },
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -297,11 +337,15 @@ class LLMEngine:
         s = self.scheduler
         hits = sum(m.num_hits for m in s.managers)
         return {
-            "layout": self.layout, "steps": self.step_count, "running": len(s.running),
-            "waiting": len(s.waiting), "kv_usage": s.kv_usage(), "preemptions": s.num_preemptions,
-            "prefix_cache_hit_tokens": hits, "switches": len(self.switches),
+            "layout": self.layout,
+            "steps": self.step_count,
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "kv_usage": s.kv_usage(),
+            "preemptions": s.num_preemptions,
+            "prefix_cache_hit_tokens": hits,
+            "switches": len(self.switches),
         }
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-

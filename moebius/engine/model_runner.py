@@ -21,8 +21,12 @@ from moebius.model.sampler import SamplingTensors, logprobs_of, sample
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
@@ -43,30 +47,43 @@ class ModelRunner:
             f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
         )
         self.dtype = resolve_dtype(cfg)
-        self.layout = Layout(cfg.layout if comm.world_size > 1 else "tp", comm.rank,
-                             comm.world_size)
+        self.layout = Layout(
+            cfg.layout if comm.world_size > 1 else "tp", comm.rank, comm.world_size
+        )
         t0 = time.perf_counter()
-        self.weights = load_weights(self.model, cfg.model_dir, self.layout, self.dtype,
-                                    self.device, seed=cfg.seed)
+        self.weights = load_weights(
+            self.model, cfg.model_dir, self.layout, self.dtype, self.device, seed=cfg.seed
+        )
         self.load_seconds = time.perf_counter() - t0
         self.kv: KVPool | None = None
         if num_kv_blocks_ep:
             self.allocate_kv(num_kv_blocks_ep)
-        self.rotary = Rotary(self.model.head_dim, self.model.rope_theta, cfg.context_len + 1,
-                             self.device)
+        self.rotary = Rotary(
+            self.model.head_dim, self.model.rope_theta, cfg.context_len + 1, self.device
+        )
 
     def allocate_kv(self, num_blocks_ep: int) -> None:
         """Allocate the KV pool once; its address never changes afterwards."""
         assert self.kv is None, "the KV pool is allocated once"
-        self.kv = KVPool(self.model, self.comm.world_size, num_blocks_ep, self.cfg.block_size,
-                         self.dtype, self.device)
+        self.kv = KVPool(
+            self.model,
+            self.comm.world_size,
+            num_blocks_ep,
+            self.cfg.block_size,
+            self.dtype,
+            self.device,
+        )
         self.graphs = None
         # Graphs need the pool; multi-rank capture (collectives inside graphs) is not
         # validated yet, so ranks > 1 run eagerly for now.
         # The experts' grouped GEMM (bf16) is capturable; the float32 reference loop syncs.
         capturable = self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-        if (self.device.type == "cuda" and not self.cfg.enforce_eager and capturable
-                and self.comm.world_size == 1):
+        if (
+            self.device.type == "cuda"
+            and not self.cfg.enforce_eager
+            and capturable
+            and self.comm.world_size == 1
+        ):
             from moebius.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, 512))
@@ -87,8 +104,18 @@ class ModelRunner:
             return StepResult(self.rank, self._sample(logits, step.seqs))
         input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
         t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
-        hidden = forward(self.weights, self.model, self.layout, self.comm, self.rotary, self.kv,
-                         input_ids, positions, meta, t_max)
+        hidden = forward(
+            self.weights,
+            self.model,
+            self.layout,
+            self.comm,
+            self.rotary,
+            self.kv,
+            input_ids,
+            positions,
+            meta,
+            t_max,
+        )
         if not self._samples_here() or not sample_rows:
             return StepResult(self.rank, [])
         rows = torch.tensor(sample_rows, device=self.device)
@@ -163,8 +190,9 @@ class ModelRunner:
             for j, i in enumerate(want):
                 k = work[i].num_logprobs
                 out[i].logprob = float(chosen[j])
-                out[i].top_logprobs = dict(zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist(),
-                                               strict=True))
+                out[i].top_logprobs = dict(
+                    zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist(), strict=True)
+                )
         for o, t in zip(out, tokens.tolist(), strict=True):
             o.token_id = t
         return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
@@ -66,11 +65,11 @@ class AutoConfig:
 
     horizon_steps: int = 128  # how far ahead the saving is summed
     margin: float = 2.0  # the saving must exceed margin x the predicted switch cost
-    hysteresis: float = 0.05  # ... and the other layout must be this much faster (relative)
-    confirm_steps: int = 3  # consecutive decisions that must agree before a switch
+    hysteresis: float = 0.10  # ... and the other layout must be this much faster (relative)
+    confirm_steps: int = 4  # consecutive decisions that must agree before a switch
     min_dwell_steps: int = 16  # steps after any switch (manual included) before the next
     min_dwell_seconds: float = 0.0
-    window: int = 8  # recent batch sizes whose median the persistence forecast uses
+    window: int = 16  # recent batch sizes whose median the persistence forecast uses
     default_switch_seconds: float = 0.05  # until a switch has been measured or profiled
     use_remaining: bool = True  # forecast the decay from known remaining lengths
 
@@ -103,13 +102,13 @@ def forecast_batches(snap: EngineSnapshot, horizon: int, recent_batch: float,
 
     With every remaining length known, request r runs while k < remaining_r (the decay of a
     rollout); waiting requests refill the freed slots, and new arrivals (``inflow_per_step``)
-    each stay for the mean remaining length. Otherwise the recent batch persists.
+    each stay for the mean remaining length. Otherwise the recent batch persists. An empty
+    running set forecasts nothing: requests are admitted (prefilled) before anything is decided.
     """
     rem = snap.remaining_tokens
     known = use_remaining and bool(rem) and all(r is not None for r in rem)
-    if not known:
-        base = max(recent_batch, 0.0) if snap.num_running else float(snap.num_waiting > 0)
-        return [base + inflow_per_step * k for k in range(horizon)] if base else [0.0] * horizon
+    if not known:  # the recent batch already reflects the steady inflow
+        return [float(recent_batch) if snap.num_running else 0.0] * horizon
     lengths = sorted(rem)  # type: ignore[arg-type]
     n = len(lengths)
     mean_len = sum(lengths) / n
@@ -144,9 +143,11 @@ class AutoPolicy(SwitchPolicy):
         self._switch_base: dict[str, float] = dict(getattr(profile, "switch_seconds", {}) or {})
         self._kv_seconds_per_token = 0.0
         self._last_tokens = 0
-        self._last_total = 0
+        self._last_now = float("-inf")
+        self._last_total: int | None = None
+        self._finished_guess = 0
         self._inflow = 0.0
-        self._last_reason = ""
+        self._last_tag = ""
 
     # ------------------------------------------------------------------ manual control
     def pause(self) -> None:
@@ -172,7 +173,7 @@ class AutoPolicy(SwitchPolicy):
             k = self._kv_seconds_per_token
             self._kv_seconds_per_token = per_token if k == 0 else 0.5 * k + 0.5 * per_token
         self._last_switch_step = record.step
-        self._last_switch_time = time.monotonic()
+        self._last_switch_time = self._last_now  # the snapshot clock of the last decision
         self._streak = 0
 
     def switch_cost(self, source: str, target: str, running_tokens: int) -> float:
@@ -185,23 +186,23 @@ class AutoPolicy(SwitchPolicy):
     def _track_inflow(self, snap: EngineSnapshot) -> None:
         # requests that appeared since the last decision: the growth of running + waiting,
         # plus those that finished (known remaining of 1 at the previous step)
+        # (the first decision sees the initial load, not an inflow)
         total = snap.num_running + snap.num_waiting
-        arrived = max(0, total - self._last_total + self._finished_guess)
-        self._inflow = 0.9 * self._inflow + 0.1 * arrived
+        if self._last_total is not None:
+            arrived = max(0, total - self._last_total + self._finished_guess)
+            self._inflow = 0.9 * self._inflow + 0.1 * arrived
         self._last_total = total
         self._finished_guess = sum(1 for r in snap.remaining_tokens if r is not None and r <= 1)
-
-    _finished_guess = 0
 
     # ------------------------------------------------------------------ deciding
     def decide(self, snap: EngineSnapshot) -> str | None:
         self._track_inflow(snap)
-        self._last_tokens = snap.running_tokens
+        self._last_tokens, self._last_now = snap.running_tokens, snap.now
         if snap.layout != (self.decisions[-1].layout if self.decisions else snap.layout):
             self._streak = 0  # switched by someone else
         if self.paused:
             return self._record(Decision(snap.step, snap.layout, snap.num_running, "paused",
-                                         "paused: manual control"))
+                                         "paused: manual control"), "paused")
         self._recent.append(snap.num_running)
         other = "ep" if snap.layout == "tp" else "tp"
         recent = statistics.median(self._recent)
@@ -210,27 +211,38 @@ class AutoPolicy(SwitchPolicy):
         horizon = max((k + 1 for k, b in enumerate(batches) if b >= 0.5), default=0)
         ctx = snap.running_tokens / snap.num_running if snap.num_running else 0.0
         stay = other_s = 0.0
-        for k in range(horizon):
-            stay += self.profile.step_time(snap.layout, batches[k], ctx + k)
-            other_s += self.profile.step_time(other, batches[k], ctx + k)
+        k = 0
+        while k < horizon:  # runs of an equal batch, priced at their middle context
+            end = k
+            while end + 1 < horizon and batches[end + 1] == batches[k]:
+                end += 1
+            n, mid = end - k + 1, ctx + (k + end) / 2
+            stay += n * self.profile.step_time(snap.layout, batches[k], mid)
+            other_s += n * self.profile.step_time(other, batches[k], mid)
+            k = end + 1
         cost = self.switch_cost(snap.layout, other, snap.running_tokens)
         saving = stay - other_s
         d = dict(step=snap.step, layout=snap.layout, batch=snap.num_running, target=other,
                  stay_seconds=stay, other_seconds=other_s, cost_seconds=cost, horizon=horizon)
-        if horizon == 0:
-            return self._record(Decision(**d, action="stay", reason="idle"))
+        if horizon == 0 or snap.num_running == 0:
+            return self._record(Decision(**d, action="stay", reason="idle"), "idle")
+        known = self.cfg.use_remaining and all(r is not None for r in snap.remaining_tokens)
+        if not known and len(self._recent) < self.cfg.window:
+            self._streak = 0
+            return self._record(Decision(**d, action="stay", reason=(
+                f"warming up: {len(self._recent)}/{self.cfg.window} batch samples")), "warmup")
         gain = saving / stay if stay > 0 else 0.0
         fc = f"forecast batch {batches[0]:.0f}->{batches[horizon - 1]:.0f} over {horizon} steps"
         if gain < self.cfg.hysteresis:
             why = (f"{other} not faster by the hysteresis ({gain:+.1%} < "
                    f"{self.cfg.hysteresis:.0%}); {fc}")
             self._streak = 0
-            return self._record(Decision(**d, action="stay", reason=why))
+            return self._record(Decision(**d, action="stay", reason=why), "hysteresis")
         if saving <= self.cfg.margin * cost:
             why = (f"saving {saving * 1e3:.1f} ms ({gain:+.1%}) <= {self.cfg.margin:g} x switch "
                    f"cost {cost * 1e3:.1f} ms; {fc}")
             self._streak = 0
-            return self._record(Decision(**d, action="stay", reason=why))
+            return self._record(Decision(**d, action="stay", reason=why), "margin")
         why = (f"{other} saves {saving * 1e3:.1f} ms ({gain:+.1%}) > {self.cfg.margin:g} x "
                f"switch cost {cost * 1e3:.1f} ms; {fc}")
         if self._streak_target != other:
@@ -240,28 +252,27 @@ class AutoPolicy(SwitchPolicy):
             since = snap.step - self._last_switch_step
             if since < self.cfg.min_dwell_steps:
                 return self._record(Decision(**d, action="hold", reason=(
-                    f"{why}; dwell {since}/{self.cfg.min_dwell_steps} steps")))
+                    f"{why}; dwell {since}/{self.cfg.min_dwell_steps} steps")), "dwell")
             since_s = snap.now - self._last_switch_time
             if since_s < self.cfg.min_dwell_seconds:
                 return self._record(Decision(**d, action="hold", reason=(
-                    f"{why}; dwell {since_s:.2f}/{self.cfg.min_dwell_seconds:g} s")))
+                    f"{why}; dwell {since_s:.2f}/{self.cfg.min_dwell_seconds:g} s")), "dwell")
         if self._streak < self.cfg.confirm_steps:
             return self._record(Decision(**d, action="hold", reason=(
-                f"{why}; confirming {self._streak}/{self.cfg.confirm_steps}")))
+                f"{why}; confirming {self._streak}/{self.cfg.confirm_steps}")), "confirm")
         self._streak = 0
-        self._record(Decision(**d, action="switch", reason=why))
+        self._record(Decision(**d, action="switch", reason=why), "switch")
         return other
 
-    def _record(self, dec: Decision) -> None:
+    def _record(self, dec: Decision, tag: str) -> None:
+        """Keep the decision; log it at INFO when it switches or its kind of reason changes."""
         self.decisions.append(dec)
-        kind = dec.action if dec.action != "stay" else dec.reason.split(" ")[1:3].__str__()
-        level = logging.INFO if dec.action == "switch" or kind != self._last_reason else 10
-        self._last_reason = kind
+        level = logging.INFO if tag == "switch" or tag != self._last_tag else logging.DEBUG
+        self._last_tag = tag
         if log.isEnabledFor(level):
             verb = f"SWITCH {dec.layout}->{dec.target}" if dec.action == "switch" else dec.action
             log.log(level, "step %d %s batch %d: %s: %s", dec.step, dec.layout, dec.batch, verb,
                     dec.reason)
-        return None
 
     @property
     def switch_decisions(self) -> list[Decision]:

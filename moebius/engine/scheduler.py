@@ -42,8 +42,9 @@ class Scheduler:
     def _make_managers(self, layout: str) -> list[BlockManager]:
         count = self.world_size if layout == "ep" else 1
         return [
-            BlockManager(self.num_blocks[layout], self.cfg.block_size,
-                         self.cfg.enable_prefix_caching)
+            BlockManager(
+                self.num_blocks[layout], self.cfg.block_size, self.cfg.enable_prefix_caching
+            )
             for _ in range(count)
         ]
 
@@ -178,11 +179,19 @@ class Scheduler:
         if do_sample and len(req.output_token_ids) < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
         return SeqWork(
-            request_id=req.request_id, token_ids=tokens, start_pos=start,
-            block_ids=list(req.block_ids), sample=do_sample, temperature=p.temperature,
-            top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=req.seed,
+            request_id=req.request_id,
+            token_ids=tokens,
+            start_pos=start,
+            block_ids=list(req.block_ids),
+            sample=do_sample,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            seed=req.seed,
             output_index=len(req.output_token_ids),
-            num_logprobs=-1 if p.logprobs is None else p.logprobs, banned_token_ids=banned,
+            num_logprobs=-1 if p.logprobs is None else p.logprobs,
+            banned_token_ids=banned,
         )
 
     eos_ids: tuple[int, ...] = ()
@@ -240,10 +249,19 @@ class Scheduler:
                 preempted.append(req)
                 continue
             req.block_ids = mgr.allocate([], req.num_computed_tokens)
-            mgr.commit_full_blocks(req.block_ids, req.all_token_ids, req.num_computed_tokens,
-                                   req.block_hashes)
-            moves.append(KVMove(req.request_id, req.num_computed_tokens, old_owner, old_blocks,
-                                req.owner_rank, list(req.block_ids)))
+            mgr.commit_full_blocks(
+                req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+            )
+            moves.append(
+                KVMove(
+                    req.request_id,
+                    req.num_computed_tokens,
+                    old_owner,
+                    old_blocks,
+                    req.owner_rank,
+                    list(req.block_ids),
+                )
+            )
         for req in preempted:
             self.running.remove(req)
             req.block_ids = []

@@ -30,7 +30,6 @@ def kv_blocks_for_rank(cfg: EngineConfig, runner) -> int:
     blocks = max(blocks, 1)
     if runner.comm.world_size > 1:
         t = torch.tensor([blocks], dtype=torch.long, device=runner.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN,
-                                     group=runner.comm.group)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=runner.comm.group)
         blocks = int(t.item())
     return blocks

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import sys
 import socket
+import sys
 import traceback
 
 from moebius.config import EngineConfig
@@ -139,10 +139,17 @@ class ProcessExecutor:
         self.conns = []
         for rank in range(cfg.ranks):
             parent, child = ctx.Pipe()
-            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            p = ctx.Process(target=_process_main, args=(cfg, rank, cfg.ranks, child, env),
-                            daemon=True, name=f"moebius-rank{rank}")
+            env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            }
+            p = ctx.Process(
+                target=_process_main,
+                args=(cfg, rank, cfg.ranks, child, env),
+                daemon=True,
+                name=f"moebius-rank{rank}",
+            )
             with _main_module_hidden():
                 p.start()
             child.close()

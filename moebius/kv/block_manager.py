@@ -100,8 +100,9 @@ class BlockManager:
                 self.free[b] = None
         table.clear()
 
-    def commit_full_blocks(self, table: list[int], token_ids: list[int], num_computed: int,
-                           hashes: list[int]) -> None:
+    def commit_full_blocks(
+        self, table: list[int], token_ids: list[int], num_computed: int, hashes: list[int]
+    ) -> None:
         """Register the hashes of blocks that became full of computed tokens. ``hashes`` is the
         request's chain of full-block hashes so far; it is extended in place."""
         if not self.caching:

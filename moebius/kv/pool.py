@@ -14,8 +14,9 @@ from moebius.parallel.layout import Layout
 
 
 class KVPool:
-    def __init__(self, cfg: ModelConfig, world_size: int, num_blocks_ep: int, block_size: int,
-                 dtype, device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, world_size: int, num_blocks_ep: int, block_size: int, dtype, device
+    ) -> None:
         self.cfg = cfg
         self.block_size = block_size
         self.num_blocks_ep = num_blocks_ep

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model.triton_attention import paged_decode_attention as _triton_decode
 except ImportError:  # pragma: no cover - depends on the install
@@ -54,8 +53,13 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> t
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     if meta.decode_token_idx.numel() and q.is_cuda and _triton_decode is not None:
         out[meta.decode_token_idx] = _triton_decode(
-            q[meta.decode_token_idx], k_cache, v_cache, meta.decode_block_tables,
-            meta.decode_ctx_lens, scale, meta.decode_max_context,
+            q[meta.decode_token_idx],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_ctx_lens,
+            scale,
+            meta.decode_max_context,
         )
     elif meta.decode_token_idx.numel():
         qd = q[meta.decode_token_idx].unsqueeze(2)  # (Bd, nh, 1, d)

@@ -18,8 +18,18 @@ from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
 
-def attention_block(x, lw: LayerWeights, layer: int, cfg: ModelConfig, layout: Layout, comm: Comm,
-                    rotary: Rotary, positions, kv_cache, meta: AttentionMeta):
+def attention_block(
+    x,
+    lw: LayerWeights,
+    layer: int,
+    cfg: ModelConfig,
+    layout: Layout,
+    comm: Comm,
+    rotary: Rotary,
+    positions,
+    kv_cache,
+    meta: AttentionMeta,
+):
     """Self-attention. TP: this rank's head slice (views of the whole weights), o_proj
     row-parallel and all-reduced. EP: all heads, no communication."""
     d = cfg.head_dim
@@ -43,16 +53,27 @@ def attention_block(x, lw: LayerWeights, layer: int, cfg: ModelConfig, layout: L
     return comm.all_reduce(out) if layout.is_tp else out
 
 
-def forward(weights: ModelWeights, cfg: ModelConfig, layout: Layout, comm: Comm, rotary: Rotary,
-            kv_pool, input_ids, positions, meta: AttentionMeta, num_tokens_max: int,
-            expert_counts: torch.Tensor | None = None) -> torch.Tensor:
+def forward(
+    weights: ModelWeights,
+    cfg: ModelConfig,
+    layout: Layout,
+    comm: Comm,
+    rotary: Rotary,
+    kv_pool,
+    input_ids,
+    positions,
+    meta: AttentionMeta,
+    num_tokens_max: int,
+    expert_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final hidden states (T, H) of this rank's tokens (normalised)."""
     x = weights.embed[input_ids]
     for i, lw in enumerate(weights.layers):
         h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
         if x.shape[0]:
-            h = attention_block(h, lw, i, cfg, layout, comm, rotary, positions,
-                                kv_pool.view(i, layout), meta)
+            h = attention_block(
+                h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
+            )
         x = x + h
         h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
         if lw.router is None:

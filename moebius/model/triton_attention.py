@@ -18,11 +18,32 @@ TILE = 64  # tokens per inner iteration
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Mid, Lse, tables, ctx_lens, scale,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-    TILE_N: tl.constexpr, SPLIT_LEN: tl.constexpr, IEEE: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mid,
+    Lse,
+    tables,
+    ctx_lens,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    TILE_N: tl.constexpr,
+    SPLIT_LEN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -34,8 +55,11 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, TILE_N)
     gmask = offs_g < GROUP
     heads = h * GROUP + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gmask[:, None],
+        other=0.0,
+    )
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -64,14 +88,30 @@ def _decode_split_kernel(
     empty = start >= ctx
     out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
-    tl.store(Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-             out, mask=gmask[:, None])
+    tl.store(
+        Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+        out,
+        mask=gmask[:, None],
+    )
     tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
 
 
 @triton.jit
-def _merge_kernel(Mid, Lse, O, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                  stride_ob, stride_oh, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+def _merge_kernel(
+    Mid,
+    Lse,
+    O,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
@@ -81,8 +121,11 @@ def _merge_kernel(Mid, Lse, O, stride_mb, stride_mh, stride_ms, stride_lb, strid
     mx = tl.max(lse, 0)
     w = tl.where(smask, tl.exp(lse - mx), 0.0)
     w = w / tl.sum(w, 0)
-    mid = tl.load(Mid + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms
-                  + offs_d[None, :], mask=smask[:, None], other=0.0)
+    mid = tl.load(
+        Mid + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=smask[:, None],
+        other=0.0,
+    )
     out = tl.sum(mid * w[:, None], 0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
@@ -93,8 +136,9 @@ def num_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
     return max(1, min(want, triton.cdiv(max_context, TILE), 64))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float,
-                           max_context: int) -> torch.Tensor:
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, ctx_lens, scale: float, max_context: int
+) -> torch.Tensor:
     """q (B, nh, d); caches (NB, bs, kvh, d); block_tables (B, max_blocks); ctx_lens (B,)."""
     B, nh, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
@@ -104,17 +148,47 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: f
     mid = torch.empty(B, nh, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, nh, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, kvh, splits)](
-        q, k_cache, v_cache, mid, lse, block_tables, ctx_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2),
-        lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BS=bs, D=d,
-        TILE_N=TILE, SPLIT_LEN=split_len, IEEE=q.dtype == torch.float32,
+        q,
+        k_cache,
+        v_cache,
+        mid,
+        lse,
+        block_tables,
+        ctx_lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BS=bs,
+        D=d,
+        TILE_N=TILE,
+        SPLIT_LEN=split_len,
+        IEEE=q.dtype == torch.float32,
     )
     out = torch.empty_like(q)
     _merge_kernel[(B, nh)](
-        mid, lse, out, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
-        lse.stride(1), out.stride(0), out.stride(1), S=splits,
-        S_PAD=max(2, triton.next_power_of_2(splits)), D=d,
+        mid,
+        lse,
+        out,
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        S=splits,
+        S_PAD=max(2, triton.next_power_of_2(splits)),
+        D=d,
     )
     return out

@@ -41,8 +41,9 @@ class ExpertStore:
         self.num_moe_layers = len(cfg.moe_layers)
         E, I, H, N = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, world_size
         self.shard = I // N
-        self.w13 = torch.empty(self.num_moe_layers, E, 2 * self.shard, H, dtype=dtype,
-                               device=device)
+        self.w13 = torch.empty(
+            self.num_moe_layers, E, 2 * self.shard, H, dtype=dtype, device=device
+        )
         self.w2 = torch.empty(self.num_moe_layers, E, self.shard, H, dtype=dtype, device=device)
 
     def view(self, moe_index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
 # torch >= 2.13 renames all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -32,8 +31,9 @@ class Comm:
         """Concatenate equal-shaped ``x`` of every rank along dim 0."""
         if self.world_size == 1:
             return x
-        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype,
-                          device=x.device)
+        out = torch.empty(
+            (self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device
+        )
         _all_gather_single(out, x.contiguous(), group=self.group)
         return out
 

@@ -85,8 +85,10 @@ def reshard_experts(store, comm, rank: int) -> int:
                     continue
                 peer = q if rank == p else p
                 mine = slice(peer * per, (peer + 1) * per)
-                comm.p2p(sends=[(w13[mine], peer), (w2[mine], peer)],
-                         recvs=[(stage13, peer), (stage2, peer)])
+                comm.p2p(
+                    sends=[(w13[mine], peer), (w2[mine], peer)],
+                    recvs=[(stage13, peer), (stage2, peer)],
+                )
                 w13[mine].copy_(stage13)
                 w2[mine].copy_(stage2)
                 sent += (stage13.numel() + stage2.numel()) * stage13.element_size()
@@ -109,8 +111,11 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
         return torch.stack(out)
 
     def write(data: torch.Tensor, blocks: list[int], n: int, layout: Layout) -> None:
-        slots = torch.tensor([blocks[i // bs] * bs + i % bs for i in range(n)],
-                             dtype=torch.long, device=pool.buf.device)
+        slots = torch.tensor(
+            [blocks[i // bs] * bs + i % bs for i in range(n)],
+            dtype=torch.long,
+            device=pool.buf.device,
+        )
         for layer in range(L):
             k, v = pool.view(layer, layout)
             k.view(-1, *k.shape[2:]).index_copy_(0, slots, data[layer, 0])
@@ -131,8 +136,15 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
             continue
         dst_here = new.is_tp or m.new_owner == rank
         if dst_here:
-            buf = torch.empty(L, 2, m.num_tokens, len(new_heads), cfg.head_dim,
-                              dtype=pool.buf.dtype, device=pool.buf.device)
+            buf = torch.empty(
+                L,
+                2,
+                m.num_tokens,
+                len(new_heads),
+                cfg.head_dim,
+                dtype=pool.buf.dtype,
+                device=pool.buf.device,
+            )
             assembled[m.request_id] = buf
             if m.request_id in held:  # heads this rank already has
                 for j, h in enumerate(old_heads):
@@ -145,8 +157,15 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
                 sends.append((t, dst))
                 sent += t.numel() * t.element_size()
             if dst == rank:
-                t = torch.empty(L, 2, m.num_tokens, len(heads), cfg.head_dim,
-                                dtype=pool.buf.dtype, device=pool.buf.device)
+                t = torch.empty(
+                    L,
+                    2,
+                    m.num_tokens,
+                    len(heads),
+                    cfg.head_dim,
+                    dtype=pool.buf.dtype,
+                    device=pool.buf.device,
+                )
                 recvs.append((t, src, m.request_id, heads))
     comm.p2p(sends, [(t, src) for t, src, _, _ in recvs])
     for t, _, rid, heads in recvs:

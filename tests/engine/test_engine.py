@@ -29,14 +29,18 @@ def toks(outs):
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
-    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=16,
-                        ignore_eos=True)
+    sp = SamplingParams(
+        temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=16, ignore_eos=True
+    )
     alone = toks(llm.generate(PROMPTS[0], sp))
     batched = toks(llm.generate(PROMPTS, sp))
     assert batched[0] == alone[0]
     assert toks(llm.generate(PROMPTS[0], sp)) == alone
-    other = toks(llm.generate(PROMPTS[0], SamplingParams(temperature=0.9, seed=8, max_tokens=16,
-                                                         ignore_eos=True)))
+    other = toks(
+        llm.generate(
+            PROMPTS[0], SamplingParams(temperature=0.9, seed=8, max_tokens=16, ignore_eos=True)
+        )
+    )
     assert other != alone
 
 
@@ -78,15 +82,17 @@ def test_chunked_prefill_gives_same_tokens(qwen_dir, llm):
 def test_stop_strings_tokens_and_lengths(llm):
     base = llm.generate(PROMPTS[0], GREEDY)[0].outputs[0]
     stop_tok = base.token_ids[5]
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16,
-                                                  stop_token_ids=[stop_tok]))[0].outputs[0]
+    out = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok])
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == stop_tok
     assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
     text = base.text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if stop:
-        out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=stop,
-                                                      ignore_eos=True))[0].outputs[0]
+        out = llm.generate(
+            PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=stop, ignore_eos=True)
+        )[0].outputs[0]
         assert out.finish_reason == "stop" and out.stop_reason == stop
         assert out.text == text[: text.find(stop)]
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
@@ -94,8 +100,9 @@ def test_stop_strings_tokens_and_lengths(llm):
 
 
 def test_logprobs_on_request(llm):
-    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
-                                                  ignore_eos=True))[0].outputs[0]
+    out = llm.generate(
+        PROMPTS[1], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    )[0].outputs[0]
     assert len(out.logprobs) == 4
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert tok in lp and lp[tok].logprob <= 0
@@ -109,9 +116,20 @@ def test_chat_template(llm):
     assert out.prompt == rendered and len(out.outputs[0].token_ids) == 16
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                                dict(top_k=-2), dict(min_p=2), dict(max_tokens=0), dict(n=0),
-                                dict(logprobs=99), dict(stop=[""])])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(min_p=2),
+        dict(max_tokens=0),
+        dict(n=0),
+        dict(logprobs=99),
+        dict(stop=[""]),
+    ],
+)
 def test_invalid_sampling_values(kw):
     with pytest.raises(SamplingError):
         SamplingParams(**kw)

@@ -17,8 +17,9 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("T,P,K,H,c", [(1, 8, 2, 256, 128), (37, 16, 4, 512, 64),
-                                        (300, 128, 8, 2048, 384)])
+@pytest.mark.parametrize(
+    "T,P,K,H,c", [(1, 8, 2, 256, 128), (37, 16, 4, 512, 64), (300, 128, 8, 2048, 384)]
+)
 def test_grouped_experts_match_reference(T, P, K, H, c):
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, H, device="cuda", generator=g)
@@ -37,7 +38,10 @@ def test_engine_on_cuda_matches_cpu(qwen_dir):
     from tests.conftest import PROMPTS
 
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    with LLM(qwen_dir) as cpu, LLM(qwen_dir, device="cuda", dtype="float32", num_kv_blocks=256) as gpu:
+    with (
+        LLM(qwen_dir) as cpu,
+        LLM(qwen_dir, device="cuda", dtype="float32", num_kv_blocks=256) as gpu,
+    ):
         ids = [cpu.tokenizer.encode(p) for p in PROMPTS]
         a = [o.outputs[0].token_ids for o in cpu.generate(ids, sp)]
         b = [o.outputs[0].token_ids for o in gpu.generate(ids, sp)]
@@ -59,8 +63,14 @@ def test_triton_paged_decode_matches_reference(dtype, B, nh, kvh, ctx_max):
     width = (ctx_max + bs - 1) // bs
     tables = torch.randperm(NB, device="cuda", generator=g)[: B * width].view(B, width)
     out = paged_decode_attention(q, k, v, tables, lens, d**-0.5, ctx_max)
-    meta = AttentionMeta(torch.zeros(0, dtype=torch.long, device="cuda"),
-                         torch.arange(B, device="cuda"), tables, lens, [], ctx_max)
+    meta = AttentionMeta(
+        torch.zeros(0, dtype=torch.long, device="cuda"),
+        torch.arange(B, device="cuda"),
+        tables,
+        lens,
+        [],
+        ctx_max,
+    )
     import moebius.model.attention as attn
 
     saved, attn._triton_decode = attn._triton_decode, None
@@ -79,8 +89,7 @@ def test_cuda_graphs_match_eager(qwen_dir):
 
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=256)
-    with LLM(qwen_dir, enforce_eager=True, **kw) as eager, \
-            LLM(qwen_dir, **kw) as graphed:
+    with LLM(qwen_dir, enforce_eager=True, **kw) as eager, LLM(qwen_dir, **kw) as graphed:
         assert graphed.engine.memory[0]["graph_buckets"]
         assert not eager.engine.memory[0]["graph_buckets"]
         ids = [eager.tokenizer.encode(p) for p in PROMPTS]

@@ -33,8 +33,10 @@ def test_logits_close_to_transformers(qwen_dir):
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0]
     ours = out.outputs[0].logprobs[0]
     ref_lp = torch.log_softmax(ref, -1)
-    errs = [abs(lp.logprob - float(ref_lp[t])) / max(abs(float(ref_lp[t])), 1e-6)
-            for t, lp in ours.items()]
+    errs = [
+        abs(lp.logprob - float(ref_lp[t])) / max(abs(float(ref_lp[t])), 1e-6)
+        for t, lp in ours.items()
+    ]
     print(f"max relative logprob error vs transformers: {max(errs):.2e}")
     assert max(errs) < 1e-4
     assert out.outputs[0].token_ids[0] == int(ref.argmax())

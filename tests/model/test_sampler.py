@@ -9,10 +9,14 @@ from moebius.model.sampler import SamplingTensors, sample
 
 def _st(B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed0=0):
     return SamplingTensors(
-        temperature=torch.full((B,), temperature), top_k=torch.full((B,), top_k),
-        top_p=torch.full((B,), top_p), min_p=torch.full((B,), min_p),
-        seeds=torch.arange(B) + seed0, steps=torch.zeros(B, dtype=torch.long),
-        need_filter=top_k > 0 or top_p < 1 or min_p > 0, all_greedy=temperature == 0,
+        temperature=torch.full((B,), temperature),
+        top_k=torch.full((B,), top_k),
+        top_p=torch.full((B,), top_p),
+        min_p=torch.full((B,), min_p),
+        seeds=torch.arange(B) + seed0,
+        steps=torch.zeros(B, dtype=torch.long),
+        need_filter=top_k > 0 or top_p < 1 or min_p > 0,
+        all_greedy=temperature == 0,
     )
 
 

@@ -64,8 +64,9 @@ def test_four_ranks_replicated_kv_heads(layout, references, qwen_dir):
 )
 def test_switches_keep_tokens(schedule, references, qwen_dir):
     # a small token budget keeps chunked prefill in flight across the first switches
-    with LLM(qwen_dir, ranks=2, layout="tp", switch_schedule=schedule,
-             max_num_batched_tokens=16) as llm:
+    with LLM(
+        qwen_dir, ranks=2, layout="tp", switch_schedule=schedule, max_num_batched_tokens=16
+    ) as llm:
         assert tokens(llm, UNEVEN) == references["qwen"]
         eng = llm.engine
         assert len(eng.switches) == len(schedule)
@@ -76,8 +77,14 @@ def test_switches_keep_tokens(schedule, references, qwen_dir):
 
 def test_switch_with_preemption_in_flight(references, qwen_dir):
     """A tiny pool forces preemptions (and recompute) while switching back and forth."""
-    with LLM(qwen_dir, ranks=2, layout="ep", num_kv_blocks=10, block_size=4,
-             switch_schedule=[(5, "tp"), (12, "ep"), (20, "tp")]) as llm:
+    with LLM(
+        qwen_dir,
+        ranks=2,
+        layout="ep",
+        num_kv_blocks=10,
+        block_size=4,
+        switch_schedule=[(5, "tp"), (12, "ep"), (20, "tp")],
+    ) as llm:
         assert tokens(llm, UNEVEN) == references["qwen"]
         assert llm.engine.scheduler.num_preemptions > 0
 
