@@ -96,8 +96,13 @@ class Decision:
     horizon: int = 0
 
 
-def forecast_batches(snap: EngineSnapshot, horizon: int, recent_batch: float,
-                     inflow_per_step: float = 0.0, use_remaining: bool = True) -> list[float]:
+def forecast_batches(
+    snap: EngineSnapshot,
+    horizon: int,
+    recent_batch: float,
+    inflow_per_step: float = 0.0,
+    use_remaining: bool = True,
+) -> list[float]:
     """Predicted running batch for each of the next ``horizon`` steps.
 
     With every remaining length known, request r runs while k < remaining_r (the decay of a
@@ -201,13 +206,18 @@ class AutoPolicy(SwitchPolicy):
         if snap.layout != (self.decisions[-1].layout if self.decisions else snap.layout):
             self._streak = 0  # switched by someone else
         if self.paused:
-            return self._record(Decision(snap.step, snap.layout, snap.num_running, "paused",
-                                         "paused: manual control"), "paused")
+            return self._record(
+                Decision(
+                    snap.step, snap.layout, snap.num_running, "paused", "paused: manual control"
+                ),
+                "paused",
+            )
         self._recent.append(snap.num_running)
         other = "ep" if snap.layout == "tp" else "tp"
         recent = statistics.median(self._recent)
-        batches = forecast_batches(snap, self.cfg.horizon_steps, recent, self._inflow,
-                                   self.cfg.use_remaining)
+        batches = forecast_batches(
+            snap, self.cfg.horizon_steps, recent, self._inflow, self.cfg.use_remaining
+        )
         horizon = max((k + 1 for k, b in enumerate(batches) if b >= 0.5), default=0)
         ctx = snap.running_tokens / snap.num_running if snap.num_running else 0.0
         stay = other_s = 0.0
@@ -222,44 +232,82 @@ class AutoPolicy(SwitchPolicy):
             k = end + 1
         cost = self.switch_cost(snap.layout, other, snap.running_tokens)
         saving = stay - other_s
-        d = dict(step=snap.step, layout=snap.layout, batch=snap.num_running, target=other,
-                 stay_seconds=stay, other_seconds=other_s, cost_seconds=cost, horizon=horizon)
+        d = dict(
+            step=snap.step,
+            layout=snap.layout,
+            batch=snap.num_running,
+            target=other,
+            stay_seconds=stay,
+            other_seconds=other_s,
+            cost_seconds=cost,
+            horizon=horizon,
+        )
         if horizon == 0 or snap.num_running == 0:
             return self._record(Decision(**d, action="stay", reason="idle"), "idle")
         known = self.cfg.use_remaining and all(r is not None for r in snap.remaining_tokens)
         if not known and len(self._recent) < self.cfg.window:
             self._streak = 0
-            return self._record(Decision(**d, action="stay", reason=(
-                f"warming up: {len(self._recent)}/{self.cfg.window} batch samples")), "warmup")
+            return self._record(
+                Decision(
+                    **d,
+                    action="stay",
+                    reason=(f"warming up: {len(self._recent)}/{self.cfg.window} batch samples"),
+                ),
+                "warmup",
+            )
         gain = saving / stay if stay > 0 else 0.0
         fc = f"forecast batch {batches[0]:.0f}->{batches[horizon - 1]:.0f} over {horizon} steps"
         if gain < self.cfg.hysteresis:
-            why = (f"{other} not faster by the hysteresis ({gain:+.1%} < "
-                   f"{self.cfg.hysteresis:.0%}); {fc}")
+            why = (
+                f"{other} not faster by the hysteresis ({gain:+.1%} < "
+                f"{self.cfg.hysteresis:.0%}); {fc}"
+            )
             self._streak = 0
             return self._record(Decision(**d, action="stay", reason=why), "hysteresis")
         if saving <= self.cfg.margin * cost:
-            why = (f"saving {saving * 1e3:.1f} ms ({gain:+.1%}) <= {self.cfg.margin:g} x switch "
-                   f"cost {cost * 1e3:.1f} ms; {fc}")
+            why = (
+                f"saving {saving * 1e3:.1f} ms ({gain:+.1%}) <= {self.cfg.margin:g} x switch "
+                f"cost {cost * 1e3:.1f} ms; {fc}"
+            )
             self._streak = 0
             return self._record(Decision(**d, action="stay", reason=why), "margin")
-        why = (f"{other} saves {saving * 1e3:.1f} ms ({gain:+.1%}) > {self.cfg.margin:g} x "
-               f"switch cost {cost * 1e3:.1f} ms; {fc}")
+        why = (
+            f"{other} saves {saving * 1e3:.1f} ms ({gain:+.1%}) > {self.cfg.margin:g} x "
+            f"switch cost {cost * 1e3:.1f} ms; {fc}"
+        )
         if self._streak_target != other:
             self._streak, self._streak_target = 0, other
         self._streak += 1
         if self._last_switch_step is not None:
             since = snap.step - self._last_switch_step
             if since < self.cfg.min_dwell_steps:
-                return self._record(Decision(**d, action="hold", reason=(
-                    f"{why}; dwell {since}/{self.cfg.min_dwell_steps} steps")), "dwell")
+                return self._record(
+                    Decision(
+                        **d,
+                        action="hold",
+                        reason=(f"{why}; dwell {since}/{self.cfg.min_dwell_steps} steps"),
+                    ),
+                    "dwell",
+                )
             since_s = snap.now - self._last_switch_time
             if since_s < self.cfg.min_dwell_seconds:
-                return self._record(Decision(**d, action="hold", reason=(
-                    f"{why}; dwell {since_s:.2f}/{self.cfg.min_dwell_seconds:g} s")), "dwell")
+                return self._record(
+                    Decision(
+                        **d,
+                        action="hold",
+                        reason=(f"{why}; dwell {since_s:.2f}/{self.cfg.min_dwell_seconds:g} s"),
+                    ),
+                    "dwell",
+                )
         if self._streak < self.cfg.confirm_steps:
-            return self._record(Decision(**d, action="hold", reason=(
-                f"{why}; confirming {self._streak}/{self.cfg.confirm_steps}")), "confirm")
+            return self._record(
+                Decision(
+                    **d,
+                    action="hold",
+                    reason=(f"{why}; confirming {self._streak}/{self.cfg.confirm_steps}"),
+                ),
+                "confirm",
+            )
         self._streak = 0
         self._record(Decision(**d, action="switch", reason=why), "switch")
         return other
@@ -271,8 +319,15 @@ class AutoPolicy(SwitchPolicy):
         self._last_tag = tag
         if log.isEnabledFor(level):
             verb = f"SWITCH {dec.layout}->{dec.target}" if dec.action == "switch" else dec.action
-            log.log(level, "step %d %s batch %d: %s: %s", dec.step, dec.layout, dec.batch, verb,
-                    dec.reason)
+            log.log(
+                level,
+                "step %d %s batch %d: %s: %s",
+                dec.step,
+                dec.layout,
+                dec.batch,
+                verb,
+                dec.reason,
+            )
 
     @property
     def switch_decisions(self) -> list[Decision]:

@@ -99,8 +99,9 @@ class StepProfile:
 
     @classmethod
     def from_json(cls, d: dict) -> StepProfile:
-        return cls(d["batches"], d["contexts"], d["times"], d.get("switch_seconds", {}),
-                   d.get("meta", {}))
+        return cls(
+            d["batches"], d["contexts"], d["times"], d.get("switch_seconds", {}), d.get("meta", {})
+        )
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -120,14 +121,26 @@ def profile_key(cfg) -> str:
     device = cfg.device
     if device == "cuda" and torch.cuda.is_available():
         device = torch.cuda.get_device_name().replace(" ", "_")
-    blob = json.dumps([asdict(cfg.model), cfg.ranks, device, cfg.dtype, cfg.block_size,
-                       cfg.enforce_eager, torch.__version__], sort_keys=True, default=str)
+    blob = json.dumps(
+        [
+            asdict(cfg.model),
+            cfg.ranks,
+            device,
+            cfg.dtype,
+            cfg.block_size,
+            cfg.enforce_eager,
+            torch.__version__,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return f"{cfg.model.architecture}-L{cfg.model.num_layers}-r{cfg.ranks}-{device}-{digest}"
 
 
-def _time_batch(engine, batch: int, context: int, steps: int, warmup: int,
-                rng: random.Random) -> float | None:
+def _time_batch(
+    engine, batch: int, context: int, steps: int, warmup: int, rng: random.Random
+) -> float | None:
     from moebius.core import SamplingParams
 
     cap = min(engine.scheduler.num_blocks.values()) * engine.cfg.block_size
@@ -135,8 +148,10 @@ def _time_batch(engine, batch: int, context: int, steps: int, warmup: int,
         return None  # does not fit this engine's KV pool or batch limit
     params = SamplingParams(temperature=0, max_tokens=warmup + steps + 2, ignore_eos=True)
     vocab = engine.cfg.model.vocab_size
-    ids = [engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
-           for _ in range(batch)]
+    ids = [
+        engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
+        for _ in range(batch)
+    ]
     sched = engine.scheduler
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()
@@ -156,8 +171,9 @@ def _time_batch(engine, batch: int, context: int, steps: int, warmup: int,
     return times[len(times) // 2]
 
 
-def measure(engine, batches=DEFAULT_BATCHES, contexts=(512,), steps: int = 8,
-            warmup: int = 2, seed: int = 0) -> StepProfile:
+def measure(
+    engine, batches=DEFAULT_BATCHES, contexts=(512,), steps: int = 8, warmup: int = 2, seed: int = 0
+) -> StepProfile:
     """Time real decode steps of ``engine`` in each layout (its policy is held off meanwhile).
     Points that do not fit the KV pool repeat the last measured value of their row."""
     from moebius.engine.policy import ManualPolicy
@@ -183,8 +199,7 @@ def measure(engine, batches=DEFAULT_BATCHES, contexts=(512,), steps: int = 8,
                 for b in batches:
                     t = _time_batch(engine, b, c, steps, warmup, rng)
                     row.append(t if t is not None else (row[-1] if row else float("nan")))
-                    log.info("profile %s batch %d context %d: %.3f ms", layout, b, c,
-                             row[-1] * 1e3)
+                    log.info("profile %s batch %d context %d: %.3f ms", layout, b, c, row[-1] * 1e3)
                 grid.append(row)
             times[layout] = grid
         if engine.layout != start_layout:
@@ -195,13 +210,19 @@ def measure(engine, batches=DEFAULT_BATCHES, contexts=(512,), steps: int = 8,
             switch_seconds[f"{rec.source}->{rec.target}"] = rec.seconds
     finally:
         engine.policy = policy
-    meta = {"key": profile_key(engine.cfg), "steps": steps, "created": time.time(),
-            "device": engine.cfg.device, "ranks": engine.cfg.ranks}
+    meta = {
+        "key": profile_key(engine.cfg),
+        "steps": steps,
+        "created": time.time(),
+        "device": engine.cfg.device,
+        "ranks": engine.cfg.ranks,
+    }
     return StepProfile(list(batches), list(contexts), times, switch_seconds, meta)
 
 
-def load_or_measure(engine, cache_dir: str | None = None, refresh: bool = False,
-                    **measure_kw) -> StepProfile:
+def load_or_measure(
+    engine, cache_dir: str | None = None, refresh: bool = False, **measure_kw
+) -> StepProfile:
     """The cached profile for this engine's model/ranks/device, measuring it on a miss."""
     path = os.path.join(cache_dir or DEFAULT_CACHE_DIR, profile_key(engine.cfg) + ".json")
     if os.path.exists(path) and not refresh:
