@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--admin-key", default=os.environ.get("MOEBIUS_ADMIN_KEY"))
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain period")
     engine_args(p)
     p.set_defaults(fn=cmd_serve)
 

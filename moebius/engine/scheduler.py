@@ -8,6 +8,7 @@ has its own, and every request has an owner rank.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -153,6 +154,8 @@ class Scheduler:
                 mgr.num_hits += num_cached
                 mgr.num_queries += req.num_prompt_tokens
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             self.running.append(req)
             items.append((req, n))
             budgets[b] -= n

@@ -3,8 +3,8 @@ spawns one process per rank (torch.distributed: NCCL on GPU, gloo on CPU), sends
 messages over a pipe and gathers the replies. A worker that dies or raises stops the engine
 with a clear error instead of a hang.
 
-Multi-node: start ``moebius worker`` under torchrun on every node instead (see docs/launch.md);
-the same ``worker_loop`` serves both.
+Under torchrun (one host or many) ``engine/torchrun.py`` replaces the pipes with a gloo control
+group; both paths run messages through the same ``serve``.
 """
 
 from __future__ import annotations
@@ -53,9 +53,22 @@ def build_runner(cfg: EngineConfig, rank: int, world_size: int):
     return runner
 
 
+def serve(runner, kind: str, payload):
+    """Run one engine message on this rank's runner."""
+    if kind == "step":
+        return runner.execute(payload)
+    if kind == "switch":
+        return runner.reshard(payload)
+    if kind == "memory":
+        return runner.memory_report()
+    if kind == "call":
+        name, args = payload
+        return getattr(runner, name)(*args)
+    raise ValueError(f"unknown message {kind!r}")
+
+
 def worker_loop(cfg: EngineConfig, rank: int, world_size: int, conn) -> None:
-    """Serve messages until shutdown: ("step", StepInput) | ("switch", SwitchInput) |
-    ("memory", None) | ("shutdown", None)."""
+    """Serve messages from a pipe until ("shutdown", None)."""
     try:
         runner = build_runner(cfg, rank, world_size)
         conn.send(("ready", runner.memory_report()))
@@ -63,15 +76,7 @@ def worker_loop(cfg: EngineConfig, rank: int, world_size: int, conn) -> None:
             kind, payload = conn.recv()
             if kind == "shutdown":
                 break
-            if kind == "step":
-                conn.send(("ok", runner.execute(payload)))
-            elif kind == "switch":
-                conn.send(("ok", runner.reshard(payload)))
-            elif kind == "memory":
-                conn.send(("ok", runner.memory_report()))
-            elif kind == "call":
-                name, args = payload
-                conn.send(("ok", getattr(runner, name)(*args)))
+            conn.send(("ok", serve(runner, kind, payload)))
     except (EOFError, KeyboardInterrupt):
         pass
     except BaseException:
@@ -172,8 +177,9 @@ class ProcessExecutor:
                 if self.conns[i] in ready or self.conns[i].poll():
                     try:
                         kind, payload = self.conns[i].recv()
-                    except EOFError:
-                        kind, payload = "error", f"rank {i} closed its pipe"
+                    except (EOFError, OSError):
+                        code = self.procs[i].exitcode
+                        kind, payload = "error", f"rank {i} died (exit code {code})"
                     if kind == "error":
                         self.shutdown()
                         raise WorkerError(payload)
@@ -219,4 +225,8 @@ class ProcessExecutor:
 
 
 def make_executor(cfg: EngineConfig):
+    from moebius.engine import torchrun
+
+    if torchrun.launched():
+        return torchrun.TorchrunExecutor(cfg)
     return LocalExecutor(cfg) if cfg.ranks == 1 else ProcessExecutor(cfg)
