@@ -11,7 +11,13 @@ import json
 import os
 from dataclasses import dataclass, replace
 
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+)
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
 class ConfigError(ValueError):
@@ -20,7 +26,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shapes and options of a decoder-only MoE model (Qwen3-MoE or Mixtral)."""
+    """The shapes and options of a decoder-only MoE model (Qwen3-MoE, Mixtral, DeepSeek-V2/V3).
+
+    DeepSeek's multi-head latent attention (MLA) caches one latent per token: the pool sees it
+    as a single KV head (``num_kv_heads`` 1) of ``head_dim`` = kv_lora_rank + qk_rope_head_dim
+    values in one plane (no separate V), so layouts replicate it under TP like any KV head.
+    """
 
     architecture: str
     vocab_size: int
@@ -44,6 +55,20 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "bfloat16"
+    # DeepSeek (zero / defaults elsewhere); see model/deepseek.py and model/mla.py
+    q_lora_rank: int = 0  # 0: q_proj straight from the hidden state (V2-Lite)
+    kv_lora_rank: int = 0  # > 0: multi-head latent attention
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3), ... as DeepSeek lays them
+    rope_scaling: tuple[tuple[str, object], ...] = ()  # YaRN parameters from config.json
+    num_shared_experts: int = 0
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"  # "sigmoid" (V3: with e_score_correction_bias)
+    topk_method: str = "greedy"  # "group_limited_greedy" (V2), "noaux_tc" (V3)
+    num_expert_groups: int = 1
+    topk_group: int = 1
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -70,6 +95,23 @@ class ModelConfig:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.top_k > self.num_experts:
             raise ConfigError("num_experts_per_tok exceeds the number of experts")
+        if self.num_experts % self.num_expert_groups or self.topk_group > self.num_expert_groups:
+            raise ConfigError("n_group must divide n_routed_experts and be >= topk_group")
+        if self.is_mla and self.head_dim != self.kv_lora_rank + self.qk_rope_head_dim:
+            raise ConfigError("an MLA model's head_dim is kv_lora_rank + qk_rope_head_dim")
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_planes(self) -> int:
+        """Planes per KV slot: 2 (K and V) or 1 (MLA's latent)."""
+        return 1 if self.is_mla else 2
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -95,7 +137,10 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") not in ("default", None):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if arch in DEEPSEEK_ARCHITECTURES and rope_type == "yarn":
+            pass  # model/mla.py computes YaRN
+        elif rope_type not in ("default", None):
             raise ConfigError(f"rope type {rope.get('rope_type')!r} is not supported yet")
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         num_heads = hf["num_attention_heads"]
@@ -121,6 +166,8 @@ class ModelConfig:
             torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"),
         )
         num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+        if arch in DEEPSEEK_ARCHITECTURES:
+            return cls._deepseek(hf, base, rope if rope_type == "yarn" else {})
         if arch == "Qwen3MoeForCausalLM":
             step = hf.get("decoder_sparse_step", 1)
             mlp_only = set(hf.get("mlp_only_layers") or [])
@@ -140,6 +187,37 @@ class ModelConfig:
             num_experts=num_experts,
             moe_intermediate_size=hf["intermediate_size"],
             norm_topk_prob=True,
+        )
+
+    @classmethod
+    def _deepseek(cls, hf: dict, base: dict, yarn: dict) -> ModelConfig:
+        v3 = base["architecture"] == "DeepseekV3ForCausalLM"
+        kv_lora, rope_dim = hf["kv_lora_rank"], hf["qk_rope_head_dim"]
+        scaling = {k: v for k, v in yarn.items() if k not in ("type", "rope_theta")}
+        num_dense = min(hf.get("first_k_dense_replace") or 0, base["num_layers"])
+        if scaling:
+            scaling["rope_type"] = "yarn"
+        return cls(
+            **{**base, "num_kv_heads": 1, "head_dim": kv_lora + rope_dim},
+            num_experts=hf["n_routed_experts"],
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            dense_intermediate_size=hf["intermediate_size"],
+            dense_layers=tuple(range(num_dense)),
+            norm_topk_prob=bool(hf.get("norm_topk_prob")) and v3,  # transformers' V2 ignores it
+            q_lora_rank=hf.get("q_lora_rank") or 0,
+            kv_lora_rank=kv_lora,
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=hf["v_head_dim"],
+            rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True,
+            rope_scaling=tuple(sorted(scaling.items())),
+            num_shared_experts=hf.get("n_shared_experts") or 0,
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            scoring_func="sigmoid" if v3 else "softmax",
+            topk_method="noaux_tc" if v3 else (hf.get("topk_method") or "greedy"),
+            num_expert_groups=hf.get("n_group") or 1,
+            topk_group=hf.get("topk_group") or 1,
+            attention_bias=bool(hf.get("attention_bias", False)),
         )
 
     @classmethod
@@ -215,6 +293,80 @@ PRESETS: dict[str, dict] = {
         rms_norm_eps=1e-5,
         max_position_embeddings=32768,
         eos_token_id=2,
+        dtype="bfloat16",
+    ),
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"],
+        vocab_size=102400,
+        hidden_size=2048,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        moe_intermediate_size=1408,
+        intermediate_size=10944,
+        first_k_dense_replace=1,
+        topk_method="greedy",
+        routed_scaling_factor=1.0,
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            type="yarn",
+            factor=40,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+            original_max_position_embeddings=4096,
+        ),
+        rms_norm_eps=1e-6,
+        max_position_embeddings=163840,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        dtype="bfloat16",
+    ),
+    "deepseek-v3": dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        vocab_size=129280,
+        hidden_size=7168,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        norm_topk_prob=True,
+        moe_intermediate_size=2048,
+        intermediate_size=18432,
+        first_k_dense_replace=3,
+        routed_scaling_factor=2.5,
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            type="yarn",
+            factor=40,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            original_max_position_embeddings=4096,
+        ),
+        rms_norm_eps=1e-6,
+        max_position_embeddings=163840,
+        bos_token_id=0,
+        eos_token_id=1,
         dtype="bfloat16",
     ),
 }
