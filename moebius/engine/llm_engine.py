@@ -248,6 +248,7 @@ class LLMEngine:
             return self._collect([])
         t0 = time.perf_counter()
         results = self.executor.step(batch.inputs)
+        self._on_step_results(batch, results)
         self.policy.observe_step(self.layout, len(batch.items), time.perf_counter() - t0)
         tokens = {t.request_id: t for res in results for t in res.tokens}
         with self._lock:
@@ -258,6 +259,10 @@ class LLMEngine:
                 if req.first_token_time is None:
                     req.first_token_time = now
             return self._collect(updated)
+
+    def _on_step_results(self, batch, results) -> None:
+        """Hook for roles (moebius.disagg.roles): sees a step's results while the batch's
+        blocks are still intact, before the scheduler applies them. No-op here."""
 
     def _collect(self, updated: list[Request]) -> list[RequestOutput]:
         touched = {}
@@ -329,6 +334,7 @@ class LLMEngine:
             metrics={
                 "arrival_time": first.arrival_time,
                 "first_token_time": first.first_token_time,
+                "first_scheduled_time": first.first_scheduled_time,
             },
         )
 

@@ -149,8 +149,11 @@ class AsyncEngine:
                     waiting_first = False
                     self._num_queued -= 1
                     if self.metrics:
+                        scheduled = out.metrics.get("first_scheduled_time") or step_start
                         self.metrics.observe_first_token(
-                            now - arrival, step_start - arrival, len(out.prompt_token_ids)
+                            now - arrival,
+                            max(scheduled - arrival, 0.0),
+                            len(out.prompt_token_ids),
                         )
                 total = sum(len(c.token_ids) for c in out.outputs)
                 if self.metrics:
