@@ -29,7 +29,7 @@ def _sync(device: str) -> None:
 
 
 def copy_bandwidth(device="cuda", nbytes=4 << 30) -> float:
-    """Bytes/s of a large device-to-device copy, counting read plus write."""
+    """Memory traffic in bytes/s of a large device-to-device copy (read plus write)."""
     a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
@@ -134,7 +134,8 @@ def run(
         step = times[len(times) // 2]
         gpu = _graph_replay_seconds(engine, B) if device == "cuda" else None
         floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
-        floor_s = (floor["weights"] + floor["kv"]) / (bw / 2)  # each byte read once
+        # bw counts read + write traffic of a copy; a step's bytes are read once each
+        floor_s = (floor["weights"] + floor["kv"]) / bw
         rows.append(
             {
                 "batch": B,
@@ -153,20 +154,96 @@ def run(
     return rows
 
 
+def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0) -> list[dict]:
+    """Prefill throughput: n prompts of l tokens computed in one engine step, after a warm-up.
+    The floor is the bf16 matrix-unit time of 2·(active params)·tokens FLOPs (attention's
+    quadratic term added) at the measured GEMM rate."""
+    tokens_max = max(n * length for n, length in shapes)
+    cfg = EngineConfig(
+        model=model,
+        model_dir=None,
+        device="cuda",
+        dtype="bfloat16",
+        num_kv_blocks=tokens_max // 16 * 2 + 64,
+        max_num_seqs=64,
+        max_num_batched_tokens=tokens_max,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        seed=seed,
+    )
+    engine = LLMEngine(cfg)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    flops_rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    rng = random.Random(seed)
+    m = model
+    active = m.num_layers * (
+        2 * m.q_size * m.hidden_size
+        + 2 * m.kv_size * m.hidden_size
+        + m.top_k * 3 * m.moe_intermediate_size * m.hidden_size
+    )
+    rows = []
+    for n, length in shapes:
+        times = []
+        for _ in range(3):
+            params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+            for _ in range(n):
+                engine.add_request([rng.randrange(m.vocab_size) for _ in range(length)], params)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+            while engine.has_unfinished():
+                engine.step()
+        step = sorted(times)[1]
+        attn = m.num_layers * n * 2 * length * length * m.num_heads * m.head_dim  # causal ½·4
+        floor = (2 * active * n * length + attn) / flops_rate
+        rows.append(
+            {
+                "prompts": n,
+                "prompt_len": length,
+                "step_ms": step * 1e3,
+                "tokens_per_s": n * length / step,
+                "floor_ms": floor * 1e3,
+                "x_floor": step / floor,
+                "gemm_tflops": flops_rate / 1e12,
+            }
+        )
+        print(json.dumps(rows[-1]))
+    engine.shutdown()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--layers", type=int, default=None, help="override layer count")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prefill", nargs="*", default=[], help="shapes like 1x2048 16x512")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     over = {"num_hidden_layers": args.layers} if args.layers else {}
     model = preset(args.preset, **over)
-    rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup, device=args.device)
+    rows = []
+    if args.batches:
+        rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup, args.device)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.prefill]
+    prefill = run_prefill(model, shapes) if shapes else []
+    for r in prefill:
+        print(
+            f"prefill {r['prompts']}x{r['prompt_len']}: {r['tokens_per_s']:.0f} tok/s, "
+            f"{r['step_ms']:.1f} ms, floor {r['floor_ms']:.1f} ms ({r['x_floor']:.2f}x)"
+        )
     print(
         f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8} "
         f"{'gpu ms':>8} {'host ms':>8}"
@@ -184,6 +261,7 @@ def main() -> None:
                 {
                     "preset": args.preset,
                     "rows": rows,
+                    "prefill": prefill,
                     "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 },
                 f,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moebius.config import ModelConfig
 from moebius.model.attention import AttentionMeta, paged_attention, write_kv
-from moebius.model.moe import dense_mlp, moe_forward
+from moebius.model.moe import dense_mlp, moe_forward, route
 from moebius.model.ops import Rotary, rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
@@ -64,9 +64,10 @@ def forward(
     positions,
     meta: AttentionMeta,
     num_tokens_max: int,
-    expert_counts: torch.Tensor | None = None,
+    expert_ids: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Final hidden states (T, H) of this rank's tokens (normalised)."""
+    """Final hidden states (T, H) of this rank's tokens (normalised). With ``expert_ids`` (a
+    list), each MoE layer appends its routing's top-k expert ids (T, k) of these tokens."""
     x = weights.embed[input_ids]
     for i, lw in enumerate(weights.layers):
         h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
@@ -80,6 +81,8 @@ def forward(
             h = dense_mlp(h, lw.dense, layout, comm)
         else:
             w13, w2t = weights.experts.view(lw.moe_index)
+            if expert_ids is not None:  # recomputes the small router GEMM, only when asked
+                expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
             h = moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max)
         x = x + h
     return rms_norm(x, weights.norm, cfg.rms_norm_eps)

@@ -1,6 +1,7 @@
 """Loads a Hugging Face checkpoint folder (single or sharded safetensors, per-expert or fused
-expert tensors, Qwen3-MoE or Mixtral names) into one rank's ``ModelWeights``; or fills them
-with random values from a config alone, for benchmarks of models whose weights are not here.
+expert tensors; Qwen3-MoE, Mixtral or DeepSeek-V2/V3 names) into one rank's ``ModelWeights``;
+or fills them with random values from a config alone, for benchmarks of models whose weights
+are not here.
 """
 
 from __future__ import annotations
@@ -131,11 +132,15 @@ def load_weights(
         lw = LayerWeights(
             input_norm=get(p + "input_layernorm.weight", (H,), ones=True),
             post_norm=get(p + "post_attention_layernorm.weight", (H,), ones=True),
-            q_proj=get(p + "self_attn.q_proj.weight", (cfg.q_size, H), scale=H**-0.5),
-            k_proj=get(p + "self_attn.k_proj.weight", (cfg.kv_size, H), scale=H**-0.5),
-            v_proj=get(p + "self_attn.v_proj.weight", (cfg.kv_size, H), scale=H**-0.5),
-            o_proj=get(p + "self_attn.o_proj.weight", (H, cfg.q_size), scale=cfg.q_size**-0.5),
         )
+        if cfg.is_mla:
+            _load_mla(lw, get, p, cfg)
+        else:
+            lw.q_proj = get(p + "self_attn.q_proj.weight", (cfg.q_size, H), scale=H**-0.5)
+            lw.k_proj = get(p + "self_attn.k_proj.weight", (cfg.kv_size, H), scale=H**-0.5)
+            lw.v_proj = get(p + "self_attn.v_proj.weight", (cfg.kv_size, H), scale=H**-0.5)
+            o_shape = (H, cfg.q_size)
+            lw.o_proj = get(p + "self_attn.o_proj.weight", o_shape, scale=cfg.q_size**-0.5)
         if cfg.qk_norm:
             lw.q_norm = get(p + "self_attn.q_norm.weight", (d,), ones=True)
             lw.k_norm = get(p + "self_attn.k_norm.weight", (d,), ones=True)
@@ -150,10 +155,45 @@ def load_weights(
             prefix = _moe_prefix(reader, i) if reader else p + "mlp."
             lw.router = get(prefix + "gate.weight", (cfg.num_experts, H), scale=H**-0.5)
             lw.moe_index = moe_index
+            if cfg.num_shared_experts:
+                inter = cfg.num_shared_experts * cfg.moe_intermediate_size
+                sp = prefix + "shared_experts."
+                lw.shared = {
+                    "gate": get(sp + "gate_proj.weight", (inter, H), scale=H**-0.5),
+                    "up": get(sp + "up_proj.weight", (inter, H), scale=H**-0.5),
+                    "down": get(sp + "down_proj.weight", (H, inter), scale=inter**-0.5),
+                }
+            if cfg.scoring_func == "sigmoid":  # kept in float32, as transformers does
+                bias = get(prefix + "gate.e_score_correction_bias", (cfg.num_experts,), scale=0.01)
+                lw.router_bias = bias.float()
             _load_experts(store, cfg, layout, moe_index, reader, prefix, rand, dtype, device)
             moe_index += 1
         layers.append(lw)
     return ModelWeights(embed=embed, norm=norm, lm_head=lm_head, layers=layers, experts=store)
+
+
+def _load_mla(lw: LayerWeights, get, p: str, cfg: ModelConfig) -> None:
+    """DeepSeek's MLA projections, whole (TP reads its heads as views; see model/mla.py)."""
+    H, nh, a = cfg.hidden_size, cfg.num_heads, p + "self_attn."
+    q_out = nh * cfg.qk_head_dim
+    kv_a = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    kv_b = nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    w = {}
+    if cfg.q_lora_rank:
+        r = cfg.q_lora_rank
+        w["q_a_proj"] = get(a + "q_a_proj.weight", (r, H), scale=H**-0.5)
+        w["q_a_layernorm"] = get(a + "q_a_layernorm.weight", (r,), ones=True)
+        w["q_b_proj"] = get(a + "q_b_proj.weight", (q_out, r), scale=r**-0.5)
+    else:
+        w["q_proj"] = get(a + "q_proj.weight", (q_out, H), scale=H**-0.5)
+    w["kv_a_proj_with_mqa"] = get(a + "kv_a_proj_with_mqa.weight", (kv_a, H), scale=H**-0.5)
+    w["kv_a_layernorm"] = get(a + "kv_a_layernorm.weight", (cfg.kv_lora_rank,), ones=True)
+    w["kv_b_proj"] = get(a + "kv_b_proj.weight", (kv_b, cfg.kv_lora_rank), scale=0.05)
+    if cfg.attention_bias:
+        raise ConfigError("MLA with attention_bias is not supported yet")
+    lw.mla = w
+    o_in = nh * cfg.v_head_dim
+    lw.o_proj = get(a + "o_proj.weight", (H, o_in), scale=o_in**-0.5)
 
 
 def _load_experts(store, cfg, layout, moe_index, reader, prefix, rand, dtype, device) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moebius.model.ops import fused_on_cuda
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
 
+@fused_on_cuda
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
     """(topk_ids (T, K) long, topk_weights (T, K) in x's dtype), as transformers computes them."""
     logits = F.linear(x, router)
@@ -38,6 +40,7 @@ def piece_routing(ids, weights, layout: Layout, num_experts: int):
     return pieces.flatten(1), weights[..., None].expand(-1, -1, n).flatten(1)
 
 
+@fused_on_cuda
 def _gated(h: torch.Tensor) -> torch.Tensor:
     c = h.shape[-1] // 2
     return F.silu(h[..., :c]) * h[..., c:]

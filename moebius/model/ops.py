@@ -6,16 +6,48 @@ Shape legend: T tokens, nh heads, d head dim, H hidden.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
-import torch.nn.functional as F
+
+# On CUDA, small elementwise chains are fused by torch.compile (one Triton kernel instead of
+# 5-10 eager launches each); MOEBIUS_COMPILE=0 turns it off. CPU always runs them eagerly.
+COMPILE = os.environ.get("MOEBIUS_COMPILE", "1") != "0"
 
 
+def fused_on_cuda(fn):
+    """``fn`` eagerly on CPU, compiled (dynamic shapes, one graph) on CUDA tensors."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        nonlocal compiled
+        if not (COMPILE and x.is_cuda):
+            return fn(x, *args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(x, *args)
+
+    return wrapper
+
+
+@fused_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32, scaled by ``weight`` after casting back (as transformers does)."""
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+@fused_on_cuda
+def _rope(x: torch.Tensor, positions: torch.Tensor, cos_t, sin_t) -> torch.Tensor:
+    cos = cos_t[positions].to(x.dtype).unsqueeze(1)  # (T, 1, d)
+    sin = sin_t[positions].to(x.dtype).unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class Rotary:
@@ -32,12 +64,6 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (T, nh, d) rotated by each token's position."""
-        cos = self.cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, d)
-        sin = self.sin[positions].to(x.dtype).unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return _rope(x, positions, self.cos, self.sin)
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up

@@ -104,20 +104,135 @@ def hf_config(arch: str, vocab_size: int, eos_id: int, **shapes) -> dict:
             intermediate_size=s["moe_intermediate_size"],
             **common,
         )
-    raise ValueError(f"unknown tiny architecture {arch!r}: use qwen3_moe or mixtral")
+    if arch in ("deepseek_v2", "deepseek_v3"):
+        return deepseek_config(arch, common, **shapes)
+    raise ValueError(
+        f"unknown tiny architecture {arch!r}: use qwen3_moe, mixtral, deepseek_v2 or deepseek_v3"
+    )
+
+
+DEEPSEEK_TINY_SHAPES = dict(
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    num_experts=8,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+)
+
+
+def deepseek_config(arch: str, common: dict, **shapes) -> dict:
+    """A tiny DeepSeek config.json. V2 as the hub writes it (legacy ``rope_scaling`` with YaRN,
+    no q_lora, group-limited greedy routing); V3 as transformers saves it (``rope_parameters``
+    with YaRN, q_lora, sigmoid routing with a correction bias, interleaved rope)."""
+    v3 = arch == "deepseek_v3"
+    s = {**TINY_SHAPES, **DEEPSEEK_TINY_SHAPES, **shapes}
+    nh = s["num_attention_heads"]
+    yarn = dict(
+        factor=4.0,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0 if v3 else 0.9,  # V2: unequal, so the cos/sin factor is not 1
+        mscale_all_dim=1.0 if v3 else 0.707,
+        original_max_position_embeddings=512,
+    )
+    common = {k: v for k, v in common.items() if k not in ("rope_theta", "head_dim")}
+    common.update(num_hidden_layers=s["num_hidden_layers"], num_attention_heads=nh)
+    cfg = dict(
+        architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        model_type=arch,
+        **{**common, "num_key_value_heads": nh},
+        q_lora_rank=s.get("q_lora_rank", 48) if v3 else s.get("q_lora_rank"),
+        kv_lora_rank=s["kv_lora_rank"],
+        qk_nope_head_dim=s["qk_nope_head_dim"],
+        qk_rope_head_dim=s["qk_rope_head_dim"],
+        v_head_dim=s["v_head_dim"],
+        n_routed_experts=s["num_experts"],
+        n_shared_experts=s.get("n_shared_experts", 1 if v3 else 2),
+        moe_intermediate_size=s["moe_intermediate_size"],
+        intermediate_size=s["intermediate_size"],
+        first_k_dense_replace=s["first_k_dense_replace"],
+        n_group=s["n_group"],
+        topk_group=s["topk_group"],
+        routed_scaling_factor=s.get("routed_scaling_factor", 2.5 if v3 else 1.5),
+        norm_topk_prob=v3,
+        attention_bias=False,
+    )
+    if v3:
+        cfg.update(
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, **yarn),
+            rope_interleave=True,
+        )
+    else:
+        cfg.update(
+            topk_method="group_limited_greedy",
+            rope_theta=10000.0,
+            rope_scaling=dict(type="yarn", **yarn),
+        )
+    return cfg
+
+
+def deepseek_state_dict(cfg: dict, rnd) -> dict:
+    """Random DeepSeek weights under Hugging Face's names (experts per expert, as saved)."""
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    nh, r_kv, dr = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    dq = cfg["qk_nope_head_dim"] + dr
+    dkv = cfg["qk_nope_head_dim"] + cfg["v_head_dim"]
+    E, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    sd = {"model.embed_tokens.weight": rnd(V, H, scale=1.0), "model.norm.weight": 1 + rnd(H)}
+    sd["lm_head.weight"] = rnd(V, H, scale=H**-0.5 * 4)
+
+    def mlp(prefix: str, i: int) -> None:
+        sd[prefix + "gate_proj.weight"] = rnd(i, H, scale=H**-0.5)
+        sd[prefix + "up_proj.weight"] = rnd(i, H, scale=H**-0.5)
+        sd[prefix + "down_proj.weight"] = rnd(H, i, scale=i**-0.5)
+
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        a = p + "self_attn."
+        sd[p + "input_layernorm.weight"] = 1 + rnd(H)
+        sd[p + "post_attention_layernorm.weight"] = 1 + rnd(H)
+        if cfg.get("q_lora_rank"):
+            rq = cfg["q_lora_rank"]
+            sd[a + "q_a_proj.weight"] = rnd(rq, H, scale=H**-0.5)
+            sd[a + "q_a_layernorm.weight"] = 1 + rnd(rq)
+            sd[a + "q_b_proj.weight"] = rnd(nh * dq, rq, scale=rq**-0.5)
+        else:
+            sd[a + "q_proj.weight"] = rnd(nh * dq, H, scale=H**-0.5)
+        sd[a + "kv_a_proj_with_mqa.weight"] = rnd(r_kv + dr, H, scale=H**-0.5)
+        sd[a + "kv_a_layernorm.weight"] = 1 + rnd(r_kv)
+        sd[a + "kv_b_proj.weight"] = rnd(nh * dkv, r_kv, scale=r_kv**-0.5)
+        sd[a + "o_proj.weight"] = rnd(H, nh * cfg["v_head_dim"], scale=(nh * dkv) ** -0.5)
+        if layer < cfg["first_k_dense_replace"]:
+            mlp(p + "mlp.", cfg["intermediate_size"])
+            continue
+        sd[p + "mlp.gate.weight"] = rnd(E, H, scale=H**-0.5 * 2)
+        if cfg["model_type"] == "deepseek_v3":
+            sd[p + "mlp.gate.e_score_correction_bias"] = rnd(E, scale=0.05)
+        for e in range(E):
+            mlp(f"{p}mlp.experts.{e}.", inter)
+        mlp(p + "mlp.shared_experts.", inter * cfg["n_shared_experts"])
+    return sd
 
 
 def random_state_dict(cfg: dict, seed: int, fused_experts: bool, std: float = 0.1) -> dict:
     """Random weights under Hugging Face's names (per-expert, or fused 3-D expert tensors)."""
     g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=std):
+        return torch.randn(*shape, generator=g) * scale
+
+    if cfg["model_type"].startswith("deepseek"):
+        return deepseek_state_dict(cfg, rnd)
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     nh, nkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     qwen = cfg["model_type"] == "qwen3_moe"
     E = cfg["num_experts"] if qwen else cfg["num_local_experts"]
     inter = cfg["moe_intermediate_size"] if qwen else cfg["intermediate_size"]
-
-    def rnd(*shape, scale=std):
-        return torch.randn(*shape, generator=g) * scale
 
     sd = {"model.embed_tokens.weight": rnd(V, H, scale=1.0), "model.norm.weight": 1 + rnd(H)}
     sd["lm_head.weight"] = rnd(V, H, scale=H**-0.5 * 4)

@@ -21,15 +21,20 @@ from moebius.parallel.layout import Layout, piece_index
 class LayerWeights:
     input_norm: torch.Tensor  # (H,)
     post_norm: torch.Tensor  # (H,)
-    q_proj: torch.Tensor  # (nh·d, H)
-    k_proj: torch.Tensor  # (nkv·d, H)
-    v_proj: torch.Tensor  # (nkv·d, H)
-    o_proj: torch.Tensor  # (H, nh·d)
+    q_proj: torch.Tensor | None = None  # (nh·d, H); MLA without q_lora: (nh·(dn+dr), H)
+    k_proj: torch.Tensor | None = None  # (nkv·d, H); None under MLA
+    v_proj: torch.Tensor | None = None  # (nkv·d, H); None under MLA
+    o_proj: torch.Tensor | None = None  # (H, nh·d); MLA: (H, nh·dv)
     q_norm: torch.Tensor | None = None  # (d,)
     k_norm: torch.Tensor | None = None  # (d,)
     router: torch.Tensor | None = None  # (E, H); None for a dense layer
     moe_index: int = -1  # index among MoE layers; -1 for a dense layer
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # gate (I,H), up (I,H), down (H,I)
+    # DeepSeek: MLA projections under Hugging Face's names (model/mla.py), shared experts
+    # (gate/up/down as ``dense``) and V3's router bias (E,) in float32
+    mla: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_bias: torch.Tensor | None = None
 
 
 class ExpertStore:
@@ -80,7 +85,7 @@ class ModelWeights:
         tensors = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
-            tensors += list(lw.dense.values())
+            tensors += [*lw.dense.values(), *lw.mla.values(), *lw.shared.values()]
         for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
