@@ -51,10 +51,18 @@ class _Recorder(SwitchPolicy):
         self.inner.observe_step(layout, batch_size, seconds)
 
     def observe_switch(self, rec) -> None:
-        self.switches.append({"t": time.monotonic() - self.t0, "step": rec.step,
-                              "source": rec.source, "target": rec.target,
-                              "seconds": rec.seconds, "weight_bytes": rec.weight_bytes,
-                              "kv_bytes": rec.kv_bytes, "running": rec.running})
+        self.switches.append(
+            {
+                "t": time.monotonic() - self.t0,
+                "step": rec.step,
+                "source": rec.source,
+                "target": rec.target,
+                "seconds": rec.seconds,
+                "weight_bytes": rec.weight_bytes,
+                "kv_bytes": rec.kv_bytes,
+                "running": rec.running,
+            }
+        )
         self.inner.observe_switch(rec)
 
 
@@ -72,8 +80,15 @@ def _set_layout(engine: LLMEngine, layout: str) -> None:
         engine.step()  # nothing in flight: applies the switch only
 
 
-def run_mode(engine: LLMEngine, workload: wl.Workload, mode: str, profile: StepProfile | None,
-             auto_cfg: AutoConfig, time_scale: float = 1.0, auto_start: str = "tp") -> dict:
+def run_mode(
+    engine: LLMEngine,
+    workload: wl.Workload,
+    mode: str,
+    profile: StepProfile | None,
+    auto_cfg: AutoConfig,
+    time_scale: float = 1.0,
+    auto_start: str = "tp",
+) -> dict:
     """Run ``workload`` once in ``mode`` ("tp", "ep", "auto"); returns the run's record."""
     _set_layout(engine, auto_start if mode == "auto" else mode)
     inner = AutoPolicy(profile, auto_cfg) if mode == "auto" else ManualPolicy()
@@ -98,13 +113,14 @@ def run_mode(engine: LLMEngine, workload: wl.Workload, mode: str, profile: StepP
             else:
                 while i < len(todo) and it_start + todo[i].arrival * time_scale <= now:
                     spec = todo[i]
-                    i = _add(engine, spec, i, it, vocab, arrivals,
-                             it_start + spec.arrival * time_scale)
+                    i = _add(
+                        engine, spec, i, it, vocab, arrivals, it_start + spec.arrival * time_scale
+                    )
             if not engine.has_unfinished():
                 if i < len(todo):
-                    time.sleep(max(0.0, it_start + todo[i].arrival * time_scale
-                                   - time.monotonic()))
+                    time.sleep(max(0.0, it_start + todo[i].arrival * time_scale - time.monotonic()))
                 continue
+            observed = len(rec.steps["t"])
             outs = engine.step()
             new = 0
             now = time.monotonic()
@@ -116,32 +132,59 @@ def run_mode(engine: LLMEngine, workload: wl.Workload, mode: str, profile: StepP
                     finished += 1
                     first = out.metrics["first_token_time"] or now
                     arr = arrivals[out.request_id]
-                    requests.append({"iteration": it, "arrival": arr - t0,
-                                     "ttft": first - arr,
-                                     "tpot": (now - first) / (n - 1) if n > 1 else None,
-                                     "output_len": n})
-            tokens_per_step.append(new)
+                    requests.append(
+                        {
+                            "iteration": it,
+                            "arrival": arr - t0,
+                            "ttft": first - arr,
+                            "tpot": (now - first) / (n - 1) if n > 1 else None,
+                            "output_len": n,
+                        }
+                    )
+            if len(rec.steps["t"]) > observed:  # a step ran (an empty one reports nothing)
+                tokens_per_step.append(new)
         iteration_seconds.append(time.monotonic() - it_start)
     wall = time.monotonic() - t0
     ttft = [r["ttft"] for r in requests]
     tpot = [r["tpot"] for r in requests if r["tpot"] is not None]
     total = sum(r["output_len"] for r in requests)
     out = {
-        "mode": mode, "wall_seconds": wall, "iteration_seconds": iteration_seconds,
-        "output_tokens": total, "tokens_per_second": total / wall,
-        "ttft_p50": _pct(ttft, 0.5), "ttft_p99": _pct(ttft, 0.99),
-        "tpot_p50": _pct(tpot, 0.5), "tpot_p99": _pct(tpot, 0.99),
-        "num_switches": len(rec.switches), "switch_seconds": sum(s["seconds"] for s in
-                                                                  rec.switches),
-        "steps": {**rec.steps, "tokens": tokens_per_step[: len(rec.steps["t"])]},
-        "switches": rec.switches, "requests": requests,
+        "mode": mode,
+        "wall_seconds": wall,
+        "iteration_seconds": iteration_seconds,
+        "output_tokens": total,
+        "tokens_per_second": total / wall,
+        "ttft_p50": _pct(ttft, 0.5),
+        "ttft_p99": _pct(ttft, 0.99),
+        "tpot_p50": _pct(tpot, 0.5),
+        "tpot_p99": _pct(tpot, 0.99),
+        "num_switches": len(rec.switches),
+        "switch_seconds": sum(s["seconds"] for s in rec.switches),
+        "steps": {**rec.steps, "tokens": tokens_per_step},
+        "switches": rec.switches,
+        "requests": requests,
     }
     if mode == "auto":
-        out["decisions"] = [{"step": d.step, "layout": d.layout, "batch": d.batch,
-                             "target": d.target, "reason": d.reason}
-                            for d in inner.decisions if d.action == "switch"]
-    log.info("%s: %.2f s, %.1f tok/s, %d switches, TTFT p50 %s, TPOT p50 %s", mode, wall,
-             out["tokens_per_second"], len(rec.switches), out["ttft_p50"], out["tpot_p50"])
+        out["decisions"] = [
+            {
+                "step": d.step,
+                "layout": d.layout,
+                "batch": d.batch,
+                "target": d.target,
+                "reason": d.reason,
+            }
+            for d in inner.decisions
+            if d.action == "switch"
+        ]
+    log.info(
+        "%s: %.2f s, %.1f tok/s, %d switches, TTFT p50 %s, TPOT p50 %s",
+        mode,
+        wall,
+        out["tokens_per_second"],
+        len(rec.switches),
+        out["ttft_p50"],
+        out["tpot_p50"],
+    )
     return out
 
 
@@ -159,17 +202,29 @@ def engine_config(args) -> EngineConfig:
         over = {"num_hidden_layers": args.layers} if args.layers else {}
         model, model_dir = preset(args.preset, **over), None
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "auto")
-    return EngineConfig(model=model, model_dir=model_dir, ranks=args.ranks, layout="tp",
-                        device=args.device, dtype=dtype, num_kv_blocks=args.num_kv_blocks,
-                        max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, enable_prefix_caching=False,
-                        seed=args.seed)
+    return EngineConfig(
+        model=model,
+        model_dir=model_dir,
+        ranks=args.ranks,
+        layout="tp",
+        device=args.device,
+        dtype=dtype,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=False,
+        seed=args.seed,
+    )
 
 
 def make_workload(args) -> wl.Workload:
-    kw = {"seed": args.seed, "prompt_mean": args.prompt_mean, "output_mean": args.output_mean,
-          "output_cap": args.output_cap}
+    kw = {
+        "seed": args.seed,
+        "prompt_mean": args.prompt_mean,
+        "output_mean": args.output_mean,
+        "output_cap": args.output_cap,
+    }
     if args.workload == "rollout":
         kw |= {"num_prompts": args.num_prompts, "iterations": args.iterations}
     elif args.workload == "steady":
@@ -186,25 +241,45 @@ def run(args) -> dict:
         if args.profile and os.path.exists(args.profile):
             profile = StepProfile.load(args.profile)
         else:
-            profile = load_or_measure(engine, cache_dir=args.profile_cache,
-                                      refresh=args.refresh_profile,
-                                      batches=tuple(args.profile_batches),
-                                      contexts=tuple(args.profile_contexts),
-                                      steps=args.profile_steps)
-        auto_cfg = AutoConfig(horizon_steps=args.horizon, margin=args.margin,
-                              hysteresis=args.hysteresis, min_dwell_steps=args.dwell_steps)
-        runs = {m: run_mode(engine, workload, m, profile, auto_cfg, args.time_scale,
-                            args.auto_start) for m in args.modes}
+            profile = load_or_measure(
+                engine,
+                cache_dir=args.profile_cache,
+                refresh=args.refresh_profile,
+                batches=tuple(args.profile_batches),
+                contexts=tuple(args.profile_contexts),
+                steps=args.profile_steps,
+            )
+        auto_cfg = AutoConfig(
+            horizon_steps=args.horizon,
+            margin=args.margin,
+            hysteresis=args.hysteresis,
+            min_dwell_steps=args.dwell_steps,
+        )
+        runs = {
+            m: run_mode(engine, workload, m, profile, auto_cfg, args.time_scale, args.auto_start)
+            for m in args.modes
+        }
     finally:
         engine.shutdown()
     cfg = engine.cfg
-    return {"command": "moebius bench", "date": time.strftime("%Y-%m-%d %H:%M"),
-            "model": args.model_dir or args.preset, "layers": cfg.model.num_layers,
-            "ranks": cfg.ranks, "device": cfg.device, "dtype": cfg.dtype,
-            "workload": {"name": workload.name, "mode": workload.mode,
-                         "params": workload.params, "num_requests": len(workload.requests)},
-            "auto_config": asdict(auto_cfg),
-            "profile": profile.to_json(), "runs": runs}
+    return {
+        "command": "moebius bench",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "model": args.model_dir or args.preset,
+        "layers": cfg.model.num_layers,
+        "ranks": cfg.ranks,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "workload": {
+            "name": workload.name,
+            "mode": workload.mode,
+            "params": workload.params,
+            "num_requests": len(workload.requests),
+        },
+        "auto_config": asdict(auto_cfg),
+        "profile": profile.to_json(),
+        "runs": runs,
+    }
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -235,8 +310,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="a profile JSON to use instead of measuring")
     p.add_argument("--profile-cache", default=None)
     p.add_argument("--refresh-profile", action="store_true")
-    p.add_argument("--profile-batches", type=int, nargs="+",
-                   default=[1, 4, 16, 64, 128, 256, 512, 1024, 2048])
+    p.add_argument(
+        "--profile-batches", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 512, 1024, 2048]
+    )
     p.add_argument("--profile-contexts", type=int, nargs="+", default=[512])
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--horizon", type=int, default=128)
@@ -263,14 +339,20 @@ def main_args(args) -> dict:
 
 
 def summary_table(result: dict) -> str:
-    rows = [f"{'mode':<5} {'wall s':>8} {'tok/s':>9} {'switches':>8} {'TTFT p50/p99 ms':>17} "
-            f"{'TPOT p50/p99 ms':>17}"]
+    rows = [
+        f"{'mode':<5} {'wall s':>8} {'tok/s':>9} {'switches':>8} {'TTFT p50/p99 ms':>17} "
+        f"{'TPOT p50/p99 ms':>17}"
+    ]
     for m, r in result["runs"].items():
-        ms = [x * 1e3 if x is not None else float("nan") for x in
-              (r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["tpot_p99"])]
-        rows.append(f"{m:<5} {r['wall_seconds']:>8.2f} {r['tokens_per_second']:>9.1f} "
-                    f"{r['num_switches']:>8d} {ms[0]:>8.1f}/{ms[1]:<8.1f} {ms[2]:>8.1f}/"
-                    f"{ms[3]:<8.1f}")
+        ms = [
+            x * 1e3 if x is not None else float("nan")
+            for x in (r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["tpot_p99"])
+        ]
+        rows.append(
+            f"{m:<5} {r['wall_seconds']:>8.2f} {r['tokens_per_second']:>9.1f} "
+            f"{r['num_switches']:>8d} {ms[0]:>8.1f}/{ms[1]:<8.1f} {ms[2]:>8.1f}/"
+            f"{ms[3]:<8.1f}"
+        )
     return "\n".join(rows)
 
 

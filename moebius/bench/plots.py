@@ -23,18 +23,17 @@ def _bins(t: list[float], tokens: list[int], width: float) -> tuple[list[float],
         return [], []
     n = int(t[-1] / width) + 1
     acc = [0.0] * n
-    for x, k in zip(t, tokens):
+    for x, k in zip(t, tokens, strict=True):
         acc[min(n - 1, int(x / width))] += k
     return [(i + 0.5) * width for i in range(n)], [a / width for a in acc]
 
 
 def plot_timeline(result: dict, path: str) -> str:
     runs = result["runs"]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.4 * len(runs)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.4 * len(runs)), sharex=True, squeeze=False)
     span = max((r["steps"]["t"][-1] for r in runs.values() if r["steps"]["t"]), default=1.0)
     width = max(span / 60, 1e-3)
-    for ax, (mode, r) in zip(axes[:, 0], runs.items()):
+    for ax, (mode, r) in zip(axes[:, 0], runs.items(), strict=True):
         s = r["steps"]
         xs, ys = _bins(s["t"], s["tokens"], width)
         ax.plot(xs, ys, color=COLORS.get(mode, "k"), label="tokens/s")
@@ -43,7 +42,9 @@ def plot_timeline(result: dict, path: str) -> str:
         ax2.step(s["t"], s["batch"], where="post", color="gray", lw=0.8, label="batch")
         ax2.set_ylabel("batch")
         start = None  # shade the stretches run in EP
-        marks = list(zip(s["t"], s["layout"])) + [(s["t"][-1] if s["t"] else 0.0, "end")]
+        marks = list(zip(s["t"], s["layout"], strict=True)) + [
+            (s["t"][-1] if s["t"] else 0.0, "end")
+        ]
         for t, lay in marks:
             if lay == "ep" and start is None:
                 start = t
@@ -52,8 +53,14 @@ def plot_timeline(result: dict, path: str) -> str:
                 start = None
         for sw in r["switches"]:
             ax.axvline(sw["t"], color="red", ls="--", lw=1)
-            ax.annotate(f"{sw['source']}→{sw['target']}", (sw["t"], ax.get_ylim()[1]),
-                        fontsize=7, color="red", va="top", ha="left")
+            ax.annotate(
+                f"{sw['source']}→{sw['target']}",
+                (sw["t"], ax.get_ylim()[1]),
+                fontsize=7,
+                color="red",
+                va="top",
+                ha="left",
+            )
     axes[-1, 0].set_xlabel("seconds (EP shaded; red: switches)")
     fig.suptitle(f"{result['model']} · {result['ranks']} ranks · {result['workload']['name']}")
     fig.tight_layout()
@@ -104,8 +111,10 @@ def plot_rollout(result: dict, path: str) -> str:
 
 def plot_all(result: dict, folder: str, stem: str = "bench") -> list[str]:
     os.makedirs(folder, exist_ok=True)
-    out = [plot_timeline(result, os.path.join(folder, f"{stem}_timeline.png")),
-           plot_latency(result, os.path.join(folder, f"{stem}_latency.png"))]
+    out = [
+        plot_timeline(result, os.path.join(folder, f"{stem}_timeline.png")),
+        plot_latency(result, os.path.join(folder, f"{stem}_latency.png")),
+    ]
     if result["workload"]["name"] == "rollout":
         out.append(plot_rollout(result, os.path.join(folder, f"{stem}_rollout.png")))
     return out
