@@ -236,7 +236,9 @@ def main() -> None:
     model = preset(args.preset, **over)
     rows = []
     if args.batches:
-        rows = run(model, args.batches, args.prompt_len, args.steps, args.warmup, args.device)
+        rows = run(
+            model, args.batches, args.prompt_len, args.steps, args.warmup, device=args.device
+        )
     shapes = [tuple(map(int, s.split("x"))) for s in args.prefill]
     prefill = run_prefill(model, shapes) if shapes else []
     for r in prefill:

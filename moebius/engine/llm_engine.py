@@ -248,8 +248,8 @@ class LLMEngine:
             return self._collect([])
         t0 = time.perf_counter()
         results = self.executor.step(batch.inputs)
-        self._on_step_results(batch, results)
         self.policy.observe_step(self.layout, len(batch.items), time.perf_counter() - t0)
+        self._on_step_results(batch, results)
         tokens = {t.request_id: t for res in results for t in res.tokens}
         with self._lock:
             updated = self.scheduler.update(batch, tokens)

@@ -13,9 +13,11 @@ import torch
 from moebius.config import EngineConfig
 from moebius.engine.messages import SampledToken, SeqWork, StepInput, StepResult, SwitchInput
 from moebius.kv.pool import KVPool
+from moebius.model import deepseek
 from moebius.model.attention import AttentionMeta, PrefillChunk
 from moebius.model.decoder import forward
 from moebius.model.loader import load_weights
+from moebius.model.mla import MLARotary
 from moebius.model.ops import Rotary
 from moebius.model.sampler import SamplingTensors, logprobs_of, sample
 from moebius.parallel.comm import Comm
@@ -38,6 +40,8 @@ def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
 
 
 class ModelRunner:
+    forward = staticmethod(forward)  # the decoder; DeepSeek replaces it in __init__
+
     def __init__(self, cfg: EngineConfig, comm: Comm, num_kv_blocks_ep: int) -> None:
         self.cfg = cfg
         self.model = cfg.model
@@ -61,6 +65,9 @@ class ModelRunner:
         self.rotary = Rotary(
             self.model.head_dim, self.model.rope_theta, cfg.context_len + 1, self.device
         )
+        if self.model.is_mla:  # the architecture hook: DeepSeek's decoder and rope tables
+            self.forward = deepseek.forward
+            self.rotary = MLARotary(self.model, cfg.context_len + 1, self.device)
 
     def allocate_kv(self, num_blocks_ep: int) -> None:
         """Allocate the KV pool once; its address never changes afterwards."""
@@ -77,7 +84,9 @@ class ModelRunner:
         # Graphs need the pool; multi-rank capture (collectives inside graphs) is not
         # validated yet, so ranks > 1 run eagerly for now.
         # The experts' grouped GEMM (bf16) is capturable; the float32 reference loop syncs.
+        # DecodeGraphs runs model/decoder.py's forward: not MLA's (yet).
         capturable = self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        capturable = capturable and not self.model.is_mla
         if (
             self.device.type == "cuda"
             and not self.cfg.enforce_eager
@@ -96,7 +105,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
         assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
-        if self.graphs is not None and self.graphs.fits(self.layout, step.seqs):
+        graphable = self.graphs is not None and not step.record_experts
+        if graphable and self.graphs.fits(self.layout, step.seqs):
             logits = self.graphs.run(self.layout, step.seqs)
             keep = [i for i, s in enumerate(step.seqs) if s.sample]
             if len(keep) < len(step.seqs):
@@ -104,7 +114,8 @@ class ModelRunner:
             return StepResult(self.rank, self._sample(logits, step.seqs))
         input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
         t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
-        hidden = forward(
+        expert_ids: list[torch.Tensor] | None = [] if step.record_experts else None
+        hidden = self.forward(
             self.weights,
             self.model,
             self.layout,
@@ -115,12 +126,30 @@ class ModelRunner:
             positions,
             meta,
             t_max,
+            expert_ids,
         )
+        counts = self._expert_counts(step.seqs, expert_ids) if expert_ids else None
         if not self._samples_here() or not sample_rows:
-            return StepResult(self.rank, [])
+            return StepResult(self.rank, [], counts)
         rows = torch.tensor(sample_rows, device=self.device)
         logits = (hidden[rows] @ self.weights.lm_head.t()).float()
-        return StepResult(self.rank, self._sample(logits, step.seqs))
+        return StepResult(self.rank, self._sample(logits, step.seqs), counts)
+
+    def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:
+        """request_id -> (num_moe_layers, E) int64 numpy counts of this step's top-k picks.
+        Under TP every rank routes every token: rank 0 alone reports."""
+        if not self._samples_here():
+            return None
+        ids = torch.stack(expert_ids).cpu()  # (num_moe_layers, T, k)
+        num_layers, num_experts = ids.shape[0], self.model.num_experts
+        out, start = {}, 0
+        for s in seqs:
+            part = ids[:, start : start + len(s.token_ids)].reshape(num_layers, -1)
+            offsets = torch.arange(num_layers)[:, None] * num_experts
+            flat = torch.bincount((part + offsets).flatten(), minlength=num_layers * num_experts)
+            out[s.request_id] = flat.view(num_layers, num_experts).numpy()
+            start += len(s.token_ids)
+        return out
 
     def _prepare(self, seqs: list[SeqWork]):
         bs = self.cfg.block_size
@@ -196,6 +225,43 @@ class ModelRunner:
         for o, t in zip(out, tokens.tolist(), strict=True):
             o.token_id = t
         return out
+
+    # ------------------------------------------------------------------ disaggregation
+    def _token_slots(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        bs = self.cfg.block_size
+        pos = torch.arange(num_tokens)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return (table[pos // bs] * bs + pos % bs).to(self.device)
+
+    def _holds(self, owner: int) -> bool:
+        return self.layout.is_tp or self.comm.world_size == 1 or owner == self.rank
+
+    def export_kv(self, owner: int, block_ids: list[int], num_tokens: int):
+        """This rank's part of one request's KV, or None where it holds none (EP, not the
+        owner): (first KV head, (L, P, T, kvh_local, d)). On CPU when ranks > 1 (it crosses a
+        pipe), on this rank's device otherwise."""
+        if not self._holds(owner):
+            return None
+        slots = self._token_slots(block_ids, num_tokens)
+        layers = []
+        for layer in range(self.model.num_layers):
+            planes = self.kv.view(layer, self.layout)
+            layers.append(torch.stack([p.flatten(0, 1)[slots] for p in planes]))
+        kv = torch.stack(layers)
+        kv = kv.cpu() if self.comm.world_size > 1 else kv
+        return self.layout.kv_heads(self.model).start, kv
+
+    def import_kv(self, owner: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Write one request's KV (L, P, T, all KV heads, d) into ``block_ids`` (this rank's
+        head slice under TP; only on the owner under EP)."""
+        if not self._holds(owner):
+            return
+        heads = self.layout.kv_heads(self.model)
+        slots = self._token_slots(block_ids, kv.shape[2])
+        kv = kv[:, :, :, heads.start : heads.stop].to(self.device, self.dtype)
+        for layer in range(self.model.num_layers):
+            for p, plane in enumerate(self.kv.view(layer, self.layout)):
+                plane.flatten(0, 1).index_copy_(0, slots, kv[layer, p])
 
     # ------------------------------------------------------------------ switch
     def reshard(self, switch: SwitchInput):

@@ -171,7 +171,8 @@ class Scheduler:
                 for lst in per_rank:
                     lst.append(work)
         counts = [sum(len(w.token_ids) for w in lst) for lst in per_rank]
-        return [StepInput(self.layout, lst, counts) for lst in per_rank]
+        record = self.record_experts
+        return [StepInput(self.layout, lst, counts, record) for lst in per_rank]
 
     def _work(self, req: Request, n: int) -> SeqWork:
         start = req.num_computed_tokens
@@ -198,6 +199,36 @@ class Scheduler:
         )
 
     eos_ids: tuple[int, ...] = ()
+    record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)
+
+    def admit_prefilled(self, req: Request) -> bool:
+        """Admit a request whose prompt KV was computed elsewhere (disaggregated decode):
+        ``req`` carries its first output token; blocks for the prompt are allocated now and
+        ``num_computed_tokens`` = prompt length, so its next step decodes. Returns False (and
+        changes nothing) when it does not fit yet; the caller then writes the KV into
+        ``req.block_ids``. The first token may already finish it (stop checks run here)."""
+        if len(self.running) >= self.cfg.max_num_seqs:
+            return False
+        req.owner_rank = self._choose_owner(req) if self.layout == "ep" else -1
+        mgr = self.manager(req)
+        num_prompt = req.num_prompt_tokens
+        if not mgr.can_allocate([], num_prompt + 1):
+            req.owner_rank = -1
+            return False
+        req.block_ids = mgr.allocate([], num_prompt)
+        req.block_hashes = []
+        req.num_computed_tokens = num_prompt
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._check_stop(req)
+        return True
+
+    def commit_prefilled(self, req: Request) -> None:
+        """Register the imported prompt blocks for prefix caching (after the KV is written)."""
+        if req.status == RequestStatus.RUNNING:
+            self.manager(req).commit_full_blocks(
+                req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+            )
 
     # ------------------------------------------------------------------ results
     def update(self, batch: ScheduledBatch, tokens: dict[str, SampledToken]) -> list[Request]:

@@ -8,7 +8,9 @@ layer), so no byte is overwritten before it has been sent.
 
 KV: every running request's computed tokens are read out of the old view (this rank's head
 slice under TP, all heads on the owner under EP), sent to the ranks that need them in the new
-view, then written at the new block ids once every rank has finished reading.
+view, then written at the new block ids once every rank has finished reading. MLA's latent is
+one KV head that TP replicates: TP->EP sends nothing (the owner has it), EP->TP the owner
+sends it to every other rank.
 """
 
 from __future__ import annotations
@@ -102,12 +104,12 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
     L = cfg.num_layers
 
     def read(blocks: list[int], n: int, layout: Layout) -> torch.Tensor:
-        # (L, 2, n, kvh_local, d) of the first n tokens
+        # (L, P, n, kvh_local, d) of the first n tokens; P planes: K and V, or MLA's latent
         idx = torch.tensor(blocks, dtype=torch.long, device=pool.buf.device)
         out = []
         for layer in range(L):
-            k, v = pool.view(layer, layout)
-            out.append(torch.stack([k[idx].flatten(0, 1)[:n], v[idx].flatten(0, 1)[:n]]))
+            planes = pool.view(layer, layout)
+            out.append(torch.stack([c[idx].flatten(0, 1)[:n] for c in planes]))
         return torch.stack(out)
 
     def write(data: torch.Tensor, blocks: list[int], n: int, layout: Layout) -> None:
@@ -117,9 +119,8 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
             device=pool.buf.device,
         )
         for layer in range(L):
-            k, v = pool.view(layer, layout)
-            k.view(-1, *k.shape[2:]).index_copy_(0, slots, data[layer, 0])
-            v.view(-1, *v.shape[2:]).index_copy_(0, slots, data[layer, 1])
+            for p, c in enumerate(pool.view(layer, layout)):
+                c.view(-1, *c.shape[2:]).index_copy_(0, slots, data[layer, p])
 
     # 1. read everything this rank holds of the moved requests, before any write
     held: dict[str, torch.Tensor] = {}
@@ -138,7 +139,7 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
         if dst_here:
             buf = torch.empty(
                 L,
-                2,
+                pool.num_planes,
                 m.num_tokens,
                 len(new_heads),
                 cfg.head_dim,
@@ -159,7 +160,7 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
             if dst == rank:
                 t = torch.empty(
                     L,
-                    2,
+                    pool.num_planes,
                     m.num_tokens,
                     len(heads),
                     cfg.head_dim,

@@ -66,6 +66,7 @@ class SimResult:
     ttft: list[float]
     tpot: list[float]
     finished: dict  # request id -> output tokens produced
+    first_token_times: dict = field(default_factory=dict)  # request id -> simulated time
 
     @property
     def throughput(self) -> float:
@@ -236,6 +237,7 @@ class Simulator:
             ttft=ttft,
             tpot=tpot,
             finished={r: len(reqs[r].output_token_ids) for r in done},
+            first_token_times=first,
         )
 
     def _snapshot(self, step: int, now: float) -> EngineSnapshot:
