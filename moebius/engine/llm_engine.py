@@ -69,6 +69,7 @@ class LLMEngine:
         nb_ep = min(r["kv_blocks_ep"] for r in self.memory)
         nb_tp = min(r["kv_blocks_tp"] for r in self.memory)
         self.scheduler = Scheduler(cfg, {"ep": nb_ep, "tp": nb_tp})
+        log.info("%s", self.memory_summary())
         eos = set(cfg.model.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -337,6 +338,36 @@ class LLMEngine:
                 "first_scheduled_time": first.first_scheduled_time,
             },
         )
+
+    def memory_summary(self) -> str:
+        """Per-rank memory and the KV capacity of each layout (cluster-wide tokens)."""
+        r = self.memory[0]
+        n, bs = self.cfg.ranks, self.cfg.block_size
+
+        def size(b: float) -> str:
+            return f"{b / 1e9:.3f} GB" if b >= 1e9 else f"{b / 1e6:.2f} MB"
+
+        dense, experts = r["dense_weight_bytes"], r["expert_weight_bytes"]
+        staging = r.get("switch_staging_bytes", 0)
+        lines = [
+            f"memory per rank: dense weights {size(dense)} (whole: attention for EP's "
+            f"data parallelism), experts {size(experts)}, KV pool "
+            f"{size(r['kv_pool_bytes'])}, switch staging {size(staging)}"
+            + (
+                ""
+                if r.get("workspace_bytes") is None
+                else f", workspace {size(r['workspace_bytes'])}"
+            ),
+            f"KV capacity (tokens, all ranks): TP {r['kv_blocks_tp'] * bs} "
+            f"(every rank holds every request), EP {n * r['kv_blocks_ep'] * bs}",
+        ]
+        if n > 1:
+            total = dense + experts + r["kv_pool_bytes"] + staging
+            lines.append(
+                f"dual-layout overhead: vs static EP {staging / total:.2%} (staging); vs static "
+                f"TP {(staging + dense * (n - 1) / n) / total:.2%} (staging + unsharded attention)"
+            )
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict:

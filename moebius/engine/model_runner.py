@@ -286,11 +286,18 @@ class ModelRunner:
         return e.w13.data_ptr(), e.w2.data_ptr(), self.kv.buf.data_ptr()
 
     def memory_report(self) -> dict:
+        """Per-rank memory: weights, KV pool, switch staging, workspace (CUDA), capacities."""
+        workspace = None
+        if self.device.type == "cuda":
+            fixed = self.weights.dense_nbytes() + self.weights.experts.nbytes() + self.kv.nbytes()
+            workspace = torch.cuda.max_memory_allocated(self.device) - fixed
         return {
             "rank": self.rank,
             "dense_weight_bytes": self.weights.dense_nbytes(),
             "expert_weight_bytes": self.weights.experts.nbytes(),
+            "switch_staging_bytes": self.weights.experts.staging_nbytes(),
             "kv_pool_bytes": self.kv.nbytes(),
+            "workspace_bytes": workspace,
             "kv_blocks_tp": self.kv.num_blocks(Layout("tp", self.rank, self.comm.world_size)),
             "kv_blocks_ep": self.kv.num_blocks(Layout("ep", self.rank, self.comm.world_size)),
             "load_seconds": self.load_seconds,

@@ -50,6 +50,14 @@ class ExpertStore:
             self.num_moe_layers, E, 2 * self.shard, H, dtype=dtype, device=device
         )
         self.w2 = torch.empty(self.num_moe_layers, E, self.shard, H, dtype=dtype, device=device)
+        # Staging for a switch: one peer's range (E/N pieces) of one layer, allocated once.
+        per = E // N
+        self.stage13 = torch.empty(
+            (per, 2 * self.shard, H) if N > 1 else (0,), dtype=dtype, device=device
+        )
+        self.stage2 = torch.empty(
+            (per, self.shard, H) if N > 1 else (0,), dtype=dtype, device=device
+        )
 
     def view(self, moe_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 (E, 2c, H), w2ᵀ (E, c, H)) pieces of one layer."""
@@ -69,6 +77,9 @@ class ExpertStore:
 
     def nbytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+    def staging_nbytes(self) -> int:
+        return (self.stage13.numel() + self.stage2.numel()) * self.stage13.element_size()
 
 
 @dataclass

@@ -76,8 +76,7 @@ def reshard_experts(store, comm, rank: int) -> int:
     """Swap ranges with every peer, layer by layer. Returns bytes sent by this rank."""
     n = comm.world_size
     per = store.cfg.num_experts // n
-    stage13 = torch.empty_like(store.w13[0, :per])
-    stage2 = torch.empty_like(store.w2[0, :per])
+    stage13, stage2 = store.stage13, store.stage2  # allocated once with the store
     sent = 0
     for layer in range(store.num_moe_layers):
         w13, w2 = store.view(layer)
