@@ -68,6 +68,7 @@ def cmd_route(args) -> None:
         store = dist.TCPStore(
             host, int(port), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
         )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call
     policy = make_policy(args.policy, model=model, tau=args.tau, seed=args.seed)
     app = create_router_app(args.prefill, args.decode, policy, kv_store=store)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
