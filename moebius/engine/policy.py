@@ -218,6 +218,9 @@ class AutoPolicy(SwitchPolicy):
         batches = forecast_batches(
             snap, self.cfg.horizon_steps, recent, self._inflow, self.cfg.use_remaining
         )
+        # an inflow estimate never forecasts more than the engine has recently held
+        peak = max(max(self._recent), snap.num_running + snap.num_waiting)
+        batches = [min(b, peak) for b in batches]
         horizon = max((k + 1 for k, b in enumerate(batches) if b >= 0.5), default=0)
         ctx = snap.running_tokens / snap.num_running if snap.num_running else 0.0
         stay = other_s = 0.0

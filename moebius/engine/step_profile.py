@@ -144,14 +144,14 @@ def _time_batch(
     from moebius.core import SamplingParams
 
     cap = min(engine.scheduler.num_blocks.values()) * engine.cfg.block_size
-    if batch > engine.cfg.max_num_seqs or batch * (context + warmup + steps + 2) > cap:
+    if batch > engine.cfg.max_num_seqs or batch * (context + warmup + steps + 1) > cap:
         return None  # does not fit this engine's KV pool or batch limit
-    params = SamplingParams(temperature=0, max_tokens=warmup + steps + 2, ignore_eos=True)
+    # the prefill step samples one token, warm-up and timed steps one each: the requests
+    # finish on the last timed step, with nothing aborted
+    params = SamplingParams(temperature=0, max_tokens=warmup + steps + 1, ignore_eos=True)
     vocab = engine.cfg.model.vocab_size
-    ids = [
+    for _ in range(batch):
         engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
-        for _ in range(batch)
-    ]
     sched = engine.scheduler
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()
@@ -162,11 +162,8 @@ def _time_batch(
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
-    for rid in ids:
-        engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
-    engine.step()  # collect the aborted groups
     times.sort()
     return times[len(times) // 2]
 
