@@ -1,4 +1,4 @@
-"""Command line: ``moebius demo | generate | serve | make-tiny``.
+"""Command line: ``moebius demo | generate | serve | route | eldr | make-tiny``.
 
 Engine flags are mapped onto ``EngineConfig`` in one place (``engine_args`` / ``engine_config``).
 """
@@ -123,9 +123,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from moebius.disagg.cli import serve_with_role
     from moebius.server.serve import run_server
 
     cfg = engine_config(args, args.model)
+    if serve_with_role(args, cfg):
+        return
     run_server(
         cfg,
         host=args.host,
@@ -144,6 +147,8 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from moebius.disagg.cli import add_eldr_parser, add_role_args, add_route_parser
+
     logging.basicConfig(level=logging.INFO, format="[moebius] %(message)s")
     ap = argparse.ArgumentParser(prog="moebius", description="MoE serving engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -186,8 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain period")
+    add_role_args(p)
     engine_args(p)
     p.set_defaults(fn=cmd_serve)
+
+    add_route_parser(sub)
+    add_eldr_parser(sub)
 
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
