@@ -90,12 +90,15 @@ class SimResult:
         }
 
 
-def kv_blocks(cm: CostModel, block_size: int, utilization: float = 0.9) -> dict[str, int]:
-    """Blocks per block manager of each layout, from the memory left after weights."""
+def kv_blocks(
+    cm: CostModel, block_size: int, utilization: float = 0.9, cap_tokens: int = 1 << 20
+) -> dict[str, int]:
+    """Blocks per block manager of each layout, from the memory left after weights; at most
+    ``cap_tokens`` a rank (block managers are lists: a small model would get millions)."""
     m, n = cm.m, cm.n
     free = cm.p.gpu_memory_bytes * utilization - cm.memory_bytes()["ours"] - GPU_WORKSPACE_BYTES
     per_block = m.num_layers * 2 * block_size * m.num_kv_heads * m.head_dim * cm.e
-    nb_ep = max(int(free // per_block), 1)
+    nb_ep = max(min(int(free // per_block), cap_tokens // block_size), 1)
     kvh_tp = Layout("tp", 0, n).num_local_kv_heads(m)
     return {"ep": nb_ep, "tp": nb_ep * m.num_kv_heads // kvh_tp}
 

@@ -1,0 +1,178 @@
+"""``moebius sim calibrate | validate | run | project``: flags mapped onto the simulator here.
+
+``add_sim_parser(subparsers)`` registers the command; ``moebius/cli.py`` calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moebius.config import ModelConfig, preset
+
+
+def _links(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="h200", help="profile name or JSON path")
+    p.add_argument(
+        "--nvlink-gbps",
+        type=float,
+        default=None,
+        help="GPU-pair link inside a node, GB/s per direction (default: profile's)",
+    )
+    p.add_argument(
+        "--ib-gbps",
+        type=float,
+        default=None,
+        help="InfiniBand per GPU, GB/s (400 Gb/s = 50; default: profile's)",
+    )
+
+
+def _profile(args):
+    from moebius.sim.cost_model import Link, Profile
+
+    prof = Profile.load(args.profile)
+    if args.nvlink_gbps:
+        prof = prof.with_(p2p=Link(args.nvlink_gbps * 1e9, prof.p2p.latency_s))
+    if args.ib_gbps:
+        prof = prof.with_(inter_node=Link(args.ib_gbps * 1e9, prof.inter_node.latency_s))
+    return prof
+
+
+def _model(args) -> ModelConfig:
+    if args.model_dir:
+        return ModelConfig.from_dir(args.model_dir)
+    return preset(args.preset)
+
+
+def cmd_validate(args) -> None:
+    from moebius.sim.validate import main
+
+    rows = main(args.profile, leave_one_out=not args.no_loo)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                [
+                    {**r.figure.__dict__, "predicted_ms": r.predicted_ms, "loo_ms": r.loo_ms}
+                    for r in rows
+                ],
+                f,
+                indent=2,
+            )
+
+
+def cmd_calibrate(args) -> None:
+    import torch
+
+    from moebius.sim.calibrate import calibrate
+    from moebius.sim.cost_model import Profile
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    calibrate(
+        args.preset,
+        args.layers,
+        args.batches,
+        device,
+        args.ranks,
+        Profile.load(args.profile),
+        args.out,
+        steps=args.steps,
+    )
+
+
+def cmd_run(args) -> None:
+    from moebius.engine.policy import AutoPolicy
+    from moebius.sim import workloads
+    from moebius.sim.cost_model import CostModel
+    from moebius.sim.simulator import CostProfile, Simulator
+
+    model = _model(args)
+    cm = CostModel(model, args.ranks, _profile(args))
+    if args.trace:
+        arrivals = workloads.load(args.trace)
+    elif args.workload == "rollout":
+        arrivals = workloads.rollout(args.num, args.prompt_len, args.output_len, seed=args.seed)
+    elif args.workload == "bursty":
+        arrivals = workloads.bursty(
+            args.num,
+            args.rate / 4,
+            args.rate * 2,
+            seed=args.seed,
+            prompt_len=args.prompt_len,
+            mean_output=args.output_len,
+        )
+    else:
+        arrivals = workloads.poisson(
+            args.num, args.rate, args.prompt_len, args.output_len, seed=args.seed
+        )
+    policy = AutoPolicy(CostProfile(cm)) if args.policy == "auto" else None
+    layout = args.layout or ("tp" if args.policy == "tp" else "ep")
+    sim = Simulator(
+        model,
+        args.ranks,
+        cm,
+        layout=layout,
+        policy=policy,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    res = sim.run(arrivals)
+    summary = res.summary()
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**summary, "switches": [s.__dict__ for s in res.switches]}, f, indent=2)
+
+
+def cmd_project(args) -> None:
+    from moebius.sim.project import main
+
+    prof = _profile(args)
+    main(args.profile, args.out, args.quick, nvlink=prof.p2p, ib=prof.inter_node)
+
+
+def add_sim_parser(subparsers) -> None:
+    """Register ``sim`` and its subcommands on the main parser's ``subparsers``."""
+    sim = subparsers.add_parser("sim", help="simulate deployments with a calibrated cost model")
+    sub = sim.add_subparsers(dest="sim_command", required=True)
+
+    p = sub.add_parser("validate", help="predicted vs measured H200 step times")
+    p.add_argument("--profile", default="h200")
+    p.add_argument("--no-loo", action="store_true", help="skip the leave-one-out refits")
+    p.add_argument("--json", default=None)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("calibrate", help="run the real engine here and fit a profile")
+    p.add_argument("--preset", default="qwen3-30b-a3b")
+    p.add_argument("--layers", type=int, default=None, help="override the layer count")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--ranks", type=int, default=1, help="> 1: also time collectives")
+    p.add_argument("--profile", default="h200", help="base profile for what is not measured")
+    p.add_argument("--out", default="profile.json")
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("run", help="simulate one instance over a workload")
+    p.add_argument("--preset", default="qwen3-235b-a22b")
+    p.add_argument("--model-dir", default=None, help="read config.json from here instead")
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--policy", choices=["tp", "ep", "auto"], default="auto")
+    p.add_argument("--layout", choices=["tp", "ep"], default=None, help="initial layout")
+    p.add_argument("--workload", choices=["rollout", "poisson", "bursty"], default="rollout")
+    p.add_argument("--trace", default=None, help="JSON/CSV of (time, prompt_len, output_len)")
+    p.add_argument("--num", type=int, default=512)
+    p.add_argument("--rate", type=float, default=8.0, help="requests/s (poisson, bursty)")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=1024, help="mean output length")
+    p.add_argument("--max-num-seqs", type=int, default=1024)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    _links(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("project", help="the 8×H200 and multi-node projection tables")
+    p.add_argument("--out", default=None, help="write the markdown here")
+    p.add_argument("--quick", action="store_true", help="smaller workloads")
+    _links(p)
+    p.set_defaults(fn=cmd_project)
