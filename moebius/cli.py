@@ -1,4 +1,4 @@
-"""Command line: ``moebius demo | generate | serve | route | eldr | make-tiny``.
+"""Command line: ``moebius demo | generate | serve | route | eldr | bench | make-tiny``.
 
 Engine flags are mapped onto ``EngineConfig`` in one place (``engine_args`` / ``engine_config``).
 """
@@ -17,7 +17,12 @@ from moebius.config import EngineConfig, ModelConfig
 
 def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, default=1, help="ranks (one process per GPU or CPU worker)")
-    p.add_argument("--layout", choices=["tp", "ep"], default="tp", help="initial layout")
+    p.add_argument(
+        "--layout",
+        choices=["tp", "ep", "auto"],
+        default="tp",
+        help="layout; auto: start in TP and let the switch policy decide",
+    )
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
@@ -50,7 +55,8 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         model=ModelConfig.from_dir(model_dir),
         model_dir=model_dir,
         ranks=args.ranks,
-        layout=args.layout,
+        layout="tp" if args.layout == "auto" else args.layout,
+        policy="auto" if args.layout == "auto" else "manual",
         device=device,
         dtype=args.dtype,
         block_size=args.block_size,
@@ -147,11 +153,13 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from moebius.bench.cli import add_bench_parser
     from moebius.disagg.cli import add_eldr_parser, add_role_args, add_route_parser
 
     logging.basicConfig(level=logging.INFO, format="[moebius] %(message)s")
     ap = argparse.ArgumentParser(prog="moebius", description="MoE serving engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    add_bench_parser(sub)
 
     p = sub.add_parser("demo", help="tiny random MoE on 2 CPU ranks with live EP<->TP switches")
     p.add_argument("--model", default=None, help="checkpoint folder (default: tiny, generated)")

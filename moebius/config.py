@@ -390,6 +390,7 @@ class EngineConfig:
     model_dir: str | None = None  # None: random weights from the config
     ranks: int = 1
     layout: str = "tp"  # initial layout: "tp" or "ep" (equal when ranks == 1)
+    policy: str = "manual"  # "manual" (switch() and switch_schedule only) or "auto"
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "auto"  # "auto" (checkpoint dtype; float32 on CPU), "float32", "bfloat16", ...
     block_size: int = 16
@@ -411,6 +412,8 @@ class EngineConfig:
             raise ConfigError("ranks must be >= 1")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.policy not in ("manual", "auto"):
+            raise ConfigError(f"policy must be 'manual' or 'auto', got {self.policy!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -84,6 +84,11 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
         self.policy: SwitchPolicy = ManualPolicy()
+        if cfg.policy == "auto" and cfg.ranks > 1:
+            from moebius.engine.policy import AutoPolicy
+            from moebius.engine.step_profile import load_or_measure
+
+            self.policy = AutoPolicy(load_or_measure(self))
 
     # ------------------------------------------------------------------ requests
     @property
