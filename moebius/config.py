@@ -192,6 +192,7 @@ class ModelConfig:
     @classmethod
     def _deepseek(cls, hf: dict, base: dict, yarn: dict) -> ModelConfig:
         v3 = base["architecture"] == "DeepseekV3ForCausalLM"
+        hf = {**(_DEEPSEEK_V3_DEFAULTS if v3 else _DEEPSEEK_V2_DEFAULTS), **hf}
         kv_lora, rope_dim = hf["kv_lora_rank"], hf["qk_rope_head_dim"]
         scaling = {k: v for k, v in yarn.items() if k not in ("type", "rope_theta")}
         num_dense = min(hf.get("first_k_dense_replace") or 0, base["num_layers"])
@@ -237,6 +238,19 @@ class ModelConfig:
         except KeyError as e:
             raise ConfigError(f"{path} lacks the field {e.args[0]!r}") from e
 
+
+# transformers' defaults for fields a DeepSeek config.json may leave out
+_DEEPSEEK_V2_DEFAULTS = dict(
+    n_shared_experts=2, routed_scaling_factor=1.0, first_k_dense_replace=0, topk_method="greedy"
+)
+_DEEPSEEK_V3_DEFAULTS = dict(
+    n_shared_experts=1,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=3,
+    n_group=8,
+    topk_group=4,
+    norm_topk_prob=True,
+)
 
 # Model shapes for benchmarks and the simulator (random weights where real ones are not here).
 PRESETS: dict[str, dict] = {
