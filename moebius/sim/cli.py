@@ -142,7 +142,7 @@ def add_sim_parser(subparsers) -> None:
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("calibrate", help="run the real engine here and fit a profile")
-    p.add_argument("--preset", default="qwen3-30b-a3b")
+    p.add_argument("--preset", default="qwen3-30b-a3b", help="a preset, or 'tiny' (CPU smoke)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     p.add_argument("--steps", type=int, default=10)
