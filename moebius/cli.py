@@ -1,4 +1,4 @@
-"""Command line: ``moebius demo | generate | serve | route | eldr | bench | make-tiny``.
+"""Command line: ``moebius demo | generate | serve | route | eldr | bench | sim | make-tiny``.
 
 Engine flags are mapped onto ``EngineConfig`` in one place (``engine_args`` / ``engine_config``).
 """
@@ -155,6 +155,7 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from moebius.bench.cli import add_bench_parser
     from moebius.disagg.cli import add_eldr_parser, add_role_args, add_route_parser
+    from moebius.sim.cli import add_sim_parser
 
     logging.basicConfig(level=logging.INFO, format="[moebius] %(message)s")
     ap = argparse.ArgumentParser(prog="moebius", description="MoE serving engine")
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     add_route_parser(sub)
     add_eldr_parser(sub)
 
+    add_sim_parser(sub)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
