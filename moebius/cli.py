@@ -135,14 +135,19 @@ def cmd_serve(args) -> None:
     cfg = engine_config(args, args.model)
     if serve_with_role(args, cfg):
         return
-    run_server(
-        cfg,
+    run_server(cfg, **server_kwargs(args))
+
+
+def server_kwargs(args) -> dict:
+    """``run_server`` keyword arguments from the serve flags (shared by every serve entry)."""
+    return dict(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
         admin_key=args.admin_key,
         served_model_name=args.served_model_name,
         max_queue=args.max_queue,
+        grace_seconds=getattr(args, "grace_seconds", 30.0),
     )
 
 

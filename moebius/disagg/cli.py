@@ -144,17 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     def cmd_serve(args) -> None:
         cfg = engine_config(args, args.model)
         if not serve_with_role(args, cfg):
+            from moebius.cli import server_kwargs
             from moebius.server.serve import run_server
 
-            run_server(
-                cfg,
-                host=args.host,
-                port=args.port,
-                api_key=args.api_key,
-                admin_key=args.admin_key,
-                served_model_name=args.served_model_name,
-                max_queue=args.max_queue,
-            )
+            run_server(cfg, **server_kwargs(args))
 
     p.set_defaults(fn=cmd_serve)
     args = ap.parse_args(argv)

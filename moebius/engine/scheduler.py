@@ -79,7 +79,12 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.manager(req).free_table(req.block_ids)
-        req.block_hashes.clear()
+        self._requeue(req)
+
+    def _requeue(self, req: Request) -> None:
+        """Back to the front of the queue with no KV: it recomputes when admitted again."""
+        req.block_ids = []
+        req.block_hashes = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.owner_rank = -1
@@ -296,15 +301,9 @@ class Scheduler:
                     list(req.block_ids),
                 )
             )
-        for req in preempted:
+        for req in preempted:  # their blocks belonged to the old view: nothing to free
             self.running.remove(req)
-            req.block_ids = []
-            req.num_computed_tokens = 0
-            req.status = RequestStatus.PREEMPTED
-            req.owner_rank = -1
-            req.num_preemptions += 1
-            self.num_preemptions += 1
-            self.waiting.appendleft(req)
+            self._requeue(req)
         for req in self.waiting:
             req.owner_rank = -1
         return SwitchInput(target, moves), preempted

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from moebius.cli import engine_args, engine_config
+from moebius.cli import engine_args, engine_config, server_kwargs
 from moebius.server.serve import run_server
 
 
@@ -36,16 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = engine_config(args, args.model)
     except ValueError as e:
         sys.exit(f"moebius: error: {e}")
-    run_server(
-        cfg,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        admin_key=args.admin_key,
-        served_model_name=args.served_model_name,
-        max_queue=args.max_queue,
-        grace_seconds=args.grace_seconds,
-    )
+    run_server(cfg, **server_kwargs(args))
 
 
 if __name__ == "__main__":
