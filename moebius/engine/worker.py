@@ -192,6 +192,8 @@ class ProcessExecutor:
         return out
 
     def _broadcast(self, kind: str, payloads: list) -> list:
+        if not self.procs:
+            raise WorkerError("the engine's workers are stopped (an earlier failure or shutdown)")
         for conn, payload in zip(self.conns, payloads, strict=True):
             try:
                 conn.send((kind, payload))

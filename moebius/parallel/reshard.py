@@ -15,6 +15,7 @@ sends it to every other rank.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -186,6 +187,8 @@ def execute_switch(runner, switch: SwitchInput) -> SwitchResult:
     _sync(runner.device)
     t0 = time.perf_counter()
     weight_bytes = reshard_experts(runner.weights.experts, runner.comm, runner.rank)
+    if os.environ.get("MOEBIUS_FAULT_SWITCH_RANK") == str(runner.rank):  # fault injection
+        raise RuntimeError(f"injected failure on rank {runner.rank} after the expert swap")
     _sync(runner.device)
     t1 = time.perf_counter()
     kv_bytes = reshard_kv(runner, switch.moves, old, new)

@@ -113,3 +113,19 @@ def test_hundred_switches_restore_weights_bit_for_bit(qwen_dir):
         assert eng.executor.call("weights_digest") == digest0
         assert eng.executor.call("buffer_addresses") == addrs0
         assert tokens(llm, PROMPTS[:2]) == tokens(llm, PROMPTS[:2])
+
+
+def test_switch_failing_part_way_stops_the_engine_clearly(qwen_dir, monkeypatch):
+    """A rank that fails after swapping experts (before the KV) must not leave a half-switched
+    engine running: the engine stops with the rank's error, and stays stopped."""
+    from moebius.engine.worker import WorkerError
+
+    monkeypatch.setenv("MOEBIUS_FAULT_SWITCH_RANK", "1")
+    llm = LLM(qwen_dir, ranks=2, layout="tp", switch_schedule=[(2, "ep")])
+    try:
+        with pytest.raises(WorkerError, match="injected failure on rank 1"):
+            tokens(llm, PROMPTS[:2])
+        with pytest.raises(WorkerError, match="stopped"):
+            tokens(llm, PROMPTS[:1])
+    finally:
+        llm.shutdown()
