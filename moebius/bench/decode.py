@@ -50,7 +50,7 @@ def step_floor_bytes(m: ModelConfig, batch: int, context: int, elem: int = 2) ->
     expert = 3 * m.moe_intermediate_size * H * elem
     distinct = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** batch)
     per_layer = attn + router + distinct * expert
-    kv = batch * context * m.num_layers * 2 * m.kv_size * elem
+    kv = batch * context * m.num_layers * m.kv_planes * m.kv_size * elem
     head = m.vocab_size * H * elem
     return {
         "weights": per_layer * m.num_layers + head,

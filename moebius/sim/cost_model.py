@@ -174,7 +174,7 @@ class CostModel:
             "engine_layers": L,
             "ep_layers": moe_layers if ep else 0,
             "weight_bytes": w * e,
-            "kv_bytes": work.kv_tokens * L * 2 * kvh * hd * e,
+            "kv_bytes": work.kv_tokens * L * m.kv_planes * kvh * hd * e,
             "flops": flops,
             "coll_hops": hops,
             "coll_bytes": bytes_,

@@ -61,7 +61,9 @@ def single_node(profile: Profile, num_prompts: int = 1024, seed: int = 0) -> str
         + ", ".join(f"{c}: {b}" for c, b in cross.items())
         + " (published: 128–256)."
     )
-    per_req = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 2  # KV bytes a token, all heads
+    per_req = (
+        m.num_layers * m.kv_planes * m.num_kv_heads * m.head_dim * 2
+    )  # KV bytes a token, all heads
     w = cm.switch_time()
     kv = [cm.switch_time(256 * c * per_req * 0.75 / 8) for c in (1024, 4096)]
     out.append(
@@ -130,7 +132,7 @@ def multi_node(profile: Profile, num: int = 1500, rate: float = 12.0, seed: int 
         m, cm, [Arrival(a.time, a.prompt_len, 1) for a in arr], "tp", max_num_batched_tokens=16384
     )
     done = sorted(pre.first_token_times.items(), key=lambda kv: kv[1])
-    kv_bytes = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 2
+    kv_bytes = m.num_layers * m.kv_planes * m.num_kv_heads * m.head_dim * 2
     link = 8 * profile.inter_node.bandwidth
     handoff = [
         Arrival(t + arr[i].prompt_len * kv_bytes / link, arr[i].prompt_len, arr[i].output_len - 1)

@@ -97,7 +97,7 @@ def kv_blocks(
     ``cap_tokens`` a rank (block managers are lists: a small model would get millions)."""
     m, n = cm.m, cm.n
     free = cm.p.gpu_memory_bytes * utilization - cm.memory_bytes()["ours"] - GPU_WORKSPACE_BYTES
-    per_block = m.num_layers * 2 * block_size * m.num_kv_heads * m.head_dim * cm.e
+    per_block = m.num_layers * m.kv_planes * block_size * m.num_kv_heads * m.head_dim * cm.e
     nb_ep = max(min(int(free // per_block), cap_tokens // block_size), 1)
     kvh_tp = Layout("tp", 0, n).num_local_kv_heads(m)
     return {"ep": nb_ep, "tp": nb_ep * m.num_kv_heads // kvh_tp}
@@ -156,7 +156,7 @@ class Simulator:
         plan, preempted = s.plan_switch(target)
         m, n = self.model, self.cfg.ranks
         sent = [0] * n
-        per_head_token = m.num_layers * 2 * m.head_dim * self.cm.e
+        per_head_token = m.num_layers * m.kv_planes * m.head_dim * self.cm.e
         for move in plan.moves:
             for src, _dst, heads in kv_transfers(m, n, move, target):
                 sent[src] += move.num_tokens * len(heads) * per_head_token
