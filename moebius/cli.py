@@ -34,6 +34,12 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--progressive-layers",
+        type=int,
+        default=0,
+        help="move this many layers per decode step at a switch (0: all at once)",
+    )
     p.add_argument("--switch-schedule", default="", help="switch at engine steps, e.g. '5:ep,9:tp'")
 
 
@@ -67,6 +73,7 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
         switch_schedule=parse_schedule(args.switch_schedule),
+        progressive_layers=args.progressive_layers,
     )
 
 

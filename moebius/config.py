@@ -405,6 +405,7 @@ class EngineConfig:
     ranks: int = 1
     layout: str = "tp"  # initial layout: "tp" or "ep" (equal when ranks == 1)
     policy: str = "manual"  # "manual" (switch() and switch_schedule only) or "auto"
+    progressive_layers: int = 0  # > 0: a switch moves this many layers per step (stall-free)
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "auto"  # "auto" (checkpoint dtype; float32 on CPU), "float32", "bfloat16", ...
     block_size: int = 16

@@ -104,6 +104,7 @@ class Request:
     owner_rank: int = -1  # EP owner; -1 under TP
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks
+    alt_block_ids: list[int] = field(default_factory=list)  # other view, progressive switch
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     first_token_time: float | None = None

@@ -20,6 +20,7 @@ from moebius.core import (
     RequestOutput,
     SamplingParams,
 )
+from moebius.engine import progressive
 from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
 from moebius.engine.worker import make_executor
@@ -192,20 +193,50 @@ class LLMEngine:
         with self._lock:
             if self._pending_switch:
                 target, self._pending_switch = self._pending_switch, None
+        tr = self.scheduler.transition
         if target is None and self.cfg.ranks > 1 and not isinstance(self.policy, ManualPolicy):
             target = self.policy.decide(self.snapshot())
-        if target and target != self.layout and self.cfg.ranks > 1:
+        if tr is not None:  # a progressive switch in flight: reverse it, or go on
+            if target and target != tr.target:
+                with self._lock:
+                    progressive.reverse(self.scheduler)
+                log.info(
+                    "progressive switch reversed at step %d: back to %s", self.step_count, tr.target
+                )
+            self._do_switch(tr.target)
+        elif target and target != self.layout and self.cfg.ranks > 1:
             self._do_switch(target)
 
-    def _do_switch(self, target: str) -> SwitchRecord:
+    def _do_switch(self, target: str) -> SwitchRecord | None:
+        """All layers at once, or (``progressive_layers``) the next few of a progressive
+        switch; a progressive switch is recorded once, when its last layer has moved."""
         source = self.layout
         t0 = time.perf_counter()
+        k = self.cfg.progressive_layers
         with self._lock:
-            plan, preempted = self.scheduler.plan_switch(target)
+            if k and self.scheduler.transition is None:
+                self._progress = {
+                    "t0": t0,
+                    "step": self.step_count,
+                    "results": [],
+                    "preempted": len(progressive.begin(self.scheduler, target)),
+                    "source": source,
+                }
+            if k:
+                plan = progressive.progress(self.scheduler, k)
+                preempted = []
+            else:
+                plan, preempted = self.scheduler.plan_switch(target)
         results = self.executor.switch(plan)
+        if k:
+            self._progress["results"] += results
+            if self.scheduler.transition is not None:
+                return None
+            results, t0 = self._progress["results"], self._progress["t0"]
+            source, preempted = self._progress["source"], [None] * self._progress["preempted"]
         seconds = time.perf_counter() - t0
         rec = SwitchRecord(
-            step=self.step_count,
+            step=self._progress["step"] if k else self.step_count,
             source=source,
             target=target,
             running=len(plan.moves),
@@ -213,7 +244,10 @@ class LLMEngine:
             weight_bytes=sum(r.weight_bytes_sent for r in results),
             kv_bytes=sum(r.kv_bytes_sent for r in results),
             seconds=seconds,
-            phases={k: max(r.seconds[k] for r in results) for k in results[0].seconds},
+            phases={
+                ph: sum(r.seconds[ph] for r in results) / self.cfg.ranks
+                for ph in results[0].seconds
+            },
         )
         self.switches.append(rec)
         self.policy.observe_switch(rec)

@@ -25,6 +25,9 @@ class SeqWork:
     output_index: int = 0  # index of the token to sample among the outputs
     num_logprobs: int = -1  # -1: none; n >= 0: the sampled logprob and the top n
     banned_token_ids: list[int] = field(default_factory=list)  # eos/stop ids before min_tokens
+    # during a progressive switch: the EP owner, and the table in the other layout's view
+    owner: int = -1
+    alt_block_ids: list[int] | None = None
 
 
 @dataclass
@@ -33,6 +36,9 @@ class StepInput:
     seqs: list[SeqWork]
     num_tokens_per_rank: list[int]  # EP: every rank's token count (pads the exchange)
     record_experts: bool = False
+    # progressive switch: layer i runs in layer_modes[i]; every rank gets every sequence and
+    # ``layout`` names the view of ``block_ids`` (``alt_block_ids`` is the other one)
+    layer_modes: list[str] | None = None
 
 
 @dataclass
@@ -67,6 +73,7 @@ class KVMove:
 class SwitchInput:
     target: str  # "tp" or "ep"
     moves: list[KVMove]
+    layers: list[int] | None = None  # decoder layers to move (None: all of them)
 
 
 @dataclass

@@ -54,6 +54,7 @@ class ModelRunner:
         self.layout = Layout(
             cfg.layout if comm.world_size > 1 else "tp", comm.rank, comm.world_size
         )
+        self.layer_modes = [self.layout.mode] * cfg.model.num_layers  # differ mid-switch
         t0 = time.perf_counter()
         self.weights = load_weights(
             self.model, cfg.model_dir, self.layout, self.dtype, self.device, seed=cfg.seed
@@ -104,6 +105,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
+        if step.layer_modes is not None and len(set(step.layer_modes)) > 1:
+            assert step.layer_modes == self.layer_modes, "layer modes out of step"
+            return self._execute_mixed(step)
         assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
         graphable = self.graphs is not None and not step.record_experts
         if graphable and self.graphs.fits(self.layout, step.seqs):
@@ -135,6 +139,52 @@ class ModelRunner:
         logits = (hidden[rows] @ self.weights.lm_head.t()).float()
         return StepResult(self.rank, self._sample(logits, step.seqs), counts)
 
+    def _execute_mixed(self, step: StepInput) -> StepResult:
+        """A step during a progressive switch: every rank has the whole batch for its TP layers
+        and its own sequences for its EP layers (see ``decoder.forward_mixed``)."""
+        from moebius.model.decoder import forward_mixed
+
+        rank, seqs = self.rank, step.seqs
+        primary_is_tp = step.layout == "tp"
+        tp_table = (lambda s: s.block_ids) if primary_is_tp else (lambda s: s.alt_block_ids)
+        ep_table = (lambda s: s.alt_block_ids) if primary_is_tp else (lambda s: s.block_ids)
+        own = [s for s in seqs if s.owner == rank]
+        ids_tp, pos_tp, meta_tp, rows_tp = self._prepare(seqs, tp_table)
+        ids_ep, pos_ep, meta_ep, rows_ep = self._prepare(own, ep_table)
+        t_max = max(step.num_tokens_per_rank)
+        own_rows, gather, seen = [], [], [0] * self.comm.world_size
+        start = 0
+        for s in seqs:
+            n = len(s.token_ids)
+            if s.owner == rank:
+                own_rows += range(start, start + n)
+            gather += range(s.owner * t_max + seen[s.owner], s.owner * t_max + seen[s.owner] + n)
+            seen[s.owner] += n
+            start += n
+        dev = self.device
+        tp = {
+            "ids": ids_tp,
+            "positions": pos_tp,
+            "meta": meta_tp,
+            "own_rows": torch.tensor(own_rows, dtype=torch.long, device=dev),
+        }
+        ep = {
+            "ids": ids_ep,
+            "positions": pos_ep,
+            "meta": meta_ep,
+            "t_max": t_max,
+            "gather": torch.tensor(gather, dtype=torch.long, device=dev),
+        }
+        hidden, rep = forward_mixed(
+            self.weights, self.model, step.layer_modes, self.comm, self.rotary, self.kv, tp, ep
+        )
+        sampled = seqs if rep == "tp" else own
+        rows = rows_tp if rep == "tp" else rows_ep
+        if (rep == "tp" and rank != 0) or not rows:
+            return StepResult(rank, [])
+        logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
+        return StepResult(rank, self._sample(logits, sampled))
+
     def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:
         """request_id -> (num_moe_layers, E) int64 numpy counts of this step's top-k picks.
         Under TP every rank routes every token: rank 0 alone reports."""
@@ -151,7 +201,9 @@ class ModelRunner:
             start += len(s.token_ids)
         return out
 
-    def _prepare(self, seqs: list[SeqWork]):
+    def _prepare(self, seqs: list[SeqWork], table=lambda s: s.block_ids):
+        """Flat inputs and attention metadata of ``seqs``, reading each one's block table
+        through ``table`` (the primary view's, or the other one during a progressive switch)."""
         bs = self.cfg.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -165,15 +217,16 @@ class ModelRunner:
             ids += s.token_ids
             p = range(s.start_pos, s.start_pos + n)
             pos += p
-            slots += [s.block_ids[i // bs] * bs + i % bs for i in p]
+            blocks = table(s)
+            slots += [blocks[i // bs] * bs + i % bs for i in p]
             nb = (s.start_pos + n + bs - 1) // bs
             if n == 1:
                 dec_idx.append(start)
-                dec_tables.append(s.block_ids[:nb])
+                dec_tables.append(blocks[:nb])
                 dec_lens.append(s.start_pos + 1)
             else:
-                table = torch.tensor(s.block_ids[:nb], dtype=torch.long, device=self.device)
-                prefills.append(PrefillChunk(start, n, s.start_pos, table))
+                t = torch.tensor(blocks[:nb], dtype=torch.long, device=self.device)
+                prefills.append(PrefillChunk(start, n, s.start_pos, t))
             if s.sample:
                 sample_rows.append(start + n - 1)
         width = max((len(t) for t in dec_tables), default=0)
@@ -265,10 +318,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ switch
     def reshard(self, switch: SwitchInput):
+        """Move all layers (or ``switch.layers``, a progressive switch) into the target."""
         from moebius.parallel.reshard import execute_switch
 
         result = execute_switch(self, switch)
-        self.layout = Layout(switch.target, self.rank, self.comm.world_size)
+        if all(m == switch.target for m in self.layer_modes):
+            self.layout = Layout(switch.target, self.rank, self.comm.world_size)
         return result
 
     def weights_digest(self) -> str:

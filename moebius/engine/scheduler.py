@@ -8,6 +8,7 @@ has its own, and every request has an owner rank.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from moebius.config import EngineConfig
 from moebius.core import Request, RequestStatus
 from moebius.engine.messages import KVMove, SampledToken, SeqWork, StepInput, SwitchInput
 from moebius.kv.block_manager import BlockManager
+
+log = logging.getLogger("moebius")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.managers = self._make_managers(self.layout)
         self.num_preemptions = 0
+        self.transition = None  # a progressive switch in flight (engine/progressive.py)
 
     def _make_managers(self, layout: str) -> list[BlockManager]:
         count = self.world_size if layout == "ep" else 1
@@ -66,10 +70,31 @@ class Scheduler:
         """The most tokens one request can ever hold in this layout's KV."""
         return self.num_blocks[self.layout] * self.cfg.block_size
 
+    def alt_manager(self, req: Request) -> BlockManager:
+        """The other view's manager of ``req`` during a progressive switch."""
+        ep = self.layout != "ep"
+        return self.transition.alt_managers[req.owner_rank if ep else 0]
+
+    def _free(self, req: Request) -> None:
+        self.manager(req).free_table(req.block_ids)
+        if self.transition is not None:
+            self.alt_manager(req).free_table(req.alt_block_ids)
+
+    def _fits(self, req: Request, num_tokens: int) -> bool:
+        ok = self.manager(req).can_grow(req.block_ids, num_tokens)
+        if self.transition is not None:
+            ok = ok and self.alt_manager(req).can_grow(req.alt_block_ids, num_tokens)
+        return ok
+
+    def _grow(self, req: Request, num_tokens: int) -> None:
+        self.manager(req).grow(req.block_ids, num_tokens)
+        if self.transition is not None:
+            self.alt_manager(req).grow(req.alt_block_ids, num_tokens)
+
     def finish(self, req: Request, reason: str, stop_reason=None) -> None:
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-            self.manager(req).free_table(req.block_ids)
+            self._free(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
@@ -78,12 +103,13 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.manager(req).free_table(req.block_ids)
+        self._free(req)
         self._requeue(req)
 
     def _requeue(self, req: Request) -> None:
         """Back to the front of the queue with no KV: it recomputes when admitted again."""
         req.block_ids = []
+        req.alt_block_ids = []
         req.block_hashes = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -94,7 +120,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def _bucket(self, req: Request) -> int:
-        return req.owner_rank if self.layout == "ep" else 0
+        return req.owner_rank if self.layout == "ep" and self.transition is None else 0
 
     def _choose_owner(self, req: Request) -> int:
         """EP owner: balance tokens held, prefer a rank that caches the prompt's prefix."""
@@ -115,7 +141,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         ep = self.layout == "ep"
-        budgets = [self.cfg.max_num_batched_tokens] * (self.world_size if ep else 1)
+        split = ep and self.transition is None  # mid-switch every rank runs TP layers on all
+        budgets = [self.cfg.max_num_batched_tokens] * (self.world_size if split else 1)
         items: list[tuple[Request, int]] = []
         preempted = 0
         for req in list(self.running):
@@ -125,21 +152,35 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budgets[b])
             if n <= 0:
                 continue
-            mgr = self.manager(req)
-            while not mgr.can_grow(req.block_ids, req.num_computed_tokens + n):
+            while not self._fits(req, req.num_computed_tokens + n):
                 # the latest admitted of this bucket: never one already scheduled this step,
                 # since those precede req in the running order
-                victim = [r for r in self.running if self._bucket(r) == b][-1]
+                peers = [r for r in self.running if self._bucket(r) == b]
+                victim = peers[-1]
+                if peers == [req]:  # alone and still too long: it can never fit this pool
+                    log.warning(
+                        "request %s needs more KV than a rank holds: stopped at %d tokens",
+                        req.request_id,
+                        req.num_tokens,
+                    )
+                    self.finish(req, "length")
+                    break
                 self._preempt(victim)
                 preempted += 1
                 if victim is req:
                     break
             if req.status != RequestStatus.RUNNING:
                 continue
-            mgr.grow(req.block_ids, req.num_computed_tokens + n)
+            self._grow(req, req.num_computed_tokens + n)
             items.append((req, n))
             budgets[b] -= n
-        while self.waiting and not preempted and len(self.running) < self.cfg.max_num_seqs:
+        # No admission during a progressive switch: it lasts a few steps.
+        while (
+            self.waiting
+            and not preempted
+            and self.transition is None
+            and len(self.running) < self.cfg.max_num_seqs
+        ):
             req = self.waiting[0]
             req.owner_rank = self._choose_owner(req) if ep else -1
             b = self._bucket(req)
@@ -167,6 +208,8 @@ class Scheduler:
         return ScheduledBatch(items, self._inputs(items), preempted)
 
     def _inputs(self, items: list[tuple[Request, int]]) -> list[StepInput]:
+        if self.transition is not None:
+            return self._mixed_inputs(items)
         per_rank: list[list[SeqWork]] = [[] for _ in range(self.world_size)]
         for req, n in items:
             work = self._work(req, n)
@@ -178,6 +221,18 @@ class Scheduler:
         counts = [sum(len(w.token_ids) for w in lst) for lst in per_rank]
         record = self.record_experts
         return [StepInput(self.layout, lst, counts, record) for lst in per_rank]
+
+    def _mixed_inputs(self, items: list[tuple[Request, int]]) -> list[StepInput]:
+        """Mid-switch: every rank gets every sequence (its TP layers need them all), with the
+        EP owner and both views' tables."""
+        works, counts = [], [0] * self.world_size
+        for req, n in items:
+            w = self._work(req, n)
+            w.owner, w.alt_block_ids = req.owner_rank, list(req.alt_block_ids)
+            works.append(w)
+            counts[req.owner_rank] += n
+        modes = list(self.transition.modes)
+        return [StepInput(self.layout, works, counts, layer_modes=modes)] * self.world_size
 
     def _work(self, req: Request, n: int) -> SeqWork:
         start = req.num_computed_tokens

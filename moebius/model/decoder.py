@@ -53,6 +53,28 @@ def attention_block(
     return comm.all_reduce(out) if layout.is_tp else out
 
 
+def layer_forward(weights: ModelWeights, i: int, x, cfg: ModelConfig, layout: Layout, comm: Comm,
+                  rotary: Rotary, kv_pool, positions, meta: AttentionMeta, num_tokens_max: int,
+                  expert_ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Decoder layer ``i`` in ``layout`` on this rank's tokens ``x`` (T, H)."""
+    lw = weights.layers[i]
+    h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+    if x.shape[0]:
+        h = attention_block(
+            h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
+        )
+    x = x + h
+    h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+    if lw.router is None:
+        h = dense_mlp(h, lw.dense, layout, comm)
+    else:
+        w13, w2t = weights.experts.view(lw.moe_index)
+        if expert_ids is not None:  # recomputes the small router GEMM, only when asked
+            expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
+        h = moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max)
+    return x + h
+
+
 def forward(
     weights: ModelWeights,
     cfg: ModelConfig,
@@ -69,20 +91,34 @@ def forward(
     """Final hidden states (T, H) of this rank's tokens (normalised). With ``expert_ids`` (a
     list), each MoE layer appends its routing's top-k expert ids (T, k) of these tokens."""
     x = weights.embed[input_ids]
-    for i, lw in enumerate(weights.layers):
-        h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
-        if x.shape[0]:
-            h = attention_block(
-                h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
-            )
-        x = x + h
-        h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-        if lw.router is None:
-            h = dense_mlp(h, lw.dense, layout, comm)
-        else:
-            w13, w2t = weights.experts.view(lw.moe_index)
-            if expert_ids is not None:  # recomputes the small router GEMM, only when asked
-                expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
-            h = moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max)
-        x = x + h
+    for i in range(len(weights.layers)):
+        x = layer_forward(weights, i, x, cfg, layout, comm, rotary, kv_pool, positions, meta,
+                          num_tokens_max, expert_ids)
     return rms_norm(x, weights.norm, cfg.rms_norm_eps)
+
+
+def forward_mixed(weights: ModelWeights, cfg: ModelConfig, modes: list[str], comm: Comm,
+                  rotary: Rotary, kv_pool, tp: dict, ep: dict) -> tuple[torch.Tensor, str]:
+    """A step whose layers are in different layouts (a progressive switch).
+
+    ``tp`` holds the whole batch (ids, positions, meta, own_rows: this rank's tokens in it);
+    ``ep`` this rank's own tokens (ids, positions, meta, t_max, gather: the flat index of each
+    batch token in the all-gathered, padded per-rank tokens). Hidden states cross a TP->EP
+    boundary by keeping this rank's rows, and an EP->TP boundary by an all-gather.
+    Returns the final hidden states and the layout they are in.
+    """
+    rank, n = comm.rank, comm.world_size
+    rep = modes[0]
+    x = weights.embed[(tp if rep == "tp" else ep)["ids"]]
+    for i in range(len(weights.layers)):
+        if modes[i] != rep:
+            if modes[i] == "ep":
+                x = x[tp["own_rows"]]
+            else:
+                x = F.pad(x, (0, 0, 0, ep["t_max"] - x.shape[0]))
+                x = comm.all_gather(x)[ep["gather"]]
+            rep = modes[i]
+        side = tp if rep == "tp" else ep
+        x = layer_forward(weights, i, x, cfg, Layout(rep, rank, n), comm, rotary, kv_pool,
+                          side["positions"], side["meta"], ep["t_max"])
+    return rms_norm(x, weights.norm, cfg.rms_norm_eps), rep

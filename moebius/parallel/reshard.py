@@ -73,13 +73,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reshard_experts(store, comm, rank: int) -> int:
+def reshard_experts(store, comm, rank: int, moe_layers: list[int] | None = None) -> int:
     """Swap ranges with every peer, layer by layer. Returns bytes sent by this rank."""
     n = comm.world_size
     per = store.cfg.num_experts // n
     stage13, stage2 = store.stage13, store.stage2  # allocated once with the store
     sent = 0
-    for layer in range(store.num_moe_layers):
+    for layer in range(store.num_moe_layers) if moe_layers is None else moe_layers:
         w13, w2 = store.view(layer)
         for pairs in expert_rounds(n):
             for p, q in pairs:
@@ -97,17 +97,20 @@ def reshard_experts(store, comm, rank: int) -> int:
     return sent
 
 
-def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
-    """Re-home the computed KV of running requests. Returns bytes sent by this rank."""
+def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout,
+               layers: list[int] | None = None) -> int:
+    """Re-home the computed KV of running requests (of ``layers``, default all). Returns bytes
+    sent by this rank."""
     cfg, comm, pool, rank = runner.model, runner.comm, runner.kv, runner.rank
     bs = pool.block_size
-    L = cfg.num_layers
+    layers = list(range(cfg.num_layers)) if layers is None else layers
+    L = len(layers)
 
     def read(blocks: list[int], n: int, layout: Layout) -> torch.Tensor:
         # (L, P, n, kvh_local, d) of the first n tokens; P planes: K and V, or MLA's latent
         idx = torch.tensor(blocks, dtype=torch.long, device=pool.buf.device)
         out = []
-        for layer in range(L):
+        for layer in layers:
             planes = pool.view(layer, layout)
             out.append(torch.stack([c[idx].flatten(0, 1)[:n] for c in planes]))
         return torch.stack(out)
@@ -118,9 +121,9 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
             dtype=torch.long,
             device=pool.buf.device,
         )
-        for layer in range(L):
+        for j, layer in enumerate(layers):
             for p, c in enumerate(pool.view(layer, layout)):
-                c.view(-1, *c.shape[2:]).index_copy_(0, slots, data[layer, p])
+                c.view(-1, *c.shape[2:]).index_copy_(0, slots, data[j, p])
 
     # 1. read everything this rank holds of the moved requests, before any write
     held: dict[str, torch.Tensor] = {}
@@ -181,18 +184,25 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout) -> int:
 
 
 def execute_switch(runner, switch: SwitchInput) -> SwitchResult:
-    old = runner.layout
-    new = Layout(switch.target, runner.rank, runner.comm.world_size)
-    seconds = {}
+    """Move ``switch.layers`` (default: every layer) into ``switch.target``."""
+    n = runner.comm.world_size
+    layers = list(range(runner.model.num_layers)) if switch.layers is None else switch.layers
+    source = "ep" if switch.target == "tp" else "tp"
+    assert all(runner.layer_modes[i] == source for i in layers), "layers already moved"
+    old, new = Layout(source, runner.rank, n), Layout(switch.target, runner.rank, n)
+    moe = [lw.moe_index for i, lw in enumerate(runner.weights.layers) if i in set(layers)
+           and lw.moe_index >= 0]
     _sync(runner.device)
     t0 = time.perf_counter()
-    weight_bytes = reshard_experts(runner.weights.experts, runner.comm, runner.rank)
+    weight_bytes = reshard_experts(runner.weights.experts, runner.comm, runner.rank, moe)
     if os.environ.get("MOEBIUS_FAULT_SWITCH_RANK") == str(runner.rank):  # fault injection
         raise RuntimeError(f"injected failure on rank {runner.rank} after the expert swap")
     _sync(runner.device)
     t1 = time.perf_counter()
-    kv_bytes = reshard_kv(runner, switch.moves, old, new)
+    kv_bytes = reshard_kv(runner, switch.moves, old, new, layers)
     _sync(runner.device)
     t2 = time.perf_counter()
     seconds = {"weights": t1 - t0, "kv": t2 - t1}
+    for i in layers:
+        runner.layer_modes[i] = switch.target
     return SwitchResult(runner.rank, weight_bytes, kv_bytes, seconds)

@@ -162,3 +162,11 @@ def test_bad_checkpoints(qwen_dir, tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_dir(str(bad))
+
+
+def test_request_longer_than_the_pool_stops_instead_of_livelocking(qwen_dir):
+    """A prompt that fits but whose output cannot: finished by length, not preempted forever."""
+    with LLM(qwen_dir, num_kv_blocks=4, block_size=4) as tiny:
+        out = tiny.generate([1] * 10, SamplingParams(temperature=0, max_tokens=40))[0]
+        assert out.outputs[0].finish_reason == "length"
+        assert 1 <= len(out.outputs[0].token_ids) <= 16 - 10 + 1
