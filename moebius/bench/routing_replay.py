@@ -135,14 +135,43 @@ class RandomBatchCurve:
         return self.cache[b]
 
 
-def simulate(tr, policy, sigs, pool, workers: int, batch: int, seed: int, curve) -> dict:
-    """Closed-loop decode replay of the requests in pool; see the module docstring."""
+# Decode step time vs distinct experts per layer, measured on one H200 (Qwen3-30B-A3B shapes,
+# batch 64, CUDA graphs; BENCHMARKS.md, `python -m moebius.bench.expert_locality`): the
+# fraction of a layer's experts a step activates -> milliseconds.
+H200_MECHANISM = (
+    (8 / 128, 16.95),
+    (16 / 128, 18.33),
+    (32 / 128, 20.93),
+    (64 / 128, 25.88),
+    (1.0, 35.39),
+)
+
+
+def load_mechanism(path: str | None):
+    """(fractions, ms) of a step-time-vs-distinct-experts curve (expert_locality's JSON)."""
+    if path is None:
+        pts = H200_MECHANISM
+    else:
+        with open(path) as f:
+            rows = json.load(f)
+        top = max(r["distinct_experts"] for r in rows)
+        pts = [(r["distinct_experts"] / top, r["step_ms"]) for r in rows]
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def simulate(
+    tr, policy, sigs, pool, workers: int, batch: int, seed: int, curve, mechanism=None
+) -> dict:
+    """Closed-loop decode replay of the requests in pool; see the module docstring. With a
+    ``mechanism`` curve, each worker's step time follows from its distinct experts, and every
+    token it decodes in that step sees that time (TPOT samples)."""
     rng = np.random.default_rng(seed)
     arrivals = list(np.concatenate([rng.permutation(pool) for _ in range(3)]))
     tokens, tok_off = tr["tokens"], tr["tok_off"]
     num_layers, num_experts = tokens.shape[1], tr["prefill"].shape[2]
     req, pos, wrk = (np.zeros(0, np.int64) for _ in range(3))
     distinct, reads, ntok, imbalance, steps, expected = 0.0, 0.0, 0, 0.0, 0, 0.0
+    tpot: list[float] = []
     target = workers * batch
     while arrivals or len(req):
         busy = set(req.tolist())
@@ -167,6 +196,9 @@ def simulate(tr, policy, sigs, pool, workers: int, batch: int, seed: int, curve)
             ntok += len(req)
             imbalance += loads.max() / loads.mean()
             steps += 1
+            if mechanism is not None:
+                ms = np.interp(per_worker / num_experts, *mechanism)
+                tpot += [m for m, b in zip(ms, loads, strict=True) for _ in range(int(b))]
         pos = pos + 1
         alive = pos < tok_off[req + 1] - tok_off[req]
         req, pos, wrk = req[alive], pos[alive], wrk[alive]
@@ -178,6 +210,14 @@ def simulate(tr, policy, sigs, pool, workers: int, batch: int, seed: int, curve)
         "reads_per_token": reads / ntok,
         "vs_random_same_size": distinct / expected,
         "max_over_mean_load": imbalance / steps,
+        **(
+            {
+                "tpot_p50_ms": float(np.percentile(tpot, 50)),
+                "tpot_p99_ms": float(np.percentile(tpot, 99)),
+            }
+            if tpot
+            else {}
+        ),
     }
 
 
@@ -237,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     pools, info = workloads(tr, signatures(pre, idf, all_layers), ev, args.seed)
     result["workloads"] = {k: len(v) for k, v in pools.items()} | info
     rows = []
+    mechanism = load_mechanism(args.mechanism)
     for workers in args.workers:
         model = EldrModel.fit(pre[cal], dec_sets[cal], workers, seed=args.seed, layers=layers)
         oracle = EldrModel.fit(
@@ -262,7 +303,9 @@ def run(args: argparse.Namespace) -> dict:
                             tau=tau if tau is not None else 0.1,
                         )
                         s = oracle_sigs if pol == "eldr_oracle" else sigs
-                        m = simulate(tr, policy, s, pool, workers, batch, args.seed, curve)
+                        m = simulate(
+                            tr, policy, s, pool, workers, batch, args.seed, curve, mechanism
+                        )
                         rows.append(
                             dict(
                                 workload=name,
@@ -282,12 +325,12 @@ def table(rows: list[dict], tau: float = 0.1) -> str:
     """Markdown: per workload/workers/batch, distinct experts per layer and change vs baselines."""
     head = (
         "| workload | W | batch/W | policy | distinct/layer | vs round_robin | vs least_load "
-        "| reads/token | vs random batch of same size | max/mean load |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| reads/token | vs random batch of same size | max/mean load | TPOT p50 / p99 ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     key = lambda r: (r["workload"], r["workers"], r["batch"])  # noqa: E731
     base = {(key(r), r["policy"]): r for r in rows if r.get("steps")}
-    lines = []
+    lines, nan = [], float("nan")
     for r in rows:
         if not r.get("steps") or (r["tau"] is not None and r["tau"] != tau):
             continue
@@ -298,7 +341,8 @@ def table(rows: list[dict], tau: float = 0.1) -> str:
             f"| {r['workload']} | {r['workers']} | {r['batch']} | {r['policy']} "
             f"| {d:.2f} | {rel[0]} | {rel[1]} | {r['reads_per_token']:.2f} "
             f"| {100 * (r['vs_random_same_size'] - 1):+.1f}% "
-            f"| {r['max_over_mean_load']:.2f} |"
+            f"| {r['max_over_mean_load']:.2f} "
+            f"| {r.get('tpot_p50_ms', nan):.2f} / {r.get('tpot_p99_ms', nan):.2f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -325,6 +369,12 @@ def main(argv: list[str] | None = None) -> None:
         help="skip configs whose concurrency exceeds this fraction of the pool",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mechanism",
+        default=None,
+        help="expert_locality JSON (step ms vs distinct experts); default: the H200 "
+        "curve in BENCHMARKS.md",
+    )
     p.add_argument("--out", default="results/routing_replay.json")
     p.add_argument("--md", default=None, help="markdown table path (default: --out with .md)")
     args = p.parse_args(argv)
