@@ -81,7 +81,12 @@ def cmd_make_tiny(args) -> None:
     from moebius.model.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(
-        args.path, args.arch, seed=args.seed, num_shards=args.shards, fused_experts=args.fused
+        args.path,
+        args.arch,
+        seed=args.seed,
+        num_shards=args.shards,
+        fused_experts=args.fused,
+        topics=args.topics,
     )
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
 
@@ -186,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--fused", action="store_true", help="fused 3-D expert tensors")
+    p.add_argument(
+        "--topics",
+        type=int,
+        default=0,
+        help="K > 1: synthetic expert locality by topic (model/topics.py)",
+    )
     p.set_defaults(fn=cmd_make_tiny)
 
     p = sub.add_parser("generate", help="offline generation")

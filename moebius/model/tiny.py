@@ -274,9 +274,11 @@ def write_tiny_checkpoint(
     seed: int = 0,
     num_shards: int = 1,
     fused_experts: bool = False,
+    topics: int = 0,
     **shapes,
 ) -> str:
-    """Write a tiny random checkpoint folder at ``path`` and return the path."""
+    """Write a tiny random checkpoint folder at ``path`` and return the path. ``topics=K``:
+    synthetic expert locality (model/topics.py)."""
     os.makedirs(path, exist_ok=True)
     tok = train_tokenizer()
     tok.save(os.path.join(path, "tokenizer.json"))
@@ -299,6 +301,10 @@ def write_tiny_checkpoint(
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(tok_cfg, f, indent=2)
     sd = random_state_dict(cfg, seed, fused_experts)
+    if topics:
+        from moebius.model.topics import apply_topics
+
+        sd = apply_topics(sd, cfg, topics, seed)
     _save_shards(path, sd, num_shards)
     return path
 
