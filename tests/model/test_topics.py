@@ -21,7 +21,7 @@ def test_topic_tokens_pick_topic_experts_and_continue_in_topic(topic_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(topic_dir, dtype=torch.float32)
-    V, E, K = model.config.vocab_size, model.config.num_experts, 4
+    V, K = model.config.vocab_size, 4
     rng = random.Random(0)
     prompts = []
     for k in range(K):
