@@ -221,7 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=os.environ.get("MOEBIUS_API_KEY"))
     p.add_argument("--admin-key", default=os.environ.get("MOEBIUS_ADMIN_KEY"))
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="requests that may wait for their first token before 429",
+    )
     p.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain period")
     add_role_args(p)
     engine_args(p)

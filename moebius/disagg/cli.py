@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 
 
 def add_role_args(p: argparse.ArgumentParser) -> None:
@@ -123,38 +121,10 @@ def add_eldr_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="[moebius] %(message)s")
-    ap = argparse.ArgumentParser(prog="python -m moebius.disagg.cli")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    add_route_parser(sub)
-    add_eldr_parser(sub)
-    from moebius.cli import engine_args, engine_config
+    """``python -m moebius.disagg.cli serve|route|eldr ...``: the same as ``moebius ...``."""
+    from moebius.cli import main as cli_main
 
-    p = sub.add_parser("serve", help="an OpenAI server, optionally a prefill or decode role")
-    p.add_argument("model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("MOEBIUS_API_KEY"))
-    p.add_argument("--admin-key", default=os.environ.get("MOEBIUS_ADMIN_KEY"))
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-queue", type=int, default=1024)
-    add_role_args(p)
-    engine_args(p)
-
-    def cmd_serve(args) -> None:
-        cfg = engine_config(args, args.model)
-        if not serve_with_role(args, cfg):
-            from moebius.cli import server_kwargs
-            from moebius.server.serve import run_server
-
-            run_server(cfg, **server_kwargs(args))
-
-    p.set_defaults(fn=cmd_serve)
-    args = ap.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"moebius: error: {e}")
+    cli_main(argv)
 
 
 if __name__ == "__main__":
