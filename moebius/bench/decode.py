@@ -59,6 +59,35 @@ def step_floor_bytes(m: ModelConfig, batch: int, context: int, elem: int = 2) ->
     }
 
 
+def random_batch_engine(
+    model: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    max_tokens: int,
+    rng: random.Random | None = None,
+    **overrides,
+) -> LLMEngine:
+    """A bf16 CUDA engine with random weights holding ``batch`` requests of random prompts
+    drawn from ``rng`` (decode-only benchmarks: no prefix caching, 2048 tokens a request)."""
+    cfg = EngineConfig(
+        model=model,
+        model_dir=None,
+        device="cuda",
+        dtype="bfloat16",
+        num_kv_blocks=batch * 16 + 64,
+        max_num_seqs=batch,
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        **overrides,
+    )
+    engine = LLMEngine(cfg)
+    rng = rng or random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request([rng.randrange(model.vocab_size) for _ in range(prompt_len)], params)
+    return engine
+
+
 def _graph_replay_seconds(engine: LLMEngine, batch: int) -> float | None:
     """GPU time of the decode graph alone for ``batch`` (median of 20 replays)."""
     runner = getattr(engine.executor, "runner", None)

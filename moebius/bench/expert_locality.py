@@ -19,10 +19,13 @@ import time
 import torch
 
 import moebius.model.moe as moe
-from moebius.bench.decode import _graph_replay_seconds, copy_bandwidth, step_floor_bytes
-from moebius.config import EngineConfig, preset
-from moebius.core import SamplingParams
-from moebius.engine.llm_engine import LLMEngine
+from moebius.bench.decode import (
+    _graph_replay_seconds,
+    copy_bandwidth,
+    random_batch_engine,
+    step_floor_bytes,
+)
+from moebius.config import preset
 
 
 def install_expert_mask(num_layers: int, num_experts: int, device: str) -> torch.Tensor:
@@ -55,21 +58,8 @@ def main() -> None:
     model = preset(args.preset)
     L, E, B = len(model.moe_layers), model.num_experts, args.batch
     mask = install_expert_mask(L, E, "cuda")
-    cfg = EngineConfig(
-        model=model,
-        model_dir=None,
-        device="cuda",
-        dtype="bfloat16",
-        num_kv_blocks=B * 16 + 64,
-        max_num_seqs=B,
-        max_model_len=2048,
-        enable_prefix_caching=False,
-    )
-    engine = LLMEngine(cfg)
-    rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-    for _ in range(B):
-        engine.add_request([rng.randrange(model.vocab_size) for _ in range(64)], params)
+    rng = random.Random(0)  # prompts, then the allowed expert sets
+    engine = random_batch_engine(model, B, prompt_len=64, max_tokens=10_000, rng=rng)
     for _ in range(3):
         engine.step()
     bw = copy_bandwidth()

@@ -7,13 +7,11 @@ grouped by name, for a batch size (CUDA).
 from __future__ import annotations
 
 import argparse
-import random
 
 import torch
 
-from moebius.config import EngineConfig, preset
-from moebius.core import SamplingParams
-from moebius.engine.llm_engine import LLMEngine
+from moebius.bench.decode import random_batch_engine
+from moebius.config import preset
 
 
 def main() -> None:
@@ -24,22 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     model = preset(args.preset, num_hidden_layers=args.layers)
     for B in args.batch:
-        cfg = EngineConfig(
-            model=model,
-            model_dir=None,
-            device="cuda",
-            dtype="bfloat16",
-            num_kv_blocks=B * 16 + 64,
-            max_num_seqs=B,
-            max_model_len=2048,
-            enable_prefix_caching=False,
-            enforce_eager=True,
-        )
-        engine = LLMEngine(cfg)
-        rng = random.Random(0)
-        sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
-        for _ in range(B):
-            engine.add_request([rng.randrange(model.vocab_size) for _ in range(128)], sp)
+        engine = random_batch_engine(model, B, prompt_len=128, max_tokens=100, enforce_eager=True)
         for _ in range(4):
             engine.step()
         torch.cuda.synchronize()

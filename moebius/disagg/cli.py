@@ -26,19 +26,10 @@ def serve_with_role(args, cfg) -> bool:
         return False
     if not args.kv_store:
         raise ValueError("--role prefill|decode needs --kv-store HOST:PORT")
+    from moebius.cli import server_kwargs
     from moebius.disagg.handoff import run_role_server
 
-    run_role_server(
-        cfg,
-        args.role,
-        args.kv_store,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        admin_key=args.admin_key,
-        served_model_name=args.served_model_name,
-        max_queue=args.max_queue,
-    )
+    run_role_server(cfg, args.role, args.kv_store, **server_kwargs(args))
     return True
 
 
