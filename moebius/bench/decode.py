@@ -68,19 +68,16 @@ def random_batch_engine(
     **overrides,
 ) -> LLMEngine:
     """A bf16 CUDA engine with random weights holding ``batch`` requests of random prompts
-    drawn from ``rng`` (decode-only benchmarks: no prefix caching, 2048 tokens a request)."""
-    cfg = EngineConfig(
-        model=model,
-        model_dir=None,
+    drawn from ``rng`` (no prefix caching, 2048 tokens a request unless ``overrides`` say)."""
+    settings = dict(
         device="cuda",
         dtype="bfloat16",
         num_kv_blocks=batch * 16 + 64,
         max_num_seqs=batch,
         max_model_len=2048,
         enable_prefix_caching=False,
-        **overrides,
     )
-    engine = LLMEngine(cfg)
+    engine = LLMEngine(EngineConfig(model=model, model_dir=None, **{**settings, **overrides}))
     rng = rng or random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for _ in range(batch):

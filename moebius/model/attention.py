@@ -1,7 +1,9 @@
 """Attention over the paged KV pool: write the new keys/values into their slots, then attend.
 
-The reference path gathers each sequence's pages with its block table and calls SDPA: all
-decode tokens in one batched call (padded to the longest context), each prefill chunk alone.
+On CUDA, Triton kernels read the pages in place (triton_attention.py for decode tokens,
+triton_prefill.py for all prefill chunks in one launch). The reference path (CPU, tests)
+gathers each sequence's pages with its block table and calls SDPA: all decode tokens in one
+batched call (padded to the longest context), each prefill chunk alone.
 
 Shape legend: T tokens, B sequences, nh query heads, kvh KV heads, d head dim,
 NB blocks, bs block size, S gathered context length.
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model.triton_attention import paged_decode_attention as _triton_decode
+    from moebius.model.triton_prefill import PrefillPlan, paged_prefill_attention
 except ImportError:  # pragma: no cover - depends on the install
     _triton_decode = None
 
@@ -38,6 +41,7 @@ class AttentionMeta:
     decode_ctx_lens: torch.Tensor  # (Bd,) long: context length including the new token
     prefills: list[PrefillChunk]
     decode_max_context: int = 0  # an upper bound of decode_ctx_lens (fixed under CUDA graphs)
+    prefill_plan: object = None  # the Triton prefill kernel's tensors, built at the first layer
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
@@ -71,6 +75,12 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> t
         mask = (pos[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[meta.decode_token_idx] = o.squeeze(2)
+    d_ok = d >= 16 and d & (d - 1) == 0  # tl.arange needs a power of two
+    if meta.prefills and q.is_cuda and _triton_decode is not None and d_ok:
+        if meta.prefill_plan is None:
+            meta.prefill_plan = PrefillPlan.build(meta.prefills, q.device)
+        paged_prefill_attention(q, k_cache, v_cache, meta.prefill_plan, scale, out)
+        return out
     for c in meta.prefills:
         ctx = c.start_pos + c.num_tokens
         k = k_cache[c.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1)  # (kvh, S, d)

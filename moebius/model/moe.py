@@ -9,12 +9,23 @@ intermediate dimension, the sum over shards equals the whole expert.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from moebius.model.ops import fused_on_cuda
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
+
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model.triton_moe import MAX_PAIRS, experts_fused
+except ImportError:  # pragma: no cover - depends on the install
+    experts_fused = None
+
+# CUDA bf16 expert kernels: "auto" (fused Triton up to MAX_PAIRS token-piece pairs, which is
+# decode; grouped GEMM for prefill-sized batches) or "grouped" (benchmarks, debugging).
+MOE_KERNEL = os.environ.get("MOEBIUS_MOE", "auto")
 
 
 @fused_on_cuda
@@ -77,7 +88,12 @@ def experts_grouped(x, pieces, weights, w13, w2t):
 
 
 def run_experts(x, pieces, weights, w13, w2t):
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    if not (x.is_cuda and x.dtype == torch.bfloat16) or pieces.numel() == 0:
+        return experts_reference(x, pieces, weights, w13, w2t)
+    fits = experts_fused is not None and pieces.numel() <= MAX_PAIRS
+    if fits and MOE_KERNEL != "grouped":
+        return experts_fused(x, pieces, weights, w13, w2t)
+    if hasattr(torch, "_grouped_mm"):
         return experts_grouped(x, pieces, weights, w13, w2t)
     return experts_reference(x, pieces, weights, w13, w2t)
 

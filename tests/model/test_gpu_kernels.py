@@ -33,6 +33,99 @@ def test_grouped_experts_match_reference(T, P, K, H, c):
     assert rel(out, ref) < 1e-2
 
 
+def _expert_inputs(T, P, K, H, c, held_only=False):
+    g = torch.Generator(device="cuda").manual_seed(T * 7 + K)
+    x = torch.randn(T, H, device="cuda", generator=g)
+    w13 = torch.randn(P, 2 * c, H, device="cuda", generator=g) * H**-0.5
+    w2 = torch.randn(P, c, H, device="cuda", generator=g) * c**-0.5
+    low = 0 if held_only else -1  # -1: held by another rank (EP)
+    pieces = torch.randint(low, P, (T, K), device="cuda", generator=g)
+    wts = torch.rand(T, K, device="cuda", generator=g)
+    return x, pieces, wts, w13, w2
+
+
+@pytest.mark.parametrize(
+    "T,P,K,H,c",
+    [(1, 128, 8, 2048, 768), (1, 8, 2, 256, 128), (37, 16, 4, 512, 64), (64, 128, 16, 2048, 384),
+     (256, 128, 8, 2048, 768), (1000, 128, 8, 1024, 96)],
+)
+def test_fused_experts_match_reference(T, P, K, H, c):
+    from moebius.model.triton_moe import experts_fused
+
+    x, pieces, wts, w13, w2 = _expert_inputs(T, P, K, H, c)
+    ref = experts_reference(x.double(), pieces, wts.double(), w13.double(), w2.double())
+    out = experts_fused(x.bfloat16(), pieces, wts.bfloat16(), w13.bfloat16(), w2.bfloat16())
+    assert torch.isfinite(out).all()
+    err = rel(out, ref)
+    assert 1e-4 < err < 1e-2, err  # bf16 rounding present, nothing worse
+
+
+def test_fused_experts_replay_in_a_cuda_graph():
+    from moebius.model.triton_moe import experts_fused
+
+    x, pieces, wts, w13, w2 = (t.bfloat16() if t.is_floating_point() else t
+                               for t in _expert_inputs(8, 128, 8, 1024, 256, held_only=True))
+    experts_fused(x, pieces, wts, w13, w2)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = experts_fused(x, pieces, wts, w13, w2)
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(100 + seed)
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+        pieces.copy_(torch.randint(0, 128, pieces.shape, device="cuda", generator=g))
+        graph.replay()
+        assert torch.equal(out, experts_fused(x, pieces, wts, w13, w2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,kvh", [(32, 4), (8, 8)])
+def test_triton_paged_prefill_matches_reference(dtype, nh, kvh):
+    """Chunks of odd lengths, some after a cached prefix (start_pos > 0), with decode tokens
+    in the same step, against the gather + SDPA reference."""
+    from moebius.model import attention as attn
+    from moebius.model.attention import AttentionMeta, PrefillChunk, paged_attention
+
+    g = torch.Generator(device="cuda").manual_seed(nh)
+    d, bs, NB = 128, 16, 600
+    k = torch.randn(NB, bs, kvh, d, device="cuda", generator=g, dtype=dtype)
+    v = torch.randn(NB, bs, kvh, d, device="cuda", generator=g, dtype=dtype)
+    perm = torch.randperm(NB, device="cuda", generator=g).tolist()
+    chunks, dec_idx, dec_tables, dec_lens, T = [], [], [], [], 0
+    for start_pos, n in [(0, 1), (0, 130), (48, 77), (0, 3), (500, 64), (17, 200)]:
+        nb = (start_pos + n + bs - 1) // bs
+        table, perm = perm[:nb], perm[nb:]
+        chunks.append(PrefillChunk(T, n, start_pos, torch.tensor(table, device="cuda")))
+        T += n
+        dec_idx.append(T)  # one decode token after each chunk
+        dec_tables.append(perm[:4])
+        perm = perm[4:]
+        dec_lens.append(40 + len(dec_idx))
+        T += 1
+    q = torch.randn(T, nh, d, device="cuda", generator=g, dtype=dtype)
+
+    def meta():
+        return AttentionMeta(
+            torch.zeros(0, dtype=torch.long, device="cuda"),
+            torch.tensor(dec_idx, device="cuda"),
+            torch.tensor(dec_tables, device="cuda"),
+            torch.tensor(dec_lens, device="cuda"),
+            chunks,
+            max(dec_lens),
+        )
+
+    out = paged_attention(q, k, v, meta(), d**-0.5)
+    saved, attn._triton_decode = attn._triton_decode, None
+    try:
+        ref = paged_attention(q.double(), k.double(), v.double(), meta(), d**-0.5)
+    finally:
+        attn._triton_decode = saved
+    assert torch.isfinite(out).all()
+    for c in chunks:
+        rows = slice(c.token_start, c.token_start + c.num_tokens)
+        err = rel(out[rows], ref[rows])
+        assert err < (1e-4 if dtype == torch.float32 else 1e-2), (c, err)
+
+
 def test_engine_on_cuda_matches_cpu(qwen_dir):
     from moebius import LLM, SamplingParams
     from tests.conftest import PROMPTS

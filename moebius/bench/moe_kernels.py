@@ -1,0 +1,87 @@
+"""Expert kernels alone, inside CUDA graphs: fused Triton MoE (several tile shapes) against
+grouped GEMM with sort/scatter, at decode batch sizes, against the HBM floor of the distinct
+experts read. Prints a table; picks the tiles ``triton_moe._tiles`` should use.
+
+    python -m moebius.bench.moe_kernels --preset qwen3-30b-a3b --tokens 1 8 16 64 256 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import torch
+
+from moebius.bench.decode import copy_bandwidth
+from moebius.config import preset
+from moebius.model.moe import experts_grouped, experts_reference
+from moebius.model.triton_moe import experts_fused
+
+TILES = [(32, 256, 64, 128), (64, 128, 64, 128), (32, 128, 32, 256), (64, 256, 128, 64),
+         (16, 512, 32, 256)]
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(10):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 10
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256, 512])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    m = preset(args.preset)
+    P, H, c, K = m.num_experts, m.hidden_size, m.moe_intermediate_size, m.top_k
+    bw = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(P, 2 * c, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    w2 = (torch.randn(P, c, H, device="cuda", generator=g) * c**-0.5).bfloat16()
+    rows = []
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; P={P} H={H} c={c} K={K}")
+    for T in args.tokens:
+        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        scores = torch.rand(T, P, device="cuda", generator=g)
+        wts, pieces = scores.topk(K, dim=-1)
+        wts = (wts / wts.sum(-1, keepdim=True)).bfloat16()
+        distinct = int(pieces.unique().numel())
+        floor = distinct * 3 * c * H * 2 / bw * 1e3
+        ref = experts_reference(x.double(), pieces, wts.double(), w13.double(), w2.double())
+        row = {"tokens": T, "distinct": distinct, "floor_ms": floor,
+               "grouped_ms": graph_ms(functools.partial(experts_grouped, x, pieces, wts, w13, w2))}
+        for tiles in TILES:
+            out = experts_fused(x, pieces, wts, w13, w2, tiles=tiles)
+            err = float((out.double() - ref).norm() / ref.norm())
+            t = graph_ms(functools.partial(experts_fused, x, pieces, wts, w13, w2, tiles=tiles))
+            row[f"fused{tiles}"] = t
+            row[f"err{tiles}"] = err
+        best = min(TILES, key=lambda tl: row[f"fused{tl}"])
+        row["best_tiles"], row["best_ms"] = best, row[f"fused{best}"]
+        rows.append(row)
+        fused = " ".join(f"{row[f'fused{tl}']:.3f}" for tl in TILES)
+        print(f"T={T:4d} distinct={distinct:3d} floor {floor:.3f} ms | grouped "
+              f"{row['grouped_ms']:.3f} | fused {fused} | best {best} {row['best_ms']:.3f} "
+              f"({row['best_ms'] / floor:.2f}x floor) max err "
+              f"{max(row[f'err{tl}'] for tl in TILES):.1e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Fused MoE experts for decode in Triton: three launches a layer, fixed shapes, graph-safe.
+
+1. ``_align_kernel`` (one program): buckets the T·K (token, piece) pairs by piece, each
+   bucket padded to a multiple of BM rows, and labels every BM-row block with its piece
+   (-1: unused). Slots inside a bucket come from atomics; each row's result depends only on
+   its own row, so the output is deterministic anyway.
+2. ``_w13_kernel``: per (block, intermediate tile), gate and up GEMMs of the block's tokens
+   against its piece's w13 rows, SiLU(gate)·up in the epilogue.
+3. ``_w2_kernel``: per (block, hidden tile), the down GEMM, times the routing weight, stored
+   at the pair's own row; the K rows of a token are summed afterwards (no atomics).
+
+Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
+sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at
+a higher fraction of HBM bandwidth when each piece has a handful of rows, which is decode.
+Shapes are bounded by T·K alone, so a CUDA graph captured at a batch size replays it.
+
+Shape legend: T tokens, K pieces a token (top-k, or top-k·N under EP), M = T·K pairs,
+P pieces, H hidden, c intermediate width of a piece, BM rows a block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped GEMM
+BM = 16
+
+
+@triton.jit
+def _align_kernel(
+    ids,
+    M,
+    sorted_rows,
+    block_piece,
+    cursor,
+    P: tl.constexpr,
+    P_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BM: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    offs = tl.arange(0, M_PAD)
+    valid = offs < M
+    piece = tl.load(ids + offs, mask=valid, other=-1).to(tl.int32)
+    held = valid & (piece >= 0)
+    bucket = tl.where(held, piece, P)  # bin P collects pairs not held here
+    counts = tl.histogram(bucket, P_PAD)
+    bins = tl.arange(0, P_PAD)
+    padded = tl.where(bins < P, (counts + BM - 1) // BM * BM, 0)
+    ends = tl.cumsum(padded, 0)
+    total = tl.sum(padded, 0)
+    tl.store(cursor + bins, ends - padded)
+    for b0 in range(0, NUM_BLOCKS * BM, CHUNK * BM):
+        r = b0 + tl.arange(0, CHUNK * BM)
+        tl.store(sorted_rows + r, M, mask=r < NUM_BLOCKS * BM)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        blk = b0 + tl.arange(0, CHUNK)
+        first = blk * BM
+        owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), 1)
+        owner = tl.where(first < total, owner, -1)
+        tl.store(block_piece + blk, owner, mask=blk < NUM_BLOCKS)
+    tl.debug_barrier()  # cursor and sentinel stores land before the atomics and the scatter
+    slot = tl.atomic_add(cursor + bucket, 1, mask=held)
+    tl.store(sorted_rows + slot, offs, mask=held)
+
+
+@triton.jit
+def _w13_kernel(
+    X,
+    W,
+    A,
+    sorted_rows,
+    block_piece,
+    M,
+    H,
+    C,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_am,
+    TOPK: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    piece = tl.load(block_piece + pid_m)
+    if piece < 0:
+        return
+    rows = tl.load(sorted_rows + pid_m * BM + tl.arange(0, BM))
+    rmask = rows < M
+    tok = tl.where(rmask, rows // TOPK, 0)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < C
+    w_base = W + piece.to(tl.int64) * stride_we
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, H, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < H
+        x = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = nmask[:, None] & kmask[None, :]
+        wg = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
+        wu = tl.load(w_base + (C + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask,
+                     other=0.0)
+        acc_g += tl.dot(x, tl.trans(wg))
+        acc_u += tl.dot(x, tl.trans(wu))
+    g = acc_g.to(A.dtype.element_ty).to(tl.float32)  # round as a bf16 GEMM output would
+    u = acc_u.to(A.dtype.element_ty).to(tl.float32)
+    act = g * tl.sigmoid(g) * u
+    out_rows = pid_m * BM + tl.arange(0, BM)
+    tl.store(A + out_rows[:, None] * stride_am + offs_n[None, :], act.to(A.dtype.element_ty),
+             mask=nmask[None, :])
+
+
+@triton.jit
+def _w2_kernel(
+    A,
+    W,
+    Y,
+    sorted_rows,
+    block_piece,
+    route_w,
+    M,
+    H,
+    C,
+    stride_am,
+    stride_we,
+    stride_wk,
+    stride_ym,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    piece = tl.load(block_piece + pid_m)
+    if piece < 0:
+        return
+    rows = tl.load(sorted_rows + pid_m * BM + tl.arange(0, BM))
+    rmask = rows < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < H
+    in_rows = pid_m * BM + tl.arange(0, BM)
+    w_base = W + piece.to(tl.int64) * stride_we
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, C, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < C
+        a = tl.load(A + in_rows[:, None] * stride_am + offs_k[None, :], mask=kmask[None, :],
+                    other=0.0)
+        w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :],
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc += tl.dot(a, w)
+    rw = tl.load(route_w + rows, mask=rmask, other=0.0).to(tl.float32)
+    y = acc.to(Y.dtype.element_ty).to(tl.float32) * rw[:, None]
+    tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=rmask[:, None] & nmask[None, :])
+
+
+def _tiles(M: int) -> tuple[int, int, int, int]:
+    """(BN, BK) of the w13 kernel and of the w2 kernel, by pair count (H200, Qwen3-30B-A3B
+    shapes, ``python -m moebius.bench.moe_kernels``)."""
+    if 8 < M <= 2048:
+        return 64, 256, 128, 64
+    return 64, 128, 64, 128
+
+
+def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int] | None = None):
+    """Σ over each token's pieces of weight · expert(x), as ``moe.experts_reference``.
+
+    x (T, H) bf16; pieces (T, K) long, -1 where not held; weights (T, K); w13 (P, 2c, H);
+    w2t (P, c, H). Needs T·K <= MAX_PAIRS. ``tiles`` overrides ``_tiles`` (tuning).
+    """
+    T, K = pieces.shape
+    P, two_c, H = w13.shape
+    c = two_c // 2
+    M = T * K
+    assert 0 < M <= MAX_PAIRS and x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
+    dev = x.device
+    num_blocks = triton.cdiv(M, BM) + min(P, M)
+    sorted_rows = torch.empty(num_blocks * BM, dtype=torch.int32, device=dev)
+    block_piece = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    p_pad = triton.next_power_of_2(P + 1)
+    cursor = torch.empty(p_pad, dtype=torch.int32, device=dev)
+    flat = pieces.reshape(-1)
+    _align_kernel[(1,)](
+        flat, M, sorted_rows, block_piece, cursor,
+        P=P, P_PAD=p_pad, M_PAD=max(16, triton.next_power_of_2(M)), BM=BM,
+        NUM_BLOCKS=num_blocks, CHUNK=32, num_warps=8,
+    )
+    bn1, bk1, bn2, bk2 = tiles or _tiles(M)
+    act = torch.empty(num_blocks * BM, c, dtype=x.dtype, device=dev)
+    _w13_kernel[(num_blocks, triton.cdiv(c, bn1))](
+        x, w13, act, sorted_rows, block_piece, M, H, c,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOPK=K, BM=BM, BN=bn1, BK=bk1, num_warps=4, num_stages=4,
+    )
+    y = torch.zeros(M, H, dtype=x.dtype, device=dev)
+    _w2_kernel[(num_blocks, triton.cdiv(H, bn2))](
+        act, w2t, y, sorted_rows, block_piece, weights.reshape(-1), M, H, c,
+        act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
+        BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
+    )
+    return y.view(T, K, H).sum(1)
