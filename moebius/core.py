@@ -104,6 +104,9 @@ class Request:
     owner_rank: int = -1  # EP owner; -1 under TP
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks
+    # block index -> data kept with the block in the prefix cache (the prefill role: the
+    # block's top-k expert counts); cached blocks' entries come from the block manager
+    block_meta: dict[int, object] = field(default_factory=dict)
     alt_block_ids: list[int] = field(default_factory=list)  # other view, progressive switch
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -42,7 +42,7 @@ class _RecordingEngine(LLMEngine):
             for rid, counts in (res.expert_counts or {}).items():
                 req = self.requests[rid]
                 into = self.decode_counts if req.output_token_ids else self.prefill_counts
-                into[rid] = into.get(rid, 0) + counts
+                into[rid] = into.get(rid, 0) + counts.sum(0)
 
 
 def record_prompts(

@@ -7,6 +7,10 @@ with the per-MoE-layer top-k counts of the prompt tokens, the first token (and i
 and the resolved seed, into `exports`; then it finishes the request with reason "handoff",
 which frees its blocks at once.
 
+The counts are kept per KV block (`Request.block_meta`, block index -> (L, E) counts): the
+scheduler stores a full block's counts with the block in the prefix cache and hands them back
+to a request that hits it, so a cache hit's signature equals the one computed from scratch.
+
 `DecodeEngine` accepts such a payload for a request id (`expect`); when the request arrives
 through the normal `add_request` (the server's usual path), it is admitted with its prompt
 already computed: blocks are allocated, the KV written, `num_computed_tokens` = prompt length,
@@ -44,19 +48,45 @@ def assemble_heads(parts: list, num_kv_heads: int) -> torch.Tensor:
     return full
 
 
+def add_block_counts(block_meta: dict, start_pos: int, pieces: np.ndarray, block_size: int) -> None:
+    """Fold one step's counts (B, L, E), split at block boundaries from ``start_pos`` (see
+    ``StepResult.expert_counts``), into ``block_meta`` (block index -> (L, E)). A piece that
+    starts a block replaces what the block held (a recompute after preemption counts once);
+    one that continues a block adds to it. Arrays are never changed in place: cached blocks'
+    counts are shared."""
+    first = start_pos // block_size
+    for j, piece in enumerate(pieces):
+        i = first + j
+        if j == 0 and start_pos % block_size and i in block_meta:
+            block_meta[i] = block_meta[i] + piece
+        else:
+            block_meta[i] = piece
+
+
+def prompt_counts(block_meta: dict, num_prompt_tokens: int, block_size: int):
+    """(L, E) top-k counts of the whole prompt: the sum over its blocks (None if none)."""
+    num_blocks = (num_prompt_tokens + block_size - 1) // block_size
+    parts = [block_meta[i] for i in range(num_blocks) if i in block_meta]
+    return sum(parts[1:], parts[0].copy()) if parts else None
+
+
 class PrefillEngine(LLMEngine):
     """Runs prompts, exports each one's KV + expert counts + first token; see the module doc."""
 
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)
         self.scheduler.record_experts = True
-        self._counts: dict[str, np.ndarray] = {}
         self.exports: dict[str, KVPayload] = {}
 
     def _on_step_results(self, batch, results) -> None:
+        counts_by_rid = {}
         for res in results:
-            for rid, counts in (res.expert_counts or {}).items():
-                self._counts[rid] = self._counts.get(rid, 0) + counts
+            counts_by_rid.update(res.expert_counts or {})
+        bs = self.cfg.block_size
+        for req, _ in batch.items:  # before Scheduler.update: num_computed_tokens = start_pos
+            pieces = counts_by_rid.get(req.request_id)
+            if pieces is not None:
+                add_block_counts(req.block_meta, req.num_computed_tokens, pieces, bs)
         tokens = {t.request_id: t for res in results for t in res.tokens}
         for req, _ in batch.items:
             tok = tokens.get(req.request_id)
@@ -65,7 +95,7 @@ class PrefillEngine(LLMEngine):
             parts = self.executor.call(
                 "export_kv", req.owner_rank, list(req.block_ids), req.num_prompt_tokens
             )
-            counts = self._counts.pop(req.request_id, None)
+            counts = prompt_counts(req.block_meta, req.num_prompt_tokens, bs)
             lps = None
             if tok.logprob is not None:
                 lps = [
@@ -88,7 +118,6 @@ class PrefillEngine(LLMEngine):
         for req in updated:
             if not req.is_finished:
                 self.scheduler.finish(req, "handoff")
-            self._counts.pop(req.request_id, None)
         return super()._collect(updated)
 
 

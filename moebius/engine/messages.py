@@ -53,7 +53,8 @@ class SampledToken:
 class StepResult:
     rank: int
     tokens: list[SampledToken]
-    # request_id -> per-MoE-layer top-k counts of this step's tokens (num_moe_layers, E)
+    # request_id -> per-MoE-layer top-k counts of this step's tokens, split at KV-block
+    # boundaries: (B, num_moe_layers, E), row j for block start_pos // block_size + j
     expert_counts: dict | None = None
 
 

@@ -186,19 +186,26 @@ class ModelRunner:
         return StepResult(rank, self._sample(logits, sampled))
 
     def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:
-        """request_id -> (num_moe_layers, E) int64 numpy counts of this step's top-k picks.
-        Under TP every rank routes every token: rank 0 alone reports."""
+        """request_id -> (B, num_moe_layers, E) int64 numpy counts of this step's top-k picks,
+        split at KV-block boundaries: row j counts the tokens of block start_pos // block_size
+        + j (so the prefix cache can keep each block's counts). Under TP every rank routes
+        every token: rank 0 alone reports."""
         if not self._samples_here():
             return None
         ids = torch.stack(expert_ids).cpu()  # (num_moe_layers, T, k)
         num_layers, num_experts = ids.shape[0], self.model.num_experts
+        bs = self.cfg.block_size
+        layer = torch.arange(num_layers)[:, None, None]
         out, start = {}, 0
         for s in seqs:
-            part = ids[:, start : start + len(s.token_ids)].reshape(num_layers, -1)
-            offsets = torch.arange(num_layers)[:, None] * num_experts
-            flat = torch.bincount((part + offsets).flatten(), minlength=num_layers * num_experts)
-            out[s.request_id] = flat.view(num_layers, num_experts).numpy()
-            start += len(s.token_ids)
+            n = len(s.token_ids)
+            part = ids[:, start : start + n]  # (num_moe_layers, n, k)
+            block = torch.arange(s.start_pos, s.start_pos + n) // bs - s.start_pos // bs
+            num_blocks = int(block[-1]) + 1
+            flat = (block[None, :, None] * num_layers + layer) * num_experts + part
+            counts = torch.bincount(flat.flatten(), minlength=num_blocks * num_layers * num_experts)
+            out[s.request_id] = counts.view(num_blocks, num_layers, num_experts).numpy()
+            start += n
         return out
 
     def _prepare(self, seqs: list[SeqWork], table=lambda s: s.block_ids):

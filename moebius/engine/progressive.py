@@ -98,7 +98,11 @@ def _finish(sched) -> None:
             req.owner_rank = -1
         req.block_hashes = []
         sched.manager(req).commit_full_blocks(
-            req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+            req.block_ids,
+            req.all_token_ids,
+            req.num_computed_tokens,
+            req.block_hashes,
+            req.block_meta,
         )
     for req in sched.waiting:
         req.owner_rank = -1

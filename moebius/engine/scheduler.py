@@ -111,6 +111,7 @@ class Scheduler:
         req.block_ids = []
         req.alt_block_ids = []
         req.block_hashes = []
+        req.block_meta = {}
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.owner_rank = -1
@@ -194,6 +195,7 @@ class Scheduler:
             self.waiting.popleft()
             req.block_ids = mgr.allocate(cached, num_cached + n)
             req.block_hashes = []
+            req.block_meta = {i: m for i, m in enumerate(mgr.cached_meta(cached)) if m is not None}
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
@@ -287,7 +289,11 @@ class Scheduler:
         """Register the imported prompt blocks for prefix caching (after the KV is written)."""
         if req.status == RequestStatus.RUNNING:
             self.manager(req).commit_full_blocks(
-                req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+                req.block_ids,
+                req.all_token_ids,
+                req.num_computed_tokens,
+                req.block_hashes,
+                req.block_meta,
             )
 
     # ------------------------------------------------------------------ results
@@ -299,7 +305,11 @@ class Scheduler:
                 continue
             req.num_computed_tokens += n
             self.manager(req).commit_full_blocks(
-                req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+                req.block_ids,
+                req.all_token_ids,
+                req.num_computed_tokens,
+                req.block_hashes,
+                req.block_meta,
             )
             tok = tokens.get(req.request_id)
             if tok is None:
@@ -344,7 +354,11 @@ class Scheduler:
                 continue
             req.block_ids = mgr.allocate([], req.num_computed_tokens)
             mgr.commit_full_blocks(
-                req.block_ids, req.all_token_ids, req.num_computed_tokens, req.block_hashes
+                req.block_ids,
+                req.all_token_ids,
+                req.num_computed_tokens,
+                req.block_hashes,
+                req.block_meta,
             )
             moves.append(
                 KVMove(

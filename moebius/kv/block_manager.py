@@ -5,6 +5,10 @@ A full block is identified by the hash of (previous block's hash, its tokens); t
 kept to rule out collisions. A freed block keeps its hash and contents and stays findable
 until it is evicted (least recently freed first), so a shared system prompt or the ``n``
 completions of one prompt reuse the KV instead of recomputing it.
+
+A cached block may carry opaque per-block data (``block_meta``, keyed by the block's hash)
+that lives exactly as long as the block stays findable: the prefill role keeps each block's
+per-layer top-k expert counts there, so a prefix-cache hit keeps the prefix's counts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class BlockManager:
         # free blocks in eviction order; cached ones carry a hash
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.block_meta: dict[int, object] = {}  # hash -> data of a cached block (opaque)
         self.num_hits = 0  # cached tokens served
         self.num_queries = 0  # prompt tokens looked up
 
@@ -64,6 +69,10 @@ class BlockManager:
                 break
             out.append(bid)
         return out
+
+    def cached_meta(self, block_ids: list[int]) -> list:
+        """The data kept with each block (None for a block without any)."""
+        return [self.block_meta.get(self.blocks[b].hash) for b in block_ids]
 
     # ------------------------------------------------------------------ changes
     def allocate(self, cached: list[int], num_tokens: int) -> list[int]:
@@ -101,10 +110,16 @@ class BlockManager:
         table.clear()
 
     def commit_full_blocks(
-        self, table: list[int], token_ids: list[int], num_computed: int, hashes: list[int]
+        self,
+        table: list[int],
+        token_ids: list[int],
+        num_computed: int,
+        hashes: list[int],
+        meta: dict[int, object] | None = None,
     ) -> None:
         """Register the hashes of blocks that became full of computed tokens. ``hashes`` is the
-        request's chain of full-block hashes so far; it is extended in place."""
+        request's chain of full-block hashes so far; it is extended in place. ``meta`` (block
+        index -> data) is kept with each newly registered block that has an entry."""
         if not self.caching:
             return
         bs = self.block_size
@@ -116,6 +131,8 @@ class BlockManager:
             if blk.hash is None and h not in self.hash_to_block:
                 blk.hash, blk.token_ids = h, toks
                 self.hash_to_block[h] = blk.block_id
+                if meta is not None and i in meta:
+                    self.block_meta[h] = meta[i]
 
     def reset(self) -> None:
         """Forget everything (used when the pool's view changes at a switch)."""
@@ -134,6 +151,7 @@ class BlockManager:
         if blk.hash is not None:
             if self.hash_to_block.get(blk.hash) == b:
                 del self.hash_to_block[blk.hash]
+                self.block_meta.pop(blk.hash, None)
             blk.hash, blk.token_ids = None, ()
         blk.ref_count = 1
         return b

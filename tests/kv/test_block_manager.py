@@ -54,3 +54,19 @@ def test_can_allocate_counts_revived_cached_blocks():
     assert len(cached) == 2
     assert bm.can_allocate(cached, 8)  # 2 revived + 2 fresh = 4 free blocks
     assert not bm.can_allocate(cached, 10)
+
+
+def test_block_meta_lives_as_long_as_the_cached_block():
+    bm = BlockManager(3, 2)
+    t = bm.allocate([], 4)
+    bm.commit_full_blocks(t, [1, 2, 3, 4], 4, [], {0: "counts0", 1: "counts1"})
+    bm.free_table(t)
+    cached = bm.match_prefix([1, 2, 3, 4, 5])
+    assert bm.cached_meta(cached) == ["counts0", "counts1"]
+    again = bm.allocate(cached, 5)
+    other: list[int] = []
+    bm.commit_full_blocks(again, [1, 2, 3, 4, 5, 6], 6, other, {0: "x", 1: "y", 2: "counts2"})
+    assert bm.cached_meta(again) == ["counts0", "counts1", "counts2"]  # first writer kept
+    bm.free_table(again)
+    bm.allocate([], 6)  # evicts all three: their data goes with their hashes
+    assert bm.block_meta == {}
