@@ -14,6 +14,9 @@ included) elsewhere: no request is lost before its first token. After that, a st
 an OpenAI error event and `data: [DONE]`. Requests the policy would send to a dead instance go
 to the least loaded live one.
 
+Every decoded response carries the chosen decode instance's URL in the
+`x-moebius-decode-instance` header.
+
 Metrics (Prometheus, `/metrics`): `moebius:router_requests_total{outcome}`,
 `moebius:router_retries_total{stage}`, `moebius:router_decode_in_flight{instance}`,
 `moebius:router_routed_total{instance}`, `moebius:router_instance_up{role,instance}`,
@@ -46,6 +49,7 @@ from prometheus_client import (
 from moebius.disagg.eldr import RoutingPolicy
 
 log = logging.getLogger("moebius.router")
+DECODE_INSTANCE_HEADER = "x-moebius-decode-instance"  # on every decoded response: which one
 
 
 @dataclass
@@ -237,7 +241,8 @@ def create_router_app(
                 await resp.aclose()
 
         media = resp.headers.get("content-type", "application/json")
-        return StreamingResponse(relay(), resp.status_code, media_type=media)
+        headers = {DECODE_INSTANCE_HEADER: inst.url}
+        return StreamingResponse(relay(), resp.status_code, headers=headers, media_type=media)
 
     async def handle(kind: str, request: Request) -> Response:
         t_arrival = time.monotonic()

@@ -4,11 +4,6 @@ a decode instance mid-run loses no request that had not started decoding."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,8 +11,9 @@ import httpx
 import pytest
 
 from moebius.core import SamplingParams
-from moebius.engine.worker import free_port
 from moebius.llm import LLM
+from tests.disagg.pd_cluster import body, run_cluster
+from tests.disagg.pd_cluster import stream as _stream
 
 PROMPTS = [
     "Hello, world!",
@@ -30,65 +26,11 @@ PROMPTS = [
 MAX_TOKENS = 40
 
 
-def _start(args: list[str], log_path: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log = open(log_path, "w")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(
-        [sys.executable, "-m", "moebius.disagg.cli", *args], env=env, stdout=log, stderr=log
-    )
-
-
-def _wait_healthy(url: str, procs: list, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"a process exited early ({p.args})"
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
-
-
 @pytest.fixture(scope="module")
 def cluster(qwen_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("pd_logs")
-    store, router, pre, d1, d2 = (free_port() for _ in range(5))
-    kv = f"127.0.0.1:{store}"
-    url = lambda port: f"http://127.0.0.1:{port}"  # noqa: E731
-    engine = ["--device", "cpu", "--max-num-seqs", "8", "--kv-store", kv]
-    procs = {
-        "router": _start(
-            ["route", "--prefill", url(pre), "--decode", url(d1), url(d2)]
-            + ["--policy", "round_robin", "--kv-store", kv, "--port", str(router)],
-            str(logs / "router.log"),
-        )
-    }
-    time.sleep(0.5)  # the router hosts the store
-    for name, port, role in (
-        ("prefill", pre, "prefill"),
-        ("d1", d1, "decode"),
-        ("d2", d2, "decode"),
-    ):
-        procs[name] = _start(
-            ["serve", qwen_dir, "--role", role, "--port", str(port), *engine],
-            str(logs / f"{name}.log"),
-        )
-    try:
-        for port in (pre, d1, d2, router):
-            _wait_healthy(url(port), list(procs.values()))
-        yield {"url": url(router), "procs": procs, "model": qwen_dir, "logs": logs}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with run_cluster(qwen_dir, ["--policy", "round_robin"], logs) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -102,34 +44,7 @@ def reference(qwen_dir):
 
 
 def _body(model: str, prompt: str, stream: bool) -> dict:
-    return {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "stream": stream,
-    }
-
-
-def _stream(url: str, body: dict, record: dict) -> None:
-    """Stream one completion; record chunks seen, text and any error."""
-    record.update(chunks=0, text="", error=None)
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-            if r.status_code != 200:
-                record["error"] = f"{r.status_code}: {r.read()!r}"
-                return
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    record["error"] = event["error"]["message"]
-                    return
-                record["chunks"] += 1
-                record["text"] += event["choices"][0]["text"]
-    except httpx.HTTPError as e:
-        record["error"] = repr(e)
+    return body(model, prompt, stream, MAX_TOKENS)
 
 
 def test_outputs_equal_single_instance(cluster, reference):
