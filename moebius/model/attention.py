@@ -53,9 +53,14 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
 
 def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> torch.Tensor:
     """q (T, nh, d) -> (T, nh, d), keys and values already written."""
-    out = torch.empty_like(q)
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    if meta.decode_token_idx.numel() and q.is_cuda and _triton_decode is not None:
+    triton_ok = q.is_cuda and _triton_decode is not None
+    if triton_ok and not meta.prefills and meta.decode_token_idx.numel() == q.shape[0]:
+        # decode only (every graph-replayed step): the batch is the kernel's input, in order
+        return _triton_decode(q, k_cache, v_cache, meta.decode_block_tables,
+                              meta.decode_ctx_lens, scale, meta.decode_max_context)
+    out = torch.empty_like(q)
+    if meta.decode_token_idx.numel() and triton_ok:
         out[meta.decode_token_idx] = _triton_decode(
             q[meta.decode_token_idx],
             k_cache,
@@ -76,7 +81,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> t
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[meta.decode_token_idx] = o.squeeze(2)
     d_ok = d >= 16 and d & (d - 1) == 0  # tl.arange needs a power of two
-    if meta.prefills and q.is_cuda and _triton_decode is not None and d_ok:
+    if meta.prefills and triton_ok and d_ok:
         if meta.prefill_plan is None:
             meta.prefill_plan = PrefillPlan.build(meta.prefills, q.device)
         paged_prefill_attention(q, k_cache, v_cache, meta.prefill_plan, scale, out)

@@ -19,18 +19,25 @@ from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model.triton_moe import MAX_PAIRS, experts_fused
+    from moebius.model.triton_moe import MAX_PAIRS, experts_fused, route_topk
 except ImportError:  # pragma: no cover - depends on the install
-    experts_fused = None
+    experts_fused = route_topk = None
 
 # CUDA bf16 expert kernels: "auto" (fused Triton up to MAX_PAIRS token-piece pairs, which is
 # decode; grouped GEMM for prefill-sized batches) or "grouped" (benchmarks, debugging).
 MOE_KERNEL = os.environ.get("MOEBIUS_MOE", "auto")
 
 
-@fused_on_cuda
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
-    """(topk_ids (T, K) long, topk_weights (T, K) in x's dtype), as transformers computes them."""
+    """(topk_ids (T, K) long, topk_weights (T, K) in x's dtype), as transformers computes them;
+    on CUDA the softmax/top-k/renormalisation is one Triton launch after the router GEMM."""
+    if x.is_cuda and route_topk is not None:
+        return route_topk(F.linear(x, router), top_k, renormalize, x.dtype)
+    return _route_torch(x, router, top_k, renormalize)
+
+
+@fused_on_cuda
+def _route_torch(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
     logits = F.linear(x, router)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
@@ -81,10 +88,11 @@ def experts_grouped(x, pieces, weights, w13, w2t):
     y = torch._grouped_mm(_gated(h), w2t, offs=offs)
     # Rows past offs[-1] were never written: select, do not multiply (garbage may be NaN).
     valid = (torch.arange(T * K, device=x.device) < offs[-1])[:, None]
-    y = torch.where(valid, y * weights.flatten()[order][:, None], 0)
-    out = torch.zeros_like(x)
-    out.index_add_(0, tok, y.to(x.dtype))
-    return out
+    y = torch.where(valid, y * weights.flatten()[order][:, None], 0).to(x.dtype)
+    # Back to (token, k) order with a plain scatter (each row once), then sum over k:
+    # far cheaper than an atomic index_add_ at prefill sizes, and deterministic.
+    pairs = torch.empty_like(y).index_copy_(0, order, y)
+    return pairs.view(T, K, -1).sum(1)
 
 
 def run_experts(x, pieces, weights, w13, w2t):

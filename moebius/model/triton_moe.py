@@ -208,3 +208,58 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
         BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
     )
     return y.view(T, K, H).sum(1)
+
+
+@triton.jit
+def _topk_kernel(
+    logits,
+    ids,
+    weights,
+    T,
+    E,
+    stride_lt,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_e = tl.arange(0, E_PAD)
+    tmask = offs_t < T
+    x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
+                mask=tmask[:, None] & (offs_e[None, :] < E), other=float("-inf")).to(tl.float32)
+    x = x - tl.max(x, 1)[:, None]
+    p = tl.exp(x)
+    p = p / tl.sum(p, 1)[:, None]
+    cols = tl.arange(0, K_PAD)
+    picked_w = tl.zeros([BT, K_PAD], tl.float32)
+    picked_i = tl.zeros([BT, K_PAD], tl.int64)
+    for k in tl.static_range(K):
+        best = tl.argmax(p, 1)  # lowest index among equal maxima
+        w = tl.max(p, 1)
+        picked_w = tl.where(cols[None, :] == k, w[:, None], picked_w)
+        picked_i = tl.where(cols[None, :] == k, best[:, None].to(tl.int64), picked_i)
+        p = tl.where(offs_e[None, :] == best[:, None], -1.0, p)
+    if RENORM:
+        picked_w = picked_w / tl.sum(picked_w, 1)[:, None]
+    out = offs_t[:, None] * K + cols[None, :]
+    omask = tmask[:, None] & (cols[None, :] < K)
+    tl.store(ids + out, picked_i, mask=omask)
+    tl.store(weights + out, picked_w.to(weights.dtype.element_ty), mask=omask)
+
+
+def route_topk(logits, top_k: int, renormalize: bool, dtype):
+    """Softmax over experts, top-k, optional renormalisation, in one launch, as
+    ``moe.route`` computes them: (ids (T, K) long, weights (T, K) in ``dtype``)."""
+    T, E = logits.shape
+    ids = torch.empty(T, top_k, dtype=torch.long, device=logits.device)
+    weights = torch.empty(T, top_k, dtype=dtype, device=logits.device)
+    if T:
+        bt = 16
+        _topk_kernel[(triton.cdiv(T, bt),)](
+            logits, ids, weights, T, E, logits.stride(0),
+            K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(E),
+            BT=bt, RENORM=renormalize, num_warps=4,
+        )
+    return ids, weights
