@@ -1,4 +1,5 @@
-"""``moebius sim calibrate | validate | run | project``: flags mapped onto the simulator here.
+"""``moebius sim calibrate | validate | run | project | pd``: flags mapped onto the simulator
+here.
 
 ``add_sim_parser(subparsers)`` registers the command; ``moebius/cli.py`` calls it.
 """
@@ -130,6 +131,65 @@ def cmd_project(args) -> None:
     main(args.profile, args.out, args.quick, nvlink=prof.p2p, ib=prof.inter_node)
 
 
+def cmd_pd(args) -> None:
+    import platform
+    import sys
+    import time
+    from dataclasses import replace
+    from pathlib import Path
+
+    from moebius.sim import pd_bench
+
+    if args.workload == "sweep":
+        workloads = list(pd_bench.SWEEP)
+    else:
+        trace = args.workload == "trace"
+        workloads = [
+            pd_bench.Workload(
+                args.workload,
+                kind=args.workload,
+                preset=args.preset or ("deepseek-v2-lite" if trace else "qwen3-30b-a3b"),
+                topics=args.topics,
+                affinity=args.affinity,
+                preferred=args.preferred,
+                prompt_len=args.prompt_len,
+                output_len=args.output_len,
+                batch=args.batch,
+                num=args.num,
+            )
+        ]
+    if args.quick:
+        workloads = [replace(w, num=w.num or 400, calib=128) for w in workloads]
+    rows = []
+    for w in workloads:
+        got = pd_bench.run_workload(
+            w,
+            args.policies,
+            num_prefill=args.prefill,
+            num_decode=args.decode,
+            tau=args.tau,
+            seed=args.seed,
+            profile=args.profile,
+            data=args.data,
+        )
+        print(pd_bench.table(got), flush=True)
+        rows += got
+    argv = sys.argv[sys.argv.index("pd") + 1 :] if "pd" in sys.argv else []
+    cmd = " ".join(["moebius sim pd", *argv])
+    head = (
+        f"`{cmd}`: {args.prefill} prefill + {args.decode} decode instances (one GPU each), "
+        f"simulated with the {args.profile} cost model on this {platform.machine()} CPU, "
+        f"{time.strftime('%Y-%m-%d')}, {sum(r['seconds'] for r in rows) / len(args.policies):.0f}"
+        " s.\n\n"
+    )
+    text = head + pd_bench.table(rows)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1, default=float))
+    Path(args.md or out.with_suffix(".md")).write_text(text)
+
+
 def add_sim_parser(subparsers) -> None:
     """Register ``sim`` and its subcommands on the main parser's ``subparsers``."""
     sim = subparsers.add_parser("sim", help="simulate deployments with a calibrated cost model")
@@ -170,6 +230,38 @@ def add_sim_parser(subparsers) -> None:
     p.add_argument("--json", default=None)
     _links(p)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("pd", help="decode-routing policies on a simulated PD deployment")
+    p.add_argument("--prefill", type=int, default=8, help="prefill instances")
+    p.add_argument("--decode", type=int, default=16, help="decode instances")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["eldr", "least_load", "round_robin", "random"],
+        choices=["eldr", "least_load", "round_robin", "random"],
+    )
+    p.add_argument(
+        "--workload",
+        choices=["topics", "trace", "sweep"],
+        default="topics",
+        help="synthetic topic locality, the real routing trace, or the BENCHMARKS sweep",
+    )
+    p.add_argument("--preset", default=None, help="model shapes (default: by workload)")
+    p.add_argument("--topics", type=int, default=16, help="domains in the mix (topics)")
+    p.add_argument("--affinity", type=float, default=0.4, help="picks in the topic's experts")
+    p.add_argument("--preferred", type=int, default=16, help="experts a topic prefers a layer")
+    p.add_argument("--prompt-len", type=int, default=1024, help="mean prompt tokens (topics)")
+    p.add_argument("--output-len", type=int, default=256, help="mean output tokens")
+    p.add_argument("--batch", type=int, default=32, help="in-flight requests per decode inst.")
+    p.add_argument("--num", type=int, default=0, help="requests (0: 4x the concurrency)")
+    p.add_argument("--tau", type=float, default=0.1, help="ELDR similarity slack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="/work/shared/data/routing-deepseek-v2-lite-puffin-1-1000.npz")
+    p.add_argument("--profile", default="h200")
+    p.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    p.add_argument("--out", default="results/sim_pd.json")
+    p.add_argument("--md", default=None, help="markdown path (default: --out with .md)")
+    p.set_defaults(fn=cmd_pd)
 
     p = sub.add_parser("project", help="the 8×H200 and multi-node projection tables")
     p.add_argument("--out", default=None, help="write the markdown here")

@@ -6,7 +6,8 @@ JSON profile (``profiles/h200.json``, or one written by ``moebius sim calibrate`
 - fixed per-layer latency (kernel count; CUDA-graph replay): the lean probe's, the engine's
   extra kernels, and an extra one under EP (routing, padding, gather/scatter of the exchange);
 - HBM reads: attention weights (TP: this rank's head slice; EP: whole), the distinct experts the
-  step's tokens activate (memory-bound weight reads), router, dense MLP, lm_head;
+  step's tokens activate (memory-bound weight reads; the uniform-routing expectation, or the
+  count a routing trace gives), router, dense MLP, lm_head;
 - KV reads by attention (batch × context × local KV heads), at their own bandwidth;
 - FLOPs (compute-bound GEMMs: expert GEMMs by tokens per expert and width, projections,
   attention scores, lm_head);
@@ -106,6 +107,9 @@ class RankWork:
     num_tokens: int = 0  # tokens computed (decode: 1 a sequence; prefill: the chunk)
     kv_tokens: int = 0  # Σ context tokens attended by decode tokens
     attn_pairs: int = 0  # Σ query·key pairs (prefill chunks' attention compute)
+    # distinct experts per MoE layer the step's tokens pick, when known (a routing trace);
+    # None: the expectation under uniform routing (``distinct_experts``)
+    active_experts: float | None = None
 
 
 def distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
@@ -145,7 +149,10 @@ class CostModel:
         moe_layers = len(m.moe_layers)
         expert_params = 3 * m.moe_intermediate_size * H
         dense_params = 3 * m.dense_intermediate_size * H // (1 if ep else n)
-        local_experts = distinct_experts(m.num_experts, m.top_k, total_tokens) / n
+        active = work.active_experts
+        if active is None:
+            active = distinct_experts(m.num_experts, m.top_k, total_tokens)
+        local_experts = active / n
         w = (
             (attn_params * L if has else 0)
             + moe_layers * (local_experts * expert_params + m.num_experts * H)
