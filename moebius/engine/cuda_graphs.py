@@ -13,7 +13,6 @@ import torch
 
 from moebius.engine.messages import SeqWork
 from moebius.model.attention import AttentionMeta
-from moebius.model.decoder import forward
 from moebius.parallel.layout import Layout
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -49,7 +48,7 @@ class DecodeGraphs:
 
     def _forward(self, layout: Layout, B: int) -> torch.Tensor:
         r = self.runner
-        hidden = forward(
+        hidden = r.forward(  # the architecture's forward (decoder or DeepSeek's)
             r.weights,
             r.model,
             layout,
@@ -103,23 +102,25 @@ class DecodeGraphs:
         n = len(seqs)
         B = next(b for b in self.buckets if b >= n)
         bs = self.runner.cfg.block_size
-        tables = torch.full(
-            (n, self.max_blocks), self.runner.kv.pad_block(layout), dtype=torch.long
-        )
+        pad = self.runner.kv.pad_block(layout)
         ids, pos, slots, ctx = [], [], [], []
-        for i, s in enumerate(seqs):
+        for s in seqs:
             p = s.start_pos
             ids.append(s.token_ids[0])
             pos.append(p)
             slots.append(s.block_ids[p // bs] * bs + p % bs)
             ctx.append(p + 1)
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
+        # Only the batch's widest table is copied: columns past a sequence's context are
+        # never read, so the static table's older entries there do no harm.
+        width = max(len(s.block_ids) for s in seqs)
+        tables = torch.tensor([s.block_ids + [pad] * (width - len(s.block_ids)) for s in seqs],
+                              dtype=torch.long)
         host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
         self.ids[:n].copy_(host[0], non_blocking=True)
         self.pos[:n].copy_(host[1], non_blocking=True)
         self.slots[:n].copy_(host[2], non_blocking=True)
         self.ctx[:n].copy_(host[3], non_blocking=True)
-        self.tables[:n].copy_(tables, non_blocking=True)
+        self.tables[:n, :width].copy_(tables, non_blocking=True)
         if n < B:
             self._pad(layout, n, B)
         graph, logits = self.graphs[(layout.mode, B)]

@@ -84,10 +84,9 @@ class ModelRunner:
         self.graphs = None
         # Graphs need the pool; multi-rank capture (collectives inside graphs) is not
         # validated yet, so ranks > 1 run eagerly for now.
-        # The experts' grouped GEMM (bf16) is capturable; the float32 reference loop syncs.
-        # DecodeGraphs runs model/decoder.py's forward: not MLA's (yet).
+        # The bf16 expert kernels (Triton fused / grouped GEMM) are capturable; the float32
+        # reference loop syncs. MLA decode is capturable through its Triton kernel.
         capturable = self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-        capturable = capturable and not self.model.is_mla
         if (
             self.device.type == "cuda"
             and not self.cfg.enforce_eager

@@ -238,7 +238,7 @@ class Scheduler:
 
     def _work(self, req: Request, n: int) -> SeqWork:
         start = req.num_computed_tokens
-        tokens = req.all_token_ids[start : start + n]
+        tokens = req.token_slice(start, start + n)
         p = req.params
         do_sample = start + n == req.num_tokens
         banned: list[int] = []
@@ -304,13 +304,15 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += n
-            self.manager(req).commit_full_blocks(
-                req.block_ids,
-                req.all_token_ids,
-                req.num_computed_tokens,
-                req.block_hashes,
-                req.block_meta,
-            )
+            mgr = self.manager(req)
+            if mgr.caching and req.num_computed_tokens // mgr.block_size > len(req.block_hashes):
+                mgr.commit_full_blocks(  # only when a block became full: no per-token copy
+                    req.block_ids,
+                    req.all_token_ids,
+                    req.num_computed_tokens,
+                    req.block_hashes,
+                    req.block_meta,
+                )
             tok = tokens.get(req.request_id)
             if tok is None:
                 continue

@@ -34,6 +34,11 @@ from moebius.model.weights import LayerWeights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model import triton_mla
+except ImportError:  # pragma: no cover - depends on the install
+    triton_mla = None
+
 
 # ---------------------------------------------------------------------- rope (YaRN)
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -115,9 +120,17 @@ def latent_attention(q, cache, meta: AttentionMeta, scale: float, r: int) -> tor
     """q (T, nh, D) in latent space -> (T, nh, r): MQA over the cached latents (NB, bs, 1, D),
     values = their first r entries (c). Latents of this step are already written."""
     T, nh, D = q.shape
-    out = q.new_empty(T, nh, r)
     flat = cache.view(-1, D)
-    if meta.decode_token_idx.numel():
+    kernel = q.is_cuda and triton_mla is not None and triton_mla.supported(r, D - r)
+    if kernel and not meta.prefills and meta.decode_token_idx.numel() == T:  # decode only
+        return triton_mla.paged_mla_decode(q, cache, meta.decode_block_tables,
+                                           meta.decode_ctx_lens, scale, meta.decode_max_context, r)
+    out = q.new_empty(T, nh, r)
+    if meta.decode_token_idx.numel() and kernel:
+        out[meta.decode_token_idx] = triton_mla.paged_mla_decode(
+            q[meta.decode_token_idx], cache, meta.decode_block_tables, meta.decode_ctx_lens,
+            scale, meta.decode_max_context, r)
+    elif meta.decode_token_idx.numel():
         tables = meta.decode_block_tables
         B, nb = tables.shape
         bs = cache.shape[1]
