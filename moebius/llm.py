@@ -53,7 +53,10 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        ids = [
+            self.engine.add_request(p, sp, final_only=True)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
         return self._run(ids, use_tqdm)
 
     def chat(

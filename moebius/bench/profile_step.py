@@ -1,13 +1,16 @@
-"""Where a step's GPU time goes: eager decode steps (and optionally one prefill step) under
-torch.profiler, kernels grouped by name, for given batch sizes (CUDA).
+"""Where a step's time goes (CUDA): eager decode steps (and optionally one prefill step)
+under torch.profiler, kernels grouped by name; and, with ``--host``, graph-replayed decode
+steps under cProfile, the engine's Python functions by cumulative time.
 
     python -m moebius.bench.profile_step --preset qwen3-30b-a3b --layers 8 --batch 1 64 \
-        --prefill 1x2048
+        --prefill 1x2048 --host 256
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 
 import torch
 
@@ -53,12 +56,28 @@ def profile_prefill(model, prompts: int, tokens: int) -> None:
         engine.shutdown()
 
 
+def profile_host(model, batch: int) -> None:
+    engine = random_batch_engine(model, batch, prompt_len=128, max_tokens=200)
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        engine.step()
+    prof.disable()
+    print(f"\n=== host, batch {batch}, 20 graph-replayed decode steps (cumulative s)")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats("moebius", 30)
+    engine.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--prefill", nargs="*", default=[], help="PROMPTSxTOKENS, e.g. 1x2048")
+    ap.add_argument("--host", type=int, nargs="*", default=[], help="batch sizes (cProfile)")
     args = ap.parse_args()
     model = preset(args.preset, num_hidden_layers=args.layers)
     for B in args.batch:
@@ -66,6 +85,8 @@ def main() -> None:
     for spec in args.prefill:
         p, t = (int(v) for v in spec.split("x"))
         profile_prefill(model, p, t)
+    for B in args.host:
+        profile_host(model, B)
 
 
 if __name__ == "__main__":

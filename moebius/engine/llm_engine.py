@@ -57,6 +57,7 @@ class _Group:
     detoks: list[IncrementalDetokenizer]
     texts: list[str] = field(default_factory=list)
     reported: bool = False
+    final_only: bool = False  # report once, when finished (offline generate): no per-step work
 
 
 class LLMEngine:
@@ -100,8 +101,15 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        final_only: bool = False,
     ) -> str:
+        """Admit a prompt; returns its request id. ``final_only``: ``step()`` reports it once,
+        finished, and skips the per-step detokenisation and output building (as vLLM's
+        ``RequestOutputKind.FINAL_ONLY``); stop strings still detokenise every step."""
         rid = request_id or self.next_request_id()
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -124,7 +132,9 @@ class LLMEngine:
             for _ in children
         ]
         with self._lock:
-            self.groups[rid] = _Group(rid, text, children, detoks, [""] * len(children))
+            self.groups[rid] = _Group(
+                rid, text, children, detoks, [""] * len(children), final_only=final_only
+            )
             for child in children:
                 self.requests[child.request_id] = child
                 self.scheduler.add(child)
@@ -308,14 +318,17 @@ class LLMEngine:
         touched = {}
         for req in updated:
             gid = req.request_id.split("#")[0]
-            touched[gid] = self.groups[gid]
-            self._detokenize(self.groups[gid], req)
+            group = touched[gid] = self.groups[gid]
+            if not group.final_only or req.params.stop or req.is_finished:
+                self._detokenize(group, req)
         for gid, group in self.groups.items():  # aborted or finished without a new token
             if gid not in touched and all(c.is_finished for c in group.children):
                 touched[gid] = group
         outs = []
         for gid, group in touched.items():
             if group.reported:
+                continue
+            if group.final_only and not all(c.is_finished for c in group.children):
                 continue
             out = self._output(group)
             outs.append(out)
