@@ -41,6 +41,12 @@ def engine_args(p: argparse.ArgumentParser) -> None:
         help="move this many layers per decode step at a switch (0: all at once)",
     )
     p.add_argument("--switch-schedule", default="", help="switch at engine steps, e.g. '5:ep,9:tp'")
+    p.add_argument(
+        "--ep-exchange",
+        choices=["allgather", "alltoall"],
+        default="allgather",
+        help="how EP moves tokens to their experts' ranks (docs/decisions.md)",
+    )
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, str], ...]:
@@ -74,6 +80,7 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         seed=args.seed,
         switch_schedule=parse_schedule(args.switch_schedule),
         progressive_layers=args.progressive_layers,
+        ep_exchange=args.ep_exchange,
     )
 
 

@@ -406,6 +406,7 @@ class EngineConfig:
     layout: str = "tp"  # initial layout: "tp" or "ep" (equal when ranks == 1)
     policy: str = "manual"  # "manual" (switch() and switch_schedule only) or "auto"
     progressive_layers: int = 0  # > 0: a switch moves this many layers per step (stall-free)
+    ep_exchange: str = "allgather"  # EP tokens: "allgather" (+ reduce-scatter) or "alltoall"
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "auto"  # "auto" (checkpoint dtype; float32 on CPU), "float32", "bfloat16", ...
     block_size: int = 16
@@ -427,6 +428,10 @@ class EngineConfig:
             raise ConfigError("ranks must be >= 1")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.ep_exchange not in ("allgather", "alltoall"):
+            raise ConfigError(
+                f"ep_exchange must be 'allgather' or 'alltoall', got {self.ep_exchange!r}"
+            )
         if self.policy not in ("manual", "auto"):
             raise ConfigError(f"policy must be 'manual' or 'auto', got {self.policy!r}")
         if self.device not in ("cpu", "cuda"):

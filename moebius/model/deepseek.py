@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from moebius.config import ModelConfig
 from moebius.model.attention import AttentionMeta
 from moebius.model.mla import MLARotary, mla_block
-from moebius.model.moe import dense_mlp, piece_routing, run_experts
+from moebius.model.moe import dense_mlp, ep_experts, run_experts
 from moebius.model.ops import rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
@@ -71,24 +71,14 @@ def shared_experts(x: torch.Tensor, shared: dict, layout: Layout, comm: Comm) ->
 
 def moe_block(x, ids, weights, lw: LayerWeights, w13, w2t, layout: Layout, comm: Comm, cfg, t_max):
     """Routed + shared experts for this rank's tokens x (T, H), routed to ``ids`` (T, K) with
-    ``weights``. TP: partial sums of both, one all-reduce. EP: all-gather tokens (padded to
-    ``t_max``), each rank adds its experts' outputs, reduce-scatter back, then the local
-    shared experts."""
+    ``weights``. TP: partial sums of both, one all-reduce. EP: the routed experts through
+    ``moe.ep_experts`` (the configured exchange), then the local shared experts."""
     if layout.is_tp or comm.world_size == 1:
         out = run_experts(x, ids, weights, w13, w2t)
         if lw.shared:
             out = out + shared_experts(x, lw.shared, layout, comm)
         return comm.all_reduce(out)
-    T = x.shape[0]
-    pad = t_max - T
-    xp, idp, wp = x, ids, weights
-    if pad:
-        xp = F.pad(x, (0, 0, 0, pad))
-        idp = F.pad(ids, (0, 0, 0, pad), value=-1)
-        wp = F.pad(weights, (0, 0, 0, pad))
-    xg, idg, wg = comm.all_gather(xp), comm.all_gather(idp), comm.all_gather(wp)
-    pieces, pw = piece_routing(idg, wg, layout, cfg.num_experts)
-    out = comm.reduce_scatter(run_experts(xg, pieces, pw, w13, w2t))[:T]
+    out = ep_experts(x, ids, weights, w13, w2t, layout, comm, cfg.num_experts, t_max)
     return out + shared_experts(x, lw.shared, layout, comm) if lw.shared else out
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from moebius.model.ops import fused_on_cuda
 from moebius.parallel.comm import Comm
+from moebius.parallel.dispatch import dispatch_combine
 from moebius.parallel.layout import Layout
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
@@ -110,22 +111,34 @@ def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens
     """MoE block output for this rank's tokens ``x`` (T, H).
 
     TP: every rank holds every token and a 1/N slice of every expert: partial sums, all-reduce.
-    EP: ranks hold different tokens and whole experts: all-gather tokens (padded to the
-    largest rank's count), each rank adds its experts' outputs, reduce-scatter back.
+    EP: ranks hold different tokens and whole experts: ``ep_experts`` moves tokens to the
+    experts' ranks and the outputs back.
     """
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
     if layout.is_tp or comm.world_size == 1:
         out = run_experts(x, ids, weights, w13, w2t)
         return comm.all_reduce(out)
+    return ep_experts(x, ids, weights, w13, w2t, layout, comm, cfg.num_experts, num_tokens_max)
+
+
+def ep_experts(x, ids, weights, w13, w2t, layout: Layout, comm: Comm, num_experts: int,
+               num_tokens_max: int):
+    """EP: this rank's tokens x (T, H) through the experts of every rank, by the exchange
+    ``comm.ep_exchange`` names (parallel/dispatch.py explains the choice)."""
+
+    def local(rows, picks, w):
+        pieces, pw = piece_routing(picks, w, layout, num_experts)
+        return run_experts(rows, pieces, pw, w13, w2t)
+
+    if comm.ep_exchange == "alltoall":
+        return dispatch_combine(x, ids, weights, comm, num_experts, local)
     T = x.shape[0]
     pad = num_tokens_max - T
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
         ids = F.pad(ids, (0, 0, 0, pad), value=-1)
         weights = F.pad(weights, (0, 0, 0, pad))
-    xg, idg, wg = comm.all_gather(x), comm.all_gather(ids), comm.all_gather(weights)
-    pieces, pw = piece_routing(idg, wg, layout, cfg.num_experts)
-    out = run_experts(xg, pieces, pw, w13, w2t)
+    out = local(comm.all_gather(x), comm.all_gather(ids), comm.all_gather(weights))
     return comm.reduce_scatter(out)[:T]
 
 

@@ -16,11 +16,15 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class Comm:
     """The collectives a layer needs, bound to one process group."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, group=None) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, group=None,
+                 ep_exchange: str = "allgather") -> None:
         self.rank = rank
         self.world_size = world_size
         self.group = group
         self.backend = dist.get_backend(group) if world_size > 1 else "none"
+        # how EP moves tokens to their experts' ranks: "allgather" (+ reduce-scatter, fixed
+        # shapes) or "alltoall" (only the tokens a rank needs, sizes exchanged every layer)
+        self.ep_exchange = ep_exchange
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -47,6 +51,16 @@ class Comm:
             return x[self.rank * chunk : (self.rank + 1) * chunk]
         out = torch.empty((chunk, *x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int],
+                   recv_counts: list[int]) -> torch.Tensor:
+        """Rows ``x[sum(send_counts[:j]) : ...]`` go to rank j; returns the rows every rank
+        sent here, concatenated in rank order (``recv_counts[j]`` from rank j)."""
+        if self.world_size == 1:
+            return x
+        out = torch.empty((sum(recv_counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
         return out
 
     def all_gather_object(self, obj) -> list:

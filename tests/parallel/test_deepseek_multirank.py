@@ -72,3 +72,10 @@ def test_switch_into_tp_preempts_when_latents_do_not_fit(refs):
         assert tokens(llm) == ref
         into_tp = [r for r in llm.engine.switches if r.target == "tp"]
         assert into_tp and into_tp[0].preempted > 0
+
+
+def test_ep_alltoall_exchange(refs):
+    """V3 under EP with all-to-all dispatch (routed experts only; shared ones stay local)."""
+    d, ref = refs["deepseek_v3"]
+    with LLM(d, ranks=2, layout="ep", ep_exchange="alltoall", max_num_batched_tokens=48) as llm:
+        assert tokens(llm) == ref

@@ -54,6 +54,20 @@ def test_four_ranks_replicated_kv_heads(layout, references, qwen_dir):
 
 
 @pytest.mark.parametrize(
+    "name,ranks,schedule",
+    [("qwen", 2, ()), ("mixtral", 2, ((2, "tp"), (5, "ep"))), ("qwen", 4, ((3, "tp"),))],
+)
+def test_alltoall_exchange_matches(name, ranks, schedule, references, qwen_dir, mixtral_dir):
+    """EP with all-to-all dispatch/combine (tokens go only to their experts' ranks; over 4
+    ranks a top-2 token skips at least two) gives the all-gather path's tokens, switches
+    included."""
+    d = qwen_dir if name == "qwen" else mixtral_dir
+    with LLM(d, ranks=ranks, layout="ep", ep_exchange="alltoall", switch_schedule=schedule,
+             max_num_batched_tokens=48) as llm:
+        assert tokens(llm, UNEVEN) == references[name]
+
+
+@pytest.mark.parametrize(
     "schedule",
     [
         [(3, "ep")],
