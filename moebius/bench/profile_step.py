@@ -58,7 +58,7 @@ def profile_prefill(model, prompts: int, tokens: int) -> None:
 
 def profile_host(model, batch: int) -> None:
     engine = random_batch_engine(model, batch, prompt_len=128, max_tokens=200)
-    for _ in range(5):
+    for _ in range(batch * 128 // engine.cfg.max_num_batched_tokens + 5):  # past all prefill
         engine.step()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
