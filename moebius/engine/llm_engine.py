@@ -90,7 +90,11 @@ class LLMEngine:
             from moebius.engine.policy import AutoPolicy
             from moebius.engine.step_profile import load_or_measure
 
-            self.policy = AutoPolicy(load_or_measure(self))
+            self.policy = AutoPolicy(
+                load_or_measure(self),
+                progressive_layers=cfg.progressive_layers,
+                num_layers=cfg.model.num_layers,
+            )
 
     # ------------------------------------------------------------------ requests
     @property
@@ -196,6 +200,12 @@ class LLMEngine:
                 else r.params.max_tokens - len(r.output_token_ids)
                 for r in s.running
             ],
+            transition=None
+            if s.transition is None
+            else (
+                s.transition.target,
+                sum(m == s.transition.target for m in s.transition.modes) / len(s.transition.modes),
+            ),
         )
 
     def _maybe_switch(self) -> None:

@@ -6,7 +6,10 @@ pending; a returned layout is switched to at once. ``ManualPolicy`` never decide
 ``AutoPolicy`` forecasts the running batch over a horizon (the decay of a rollout from its
 known remaining lengths, otherwise the recent batch persists, plus an estimated inflow), prices
 that forecast on both layouts' measured step-time curves (``step_profile.StepProfile``), and
-switches when the predicted saving exceeds ``margin`` x the measured switch cost. Hysteresis
+switches when the predicted saving exceeds ``margin`` x the measured switch cost. With a
+progressive switch (k of L layers per step) the saving ramps in as layers move, and while
+one is in flight the policy prices going on against turning back (only the moved layers
+return), so a load that turns back reverses the switch half-way. Hysteresis
 (a minimum relative gain), a run of confirming decisions and a minimum dwell keep noise near
 the crossover from flapping. Every decision is recorded in ``decisions`` and logged to
 ``moebius.policy`` with its reason: switches and changes of reason at INFO, the rest at DEBUG.
@@ -36,6 +39,8 @@ class EngineSnapshot:
     kv_usage: float  # 0..1, mean over block managers
     # per running request: output tokens still allowed (max_tokens - produced); None = unknown
     remaining_tokens: list[int | None] = field(default_factory=list)
+    # a progressive switch in flight: (its target, fraction of layers already there)
+    transition: tuple[str, float] | None = None
 
 
 class SwitchPolicy(ABC):
@@ -135,9 +140,14 @@ class AutoPolicy(SwitchPolicy):
     "src->dst"); measured switches (``observe_switch``) replace the profiled cost.
     """
 
-    def __init__(self, profile, config: AutoConfig | None = None) -> None:
+    def __init__(self, profile, config: AutoConfig | None = None, progressive_layers: int = 0,
+                 num_layers: int = 1) -> None:
         self.profile = profile
         self.cfg = config or AutoConfig()
+        # a switch moves this fraction of the layers per step (1: all at once)
+        self.step_fraction = 1.0
+        if progressive_layers:
+            self.step_fraction = min(1.0, progressive_layers / num_layers)
         self.decisions: deque[Decision] = deque(maxlen=200_000)
         self.paused = False
         self._recent: deque[int] = deque(maxlen=self.cfg.window)
@@ -199,6 +209,28 @@ class AutoPolicy(SwitchPolicy):
         self._last_total = total
         self._finished_guess = sum(1 for r in snap.remaining_tokens if r is not None and r <= 1)
 
+    def _price(self, batches, horizon, ctx, src, dst, start, direction):
+        """Seconds of ``horizon`` steps while a share of the layers runs in ``dst``: ``start``
+        of them at first, ``direction`` x step_fraction more after each step (clamped to
+        [0, 1]); the step time is blended by that share. Runs of an equal batch and share are
+        priced at their middle context."""
+        total, k = 0.0, 0
+
+        def share(h):
+            return min(1.0, max(0.0, start + direction * (h + 1) * self.step_fraction))
+
+        while k < horizon:
+            end = k
+            while (end + 1 < horizon and batches[end + 1] == batches[k]
+                   and share(end + 1) == share(k)):
+                end += 1
+            n, mid, f = end - k + 1, ctx + (k + end) / 2, share(k)
+            t_src = self.profile.step_time(src, batches[k], mid) if f < 1 else 0.0
+            t_dst = self.profile.step_time(dst, batches[k], mid) if f > 0 else 0.0
+            total += n * ((1 - f) * t_src + f * t_dst)
+            k = end + 1
+        return total
+
     # ------------------------------------------------------------------ deciding
     def decide(self, snap: EngineSnapshot) -> str | None:
         self._track_inflow(snap)
@@ -223,16 +255,12 @@ class AutoPolicy(SwitchPolicy):
         batches = [min(b, peak) for b in batches]
         horizon = max((k + 1 for k, b in enumerate(batches) if b >= 0.5), default=0)
         ctx = snap.running_tokens / snap.num_running if snap.num_running else 0.0
-        stay = other_s = 0.0
-        k = 0
-        while k < horizon:  # runs of an equal batch, priced at their middle context
-            end = k
-            while end + 1 < horizon and batches[end + 1] == batches[k]:
-                end += 1
-            n, mid = end - k + 1, ctx + (k + end) / 2
-            stay += n * self.profile.step_time(snap.layout, batches[k], mid)
-            other_s += n * self.profile.step_time(other, batches[k], mid)
-            k = end + 1
+        if snap.transition is not None:
+            return self._decide_in_flight(snap, batches, horizon, ctx)
+        stay = self._price(batches, horizon, ctx, snap.layout, other, 0.0, 0)
+        steady = self._price(batches, horizon, ctx, snap.layout, other, 1.0, 0)
+        # the other layout's time as it would run: its share ramps in over a progressive switch
+        other_s = self._price(batches, horizon, ctx, snap.layout, other, 0.0, 1)
         cost = self.switch_cost(snap.layout, other, snap.running_tokens)
         saving = stay - other_s
         d = dict(
@@ -258,7 +286,7 @@ class AutoPolicy(SwitchPolicy):
                 ),
                 "warmup",
             )
-        gain = saving / stay if stay > 0 else 0.0
+        gain = (stay - steady) / stay if stay > 0 else 0.0  # the layouts' own difference
         fc = f"forecast batch {batches[0]:.0f}->{batches[horizon - 1]:.0f} over {horizon} steps"
         if gain < self.cfg.hysteresis:
             why = (
@@ -314,6 +342,38 @@ class AutoPolicy(SwitchPolicy):
         self._streak = 0
         self._record(Decision(**d, action="switch", reason=why), "switch")
         return other
+
+    def _decide_in_flight(self, snap: EngineSnapshot, batches, horizon, ctx) -> str | None:
+        """A progressive switch towards ``target`` has a share ``p`` of the layers there: go on
+        (None) or turn back (return the other layout), whichever the horizon prices lower.
+        Going on still costs the unmoved (1 - p) of a switch; turning back costs p of one."""
+        target, p = snap.transition
+        src = "ep" if target == "tp" else "tp"
+        full = self.switch_cost(src, target, snap.running_tokens)
+        on = self._price(batches, horizon, ctx, src, target, p, 1) + (1 - p) * full
+        back_cost = p * full
+        back = self._price(batches, horizon, ctx, src, target, p, -1) + back_cost
+        saving = on - back
+        d = dict(step=snap.step, layout=snap.layout, batch=snap.num_running, target=src,
+                 stay_seconds=on, other_seconds=back - back_cost, cost_seconds=back_cost,
+                 horizon=horizon)
+        gain = saving / on if on > 0 else 0.0
+        if horizon == 0 or gain < self.cfg.hysteresis or saving <= self.cfg.margin * back_cost:
+            self._streak = 0
+            why = (f"switch to {target} in flight ({p:.0%} of layers moved): going on is "
+                   f"priced {on * 1e3:.1f} ms, turning back {back * 1e3:.1f} ms")
+            return self._record(Decision(**d, action="stay", reason=why), "in-flight")
+        if self._streak_target != src:
+            self._streak, self._streak_target = 0, src
+        self._streak += 1
+        why = (f"load turned: back to {src} saves {saving * 1e3:.1f} ms ({gain:+.1%}) with "
+               f"{p:.0%} of layers to return")
+        if self._streak < self.cfg.confirm_steps:
+            return self._record(Decision(**d, action="hold", reason=f"{why}; confirming "
+                                         f"{self._streak}/{self.cfg.confirm_steps}"), "confirm")
+        self._streak = 0
+        self._record(Decision(**d, action="switch", reason=f"reverse: {why}"), "switch")
+        return src
 
     def _record(self, dec: Decision, tag: str) -> None:
         """Keep the decision; log it at INFO when it switches or its kind of reason changes."""

@@ -105,6 +105,35 @@ def test_no_switch_when_horizon_too_short():
     assert [t for _, _, t, _ in long] == ["ep"]
 
 
+def test_progressive_switch_prices_the_ramp():
+    """k = 1 of 48 layers a step: the saving arrives layer by layer, so a batch with 8 tokens
+    left does not pay for the switch any more (all at once it does); 12 tokens left do."""
+    def first(policy, left):
+        snap = EngineSnapshot(0, 0.0, "tp", 64, 0, 64 * 64, 0.1, [left] * 64)
+        return policy.decide(snap)
+
+    cfg = AutoConfig(confirm_steps=1)
+    assert first(AutoPolicy(PROFILE, cfg), 8) == "ep"
+    assert first(AutoPolicy(PROFILE, cfg, progressive_layers=1, num_layers=48), 8) is None
+    assert first(AutoPolicy(PROFILE, cfg, progressive_layers=1, num_layers=48), 12) == "ep"
+
+
+@pytest.mark.parametrize("batch,expect", [(2, "tp"), (64, None)])
+def test_in_flight_progressive_switch_reverses_when_load_turns(batch, expect):
+    """A switch to EP with a quarter of the layers moved: if the batch has fallen to 2 (TP's
+    side of the crossover) the policy turns it back; at 64 it lets it go on."""
+    policy = AutoPolicy(PROFILE, AutoConfig(confirm_steps=2), progressive_layers=4, num_layers=48)
+    decisions = []
+    for step in range(2):
+        snap = EngineSnapshot(step, step * 0.01, "tp", batch, 0, batch * 64, 0.1,
+                              [300] * batch, transition=("ep", 0.25))
+        decisions.append(policy.decide(snap))
+    assert decisions == [None, expect]  # a reversal is confirmed like any switch
+    last = policy.decisions[-1]
+    assert ("reverse" in last.reason) == (expect is not None)
+    assert "in flight" in last.reason or expect is not None
+
+
 def test_respects_dwell_after_a_manual_switch():
     policy = AutoPolicy(PROFILE, AutoConfig(min_dwell_steps=20, confirm_steps=1))
     policy.observe_switch(record(0, "ep", "tp"))  # e.g. an operator's switch at step 0
