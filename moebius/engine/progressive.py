@@ -9,6 +9,9 @@ and each layer writes its KV into the view of its current layout. ``progress`` p
 layers, moves their experts (the same range swap as a whole switch, restricted to them) and
 their KV (source view -> target view), and when every layer is in the target the primary view
 becomes the target's. ``reverse`` turns a switch around half-way: the moved layers go back.
+Requests admitted mid-switch get tables in both views and compute their whole prompt (no
+prefix-cache hit: a cached prefix exists in one view only); each layer writes its KV into the
+view of its current layout, and later moves carry it like everyone else's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ def begin(sched, target: str) -> list:
         for req in sched.running:
             req.owner_rank = owners[req.request_id]
     sched.transition = Transition(target, [sched.layout] * sched.cfg.model.num_layers, alt_managers)
+    # Moved layers rewrite the pool's bytes through the other view: cached blocks of the
+    # primary view would be stale after a reversal, so the prefix cache starts over (running
+    # requests re-register their blocks when the switch ends; nothing registers meanwhile).
+    for mgr in sched.managers:
+        mgr.forget_cached()
+    for req in sched.running:
+        req.block_hashes = []
     preempted = []
     for req in sorted(sched.running, key=lambda r: r.num_computed_tokens):
         mgr = sched.alt_manager(req)

@@ -43,6 +43,7 @@ class Scheduler:
         self.managers = self._make_managers(self.layout)
         self.num_preemptions = 0
         self.transition = None  # a progressive switch in flight (engine/progressive.py)
+        self.num_admitted_mid_switch = 0
 
     def _make_managers(self, layout: str) -> list[BlockManager]:
         count = self.world_size if layout == "ep" else 1
@@ -134,7 +135,9 @@ class Scheduler:
         for rank in range(self.world_size):
             if loads[rank] > floor + slack:
                 continue
-            hit = len(self.managers[rank].match_prefix(req.all_token_ids))
+            hit = 0  # mid-switch: no prefix reuse (progressive.py), so only load counts
+            if self.transition is None:
+                hit = len(self.managers[rank].match_prefix(req.all_token_ids))
             key = (-hit, loads[rank], rank)
             if best_key is None or key < best_key:
                 best, best_key = rank, key
@@ -175,24 +178,25 @@ class Scheduler:
             self._grow(req, req.num_computed_tokens + n)
             items.append((req, n))
             budgets[b] -= n
-        # No admission during a progressive switch: it lasts a few steps.
-        while (
-            self.waiting
-            and not preempted
-            and self.transition is None
-            and len(self.running) < self.cfg.max_num_seqs
-        ):
+        while self.waiting and not preempted and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            req.owner_rank = self._choose_owner(req) if ep else -1
+            mid_switch = self.transition is not None  # one of the two views is EP: an owner
+            req.owner_rank = self._choose_owner(req) if ep or mid_switch else -1
             b = self._bucket(req)
             mgr = self.manager(req)
-            cached = mgr.match_prefix(req.all_token_ids)
+            cached = [] if mid_switch else mgr.match_prefix(req.all_token_ids)
             num_cached = len(cached) * self.cfg.block_size
             n = min(req.num_tokens - num_cached, budgets[b])
-            if n <= 0 or not mgr.can_allocate(cached, num_cached + n):
+            fits = n > 0 and mgr.can_allocate(cached, num_cached + n)
+            if fits and mid_switch:
+                fits = self.alt_manager(req).can_allocate([], n)
+            if not fits:
                 req.owner_rank = -1
                 break
             self.waiting.popleft()
+            if mid_switch:
+                req.alt_block_ids = self.alt_manager(req).allocate([], n)
+                self.num_admitted_mid_switch += 1
             req.block_ids = mgr.allocate(cached, num_cached + n)
             req.block_hashes = []
             req.block_meta = {i: m for i, m in enumerate(mgr.cached_meta(cached)) if m is not None}
@@ -305,7 +309,8 @@ class Scheduler:
                 continue
             req.num_computed_tokens += n
             mgr = self.manager(req)
-            if mgr.caching and req.num_computed_tokens // mgr.block_size > len(req.block_hashes):
+            full = req.num_computed_tokens // mgr.block_size > len(req.block_hashes)
+            if mgr.caching and full and self.transition is None:  # see progressive.begin
                 mgr.commit_full_blocks(  # only when a block became full: no per-token copy
                     req.block_ids,
                     req.all_token_ids,

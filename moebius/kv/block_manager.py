@@ -134,6 +134,14 @@ class BlockManager:
                 if meta is not None and i in meta:
                     self.block_meta[h] = meta[i]
 
+    def forget_cached(self) -> None:
+        """Drop every hash (free cached blocks become plain free blocks; blocks in use stay
+        allocated): their bytes are about to be rewritten through another view of the pool."""
+        for blk in self.blocks:
+            blk.hash, blk.token_ids = None, ()
+        self.hash_to_block.clear()
+        self.block_meta.clear()
+
     def reset(self) -> None:
         """Forget everything (used when the pool's view changes at a switch)."""
         self.__init__(self.num_blocks, self.block_size, self.caching)

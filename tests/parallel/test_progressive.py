@@ -81,3 +81,56 @@ def test_progressive_switch_with_preemption(reference, qwen_dir):
     ) as llm:
         assert tokens(llm) == reference
         assert llm.engine.scheduler.num_preemptions > 0
+
+
+SHORT = [
+    SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+    for m in (2, 3, 9, 4, 12, 5, 7, 3)[: len(UNEVEN)]
+]
+
+
+@pytest.mark.parametrize("schedule", [[(2, "ep")], [(2, "ep"), (4, "tp")]], ids=["on", "reversed"])
+def test_progressive_switch_admits_requests(schedule, qwen_dir):
+    """Two slots, short requests: slots free up while the switch is in flight and waiting
+    requests are admitted mid-switch (tables in both views, whole prompt computed); tokens
+    equal a single-device run, reversal included."""
+    with LLM(qwen_dir) as llm:
+        ids = [llm.tokenizer.encode(p) for p in UNEVEN]
+        ref = [o.outputs[0].token_ids for o in llm.generate(ids, SHORT)]
+    with LLM(qwen_dir, ranks=2, layout="tp", switch_schedule=schedule, progressive_layers=1,
+             max_num_seqs=2, max_num_batched_tokens=24) as llm:
+        out = [o.outputs[0].token_ids for o in llm.generate(ids, SHORT)]
+        assert llm.engine.scheduler.num_admitted_mid_switch > 0
+        assert llm.engine.scheduler.transition is None
+    assert out == ref
+
+
+def test_progressive_reversal_keeps_the_prefix_cache_sound(qwen_dir):
+    """A's blocks are cached; a switch moves two layers of a running request's KV through the
+    other view (rewriting those bytes) and is reversed; then a prompt equal to A's must not
+    reuse A's now-stale cached blocks: the primary view's prefix cache starts over at a
+    progressive switch."""
+    a = "Science, history, music, art, code, mathematics and sport are topics of many talks."
+    c = "Write a very long story about a dragon who learned to paint with many colors."
+    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    with LLM(qwen_dir) as llm:
+        ref_a = tokens_of(llm, a, GREEDY)
+    with LLM(qwen_dir, ranks=2, layout="tp", progressive_layers=1, num_kv_blocks=40,
+             block_size=4) as llm:
+        eng = llm.engine
+        assert tokens_of(llm, a, GREEDY) == ref_a  # A's prompt blocks are now cached
+        eng.add_request(llm.tokenizer.encode(c), long, "c")
+        for _ in range(3):
+            eng.step()
+        eng.switch("ep")
+        for _ in range(3):  # two layers move with C's KV rewritten through the EP view
+            eng.step()
+        eng.switch("tp")  # reversed half-way
+        while eng.scheduler.transition is not None:
+            eng.step()
+        assert tokens_of(llm, a, GREEDY) == ref_a
+        eng.abort("c")
+
+
+def tokens_of(llm, prompt, params):
+    return llm.generate([llm.tokenizer.encode(prompt)], params)[0].outputs[0].token_ids
