@@ -58,7 +58,9 @@ def cmd_route(args) -> None:
             host, int(port), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
         )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call
-    policy = make_policy(args.policy, model=model, tau=args.tau, seed=args.seed)
+    policy = make_policy(
+        args.policy, model=model, tau=args.tau, seed=args.seed, load_cap=args.eldr_load_cap
+    )
     app = create_router_app(args.prefill, args.decode, policy, kv_store=store)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -72,6 +74,12 @@ def add_route_parser(sub) -> None:
     )
     p.add_argument("--eldr-model", default=None, help="file from `moebius eldr calibrate`")
     p.add_argument("--tau", type=float, default=0.1, help="ELDR similarity slack")
+    p.add_argument(
+        "--eldr-load-cap",
+        type=float,
+        default=None,
+        help="ELDR: skip instances with at least this many times their fair share in flight",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     p.add_argument("--kv-store", default=None, help="host the instances' TCPStore at HOST:PORT")
     p.add_argument("--host", default="127.0.0.1")
@@ -85,8 +93,18 @@ def cmd_eldr_calibrate(args) -> None:
     if args.data:
         model = calibrate_from_trace(args.data, args.workers, seed=args.seed)
     elif args.model and args.prompts:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = calibrate_from_prompts(
-            args.model, args.prompts, args.workers, seed=args.seed, max_tokens=args.max_tokens
+            args.model,
+            args.prompts,
+            args.workers,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            device=device,
+            ranks=args.ranks,
+            dtype=args.dtype,
         )
     else:
         raise ValueError("give --data TRACE.npz, or --model DIR --prompts FILE")
@@ -107,6 +125,11 @@ def add_eldr_parser(sub) -> None:
     c.add_argument("--model", default=None, help="checkpoint folder to run --prompts through")
     c.add_argument("--prompts", default=None, help="text file, one calibration prompt a line")
     c.add_argument("--max-tokens", type=int, default=32, help="decode tokens per prompt")
+    c.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
+    c.add_argument("--ranks", type=int, default=1, help="GPUs of the local engine (--prompts)")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(fn=cmd_eldr_calibrate)
 

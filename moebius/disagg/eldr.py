@@ -169,14 +169,21 @@ class EldrPolicy(RoutingPolicy):
     sim[k] = cosine(signature, centroid k). Candidates are the workers with
     sim[k] >= max(sim) - tau; among them the least loaded wins, ties to the lowest index.
     tau = 0 is pure locality (nearest centroid), a large tau is least_load.
+
+    load_cap (optional, off by default): before the rule, drop the workers whose in-flight load
+    is at least load_cap times the fair share ceil((sum(loads) + 1) / K); at least the least
+    loaded worker always stays. It bounds the imbalance that locality alone allows (one busy
+    topic, one busy worker), which is what raises tail latency.
     """
 
     name = "eldr"
 
-    def __init__(self, model: EldrModel, tau: float = 0.1) -> None:
+    def __init__(self, model: EldrModel, tau: float = 0.1, load_cap: float | None = None) -> None:
         if tau < 0:
             raise ValueError("tau must be >= 0")
-        self.model, self.tau = model, tau
+        if load_cap is not None and load_cap < 1:
+            raise ValueError("load_cap must be >= 1 (a multiple of the fair share)")
+        self.model, self.tau, self.load_cap = model, tau, load_cap
 
     def similarities(self, request: np.ndarray) -> np.ndarray:
         request = np.asarray(request, dtype=np.float64)
@@ -191,19 +198,30 @@ class EldrPolicy(RoutingPolicy):
         if len(loads) != self.model.num_workers:
             raise ValueError(f"{len(loads)} loads for {self.model.num_workers} centroids")
         sims = self.similarities(request)
+        loads = np.asarray(loads)
+        if self.load_cap is not None:
+            share = -(-(int(loads.sum()) + 1) // len(loads))
+            over = loads >= self.load_cap * share
+            over[np.argmin(loads)] = False
+            sims = np.where(over, -np.inf, sims)
         candidates = np.flatnonzero(sims >= sims.max() - self.tau)
-        load = np.asarray(loads)[candidates]
-        return int(candidates[np.argmin(load)])
+        return int(candidates[np.argmin(loads[candidates])])
 
 
 def make_policy(
-    name: str, *, model: EldrModel | None = None, tau: float = 0.1, seed: int = 0
+    name: str,
+    *,
+    model: EldrModel | None = None,
+    tau: float = 0.1,
+    seed: int = 0,
+    load_cap: float | None = None,
 ) -> RoutingPolicy:
-    """A policy by name: eldr (needs model), least_load, round_robin, random."""
+    """A policy by name: eldr (needs model; load_cap optional), least_load, round_robin,
+    random."""
     if name == "eldr":
         if model is None:
             raise ValueError("eldr needs a fitted EldrModel")
-        return EldrPolicy(model, tau)
+        return EldrPolicy(model, tau, load_cap)
     if name == "least_load":
         return LeastLoadPolicy()
     if name == "round_robin":

@@ -168,6 +168,7 @@ def cmd_pd(args) -> None:
             num_prefill=args.prefill,
             num_decode=args.decode,
             tau=args.tau,
+            load_cap=args.load_cap,
             seed=args.seed,
             profile=args.profile,
             data=args.data,
@@ -237,8 +238,9 @@ def add_sim_parser(subparsers) -> None:
     p.add_argument(
         "--policies",
         nargs="+",
-        default=["eldr", "least_load", "round_robin", "random"],
-        choices=["eldr", "least_load", "round_robin", "random"],
+        default=["eldr", "eldr_cap", "least_load", "round_robin", "random"],
+        choices=["eldr", "eldr_cap", "least_load", "round_robin", "random"],
+        help="eldr_cap: eldr with --load-cap",
     )
     p.add_argument(
         "--workload",
@@ -255,6 +257,9 @@ def add_sim_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=32, help="in-flight requests per decode inst.")
     p.add_argument("--num", type=int, default=0, help="requests (0: 4x the concurrency)")
     p.add_argument("--tau", type=float, default=0.1, help="ELDR similarity slack")
+    p.add_argument(
+        "--load-cap", type=float, default=1.25, help="eldr_cap: in-flight cap, x fair share"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="/work/shared/data/routing-deepseek-v2-lite-puffin-1-1000.npz")
     p.add_argument("--profile", default="h200")

@@ -35,7 +35,7 @@ from moebius.sim.expert_traces import (
 from moebius.sim.pd import decode_pool, prefill_pool
 from moebius.sim.workloads import Arrival, poisson
 
-POLICIES = ("eldr", "least_load", "round_robin", "random")
+POLICIES = ("eldr", "eldr_cap", "least_load", "round_robin", "random")  # eldr_cap: load_cap
 TRACE = "/work/shared/data/routing-deepseek-v2-lite-puffin-1-1000.npz"
 LOCALITY_TOKENS = 26  # locality is measured on prompts of the real trace's median length
 
@@ -174,6 +174,7 @@ def run_workload(
     num_prefill: int = 8,
     num_decode: int = 16,
     tau: float = 0.1,
+    load_cap: float = 1.25,
     seed: int = 0,
     profile: str = "h200",
     data: str = TRACE,
@@ -197,7 +198,10 @@ def run_workload(
     handoffs = prefill_pool(m, cm, arr, num_prefill, link)
     rows = []
     for name in policies:
-        policy = make_policy(name, model=model, tau=tau, seed=seed)
+        cap = load_cap if name == "eldr_cap" else None
+        policy = make_policy(
+            name.removesuffix("_cap"), model=model, tau=tau, seed=seed, load_cap=cap
+        )
         pool, decisions = decode_pool(m, cm, reqs, handoffs, policy, num_decode)
         rows.append({"policy": name, **summarize(pool, decisions, handoffs, reqs)})
     info = {

@@ -152,6 +152,23 @@ def test_eldr_policy_tau_and_least_load_rule():
         policy.choose(sig, [0, 0])
 
 
+def test_eldr_load_cap_drops_overloaded_workers_only():
+    sig = np.array([0.7, 0.65, 0.0, 0.0, 0.0, 0.0])
+    sig /= np.linalg.norm(sig)
+    capped = EldrPolicy(_model(), tau=0.0, load_cap=1.5)
+    # fair share ceil((8 + 1) / 3) = 3, cap 4.5: worker 0 (5 in flight) is dropped, worker 1
+    # is the most similar left; under the cap the rule is the plain one.
+    assert capped.choose(sig, [5, 2, 1]) == 1
+    assert capped.choose(sig, [4, 2, 1]) == 0
+    assert EldrPolicy(_model(), tau=0.0).choose(sig, [5, 2, 1]) == 0
+    tight = EldrPolicy(_model(), tau=0.0, load_cap=1.0)  # share ceil(18 / 3) = 6
+    assert tight.choose(sig, [9, 8, 0]) == 2  # only the least loaded is left
+    assert tight.choose(sig, [6, 6, 6]) == 0  # none over the cap: the plain rule
+    assert capped.choose(sig, [0, 0, 0]) == 0  # an idle pool: locality
+    with pytest.raises(ValueError):
+        EldrPolicy(_model(), load_cap=0.5)
+
+
 def test_baseline_policies():
     rr = RoundRobinPolicy()
     assert [rr.choose(None, [0, 0, 0]) for _ in range(4)] == [0, 1, 2, 0]
