@@ -31,16 +31,21 @@ def attention_block(
     meta: AttentionMeta,
 ):
     """Self-attention. TP: this rank's head slice (views of the whole weights), o_proj
-    row-parallel and all-reduced. EP: all heads, no communication."""
+    row-parallel and all-reduced. EP (or one rank): all heads, one q/k/v GEMM, no
+    communication."""
     d = cfg.head_dim
     qh, kvh = layout.q_heads(cfg), layout.kv_heads(cfg)
     q_w = lw.q_proj[qh.start * d : qh.stop * d]
     k_w = lw.k_proj[kvh.start * d : kvh.stop * d]
     v_w = lw.v_proj[kvh.start * d : kvh.stop * d]
     T = x.shape[0]
-    q = F.linear(x, q_w).view(T, len(qh), d)
-    k = F.linear(x, k_w).view(T, len(kvh), d)
-    v = F.linear(x, v_w).view(T, len(kvh), d)
+    if lw.qkv_proj is not None and len(qh) == cfg.num_heads and len(kvh) == cfg.num_kv_heads:
+        q, k, v = F.linear(x, lw.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
+        q, k, v = q.view(T, len(qh), d), k.view(T, len(kvh), d), v.view(T, len(kvh), d)
+    else:  # a TP shard: this rank's head slices of the three views
+        q = F.linear(x, q_w).view(T, len(qh), d)
+        k = F.linear(x, k_w).view(T, len(kvh), d)
+        v = F.linear(x, v_w).view(T, len(kvh), d)
     if lw.q_norm is not None:
         q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)

@@ -136,9 +136,16 @@ def load_weights(
         if cfg.is_mla:
             _load_mla(lw, get, p, cfg)
         else:
-            lw.q_proj = get(p + "self_attn.q_proj.weight", (cfg.q_size, H), scale=H**-0.5)
-            lw.k_proj = get(p + "self_attn.k_proj.weight", (cfg.kv_size, H), scale=H**-0.5)
-            lw.v_proj = get(p + "self_attn.v_proj.weight", (cfg.kv_size, H), scale=H**-0.5)
+            # one buffer [q; k; v]: a rank holding every head projects with one GEMM, TP
+            # ranks read their head slices of the three views
+            lw.qkv_proj = torch.cat([
+                get(p + "self_attn.q_proj.weight", (cfg.q_size, H), scale=H**-0.5),
+                get(p + "self_attn.k_proj.weight", (cfg.kv_size, H), scale=H**-0.5),
+                get(p + "self_attn.v_proj.weight", (cfg.kv_size, H), scale=H**-0.5),
+            ])
+            lw.q_proj, lw.k_proj, lw.v_proj = lw.qkv_proj.split(
+                [cfg.q_size, cfg.kv_size, cfg.kv_size]
+            )
             o_shape = (H, cfg.q_size)
             lw.o_proj = get(p + "self_attn.o_proj.weight", o_shape, scale=cfg.q_size**-0.5)
         if cfg.qk_norm:

@@ -24,6 +24,7 @@ class LayerWeights:
     q_proj: torch.Tensor | None = None  # (nh·d, H); MLA without q_lora: (nh·(dn+dr), H)
     k_proj: torch.Tensor | None = None  # (nkv·d, H); None under MLA
     v_proj: torch.Tensor | None = None  # (nkv·d, H); None under MLA
+    qkv_proj: torch.Tensor | None = None  # [q; k; v] rows: q/k/v_proj are views of it
     o_proj: torch.Tensor | None = None  # (H, nh·d); MLA: (H, nh·dv)
     q_norm: torch.Tensor | None = None  # (d,)
     k_norm: torch.Tensor | None = None  # (d,)
@@ -97,8 +98,9 @@ class ModelWeights:
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
             tensors += [*lw.dense.values(), *lw.mla.values(), *lw.shared.values()]
-        for t in tensors:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+        for t in tensors:  # views (q/k/v of qkv, a tied head) count once, by storage
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
         return total
