@@ -7,9 +7,9 @@
 2. ``_w13_kernel``: per (block, intermediate tile), gate and up GEMMs of the block's tokens
    against its piece's w13 rows, SiLU(gate)·up in the epilogue.
 3. ``_w2_kernel``: per (block, hidden tile), the down GEMM, times the routing weight, stored
-   at the pair's own row; the K rows of a token are summed afterwards (no atomics). For a few
-   tokens (batch 1-4), ``_w2_token_kernel`` instead sums each token's K pieces in order in one
-   program per (token, hidden tile): no zero fill, no separate sum.
+   at the pair's own row; the K rows of a token are summed afterwards (no atomics). (A
+   token-major variant summing each token's K pieces in one program was 2.3× slower at batch 1
+   on H200: its GEMV tiles read the weights far below bandwidth.)
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
 sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at
@@ -37,7 +37,6 @@ def _align_kernel(
     sorted_rows,
     block_piece,
     cursor,
-    pair_slot,
     P: tl.constexpr,
     P_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -68,7 +67,6 @@ def _align_kernel(
     tl.debug_barrier()  # cursor and sentinel stores land before the atomics and the scatter
     slot = tl.atomic_add(cursor + bucket, 1, mask=held)
     tl.store(sorted_rows + slot, offs, mask=held)
-    tl.store(pair_slot + offs, slot, mask=held)
 
 
 @triton.jit
@@ -167,52 +165,6 @@ def _w2_kernel(
              mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
-def _w2_token_kernel(
-    A,
-    W,
-    Y,
-    pieces,
-    pair_slot,
-    route_w,
-    H,
-    C,
-    stride_am,
-    stride_we,
-    stride_wk,
-    stride_yt,
-    K: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """Few tokens: one program per (token, hidden tile) sums its K pieces' down projections
-    in order, so the output needs no zero fill and no separate sum over k."""
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = offs_n < H
-    total = tl.zeros([BN], tl.float32)
-    for k in tl.static_range(K):
-        piece = tl.load(pieces + t * K + k)
-        held = piece >= 0
-        slot = tl.where(held, tl.load(pair_slot + t * K + k), 0)
-        w_base = W + tl.where(held, piece, 0).to(tl.int64) * stride_we
-        part = tl.zeros([BN], tl.float32)
-        for k0 in range(0, C, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            kmask = (offs_k < C) & held
-            a = tl.load(A + slot.to(tl.int64) * stride_am + offs_k, mask=kmask, other=0.0)
-            w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :],
-                        mask=kmask[:, None] & nmask[None, :], other=0.0)
-            part += tl.sum(a.to(tl.float32)[:, None] * w.to(tl.float32), 0)
-        rw = tl.load(route_w + t * K + k).to(tl.float32)
-        y = part.to(Y.dtype.element_ty).to(tl.float32) * rw  # rounded as the GEMM path rounds
-        total += tl.where(held, y.to(Y.dtype.element_ty).to(tl.float32), 0.0)
-    tl.store(Y + t * stride_yt + offs_n, total.to(Y.dtype.element_ty), mask=nmask)
-
-
-TOKEN_MAJOR_MAX = 4  # up to this many tokens the down projection runs token-major
-
-
 def _tiles(M: int) -> tuple[int, int, int, int]:
     """(BN, BK) of the w13 kernel and of the w2 kernel, by pair count (H200, Qwen3-30B-A3B
     shapes, ``python -m moebius.bench.moe_kernels``)."""
@@ -238,10 +190,9 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
     block_piece = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     p_pad = triton.next_power_of_2(P + 1)
     cursor = torch.empty(p_pad, dtype=torch.int32, device=dev)
-    pair_slot = torch.empty(M, dtype=torch.int32, device=dev)
     flat = pieces.reshape(-1)
     _align_kernel[(1,)](
-        flat, M, sorted_rows, block_piece, cursor, pair_slot,
+        flat, M, sorted_rows, block_piece, cursor,
         P=P, P_PAD=p_pad, M_PAD=max(16, triton.next_power_of_2(M)), BM=BM,
         NUM_BLOCKS=num_blocks, CHUNK=32, num_warps=8,
     )
@@ -253,14 +204,6 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
         TOPK=K, BM=BM, BN=bn1, BK=bk1, num_warps=4, num_stages=4,
     )
     route_w = weights.reshape(-1)
-    if T <= TOKEN_MAJOR_MAX:
-        out = torch.empty(T, H, dtype=x.dtype, device=dev)
-        _w2_token_kernel[(T, triton.cdiv(H, 16))](
-            act, w2t, out, flat, pair_slot, route_w, H, c,
-            act.stride(0), w2t.stride(0), w2t.stride(1), out.stride(0),
-            K=K, BN=16, BK=128, num_warps=4,
-        )
-        return out
     y = torch.zeros(M, H, dtype=x.dtype, device=dev)
     _w2_kernel[(num_blocks, triton.cdiv(H, bn2))](
         act, w2t, y, sorted_rows, block_piece, route_w, M, H, c,
