@@ -72,7 +72,7 @@ def random_batch_engine(
     settings = dict(
         device="cuda",
         dtype="bfloat16",
-        num_kv_blocks=batch * 16 + 64,
+        num_kv_blocks=max(batch * 16 + 64, 2048 // 16 + 1),  # one request fits max_model_len
         max_num_seqs=batch,
         max_model_len=2048,
         enable_prefix_caching=False,
@@ -115,7 +115,7 @@ def run(
 ) -> list[dict]:
     max_batch = max(batches)
     ctx = prompt_len + warmup + decode_steps + 2
-    blocks = max_batch * ((ctx + 15) // 16) + 64
+    blocks = max(max_batch * ((ctx + 15) // 16) + 64, 4096 // 16 + 1)
     cfg = EngineConfig(
         model=model,
         model_dir=None,
@@ -190,7 +190,7 @@ def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0
         model_dir=None,
         device="cuda",
         dtype="bfloat16",
-        num_kv_blocks=tokens_max // 16 * 2 + 64,
+        num_kv_blocks=max(tokens_max // 16 * 2 + 64, 4096 // 16 + 1),
         max_num_seqs=64,
         max_num_batched_tokens=tokens_max,
         max_model_len=4096,

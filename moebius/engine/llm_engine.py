@@ -72,6 +72,7 @@ class LLMEngine:
         nb_tp = min(r["kv_blocks_tp"] for r in self.memory)
         self.scheduler = Scheduler(cfg, {"ep": nb_ep, "tp": nb_tp})
         log.info("%s", self.memory_summary())
+        self._check_kv_capacity(min(nb_ep, nb_tp) * cfg.block_size)
         eos = set(cfg.model.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -143,6 +144,25 @@ class LLMEngine:
                 self.requests[child.request_id] = child
                 self.scheduler.add(child)
         return rid
+
+    def _check_kv_capacity(self, kv_tokens: int) -> None:
+        """As vLLM does: an explicit max_model_len the KV cache cannot hold for one request
+        (in either layout) is a start-up error; the model's own default only warns, and longer
+        requests are refused (prompt) or stopped with "length"."""
+        if self.cfg.max_model_len is not None and self.cfg.max_model_len > kv_tokens:
+            self.executor.shutdown()
+            raise ConfigError(
+                f"max_model_len {self.cfg.max_model_len} is larger than the {kv_tokens} tokens "
+                f"the KV cache holds per request; lower max_model_len or give the cache more "
+                f"memory (num_kv_blocks, kv_cache_memory, gpu_memory_utilization)"
+            )
+        if self.cfg.context_len > kv_tokens:
+            log.warning(
+                "the model's context (%d tokens) exceeds the KV cache's %d tokens per request: "
+                "longer prompts are refused and longer generations stop with 'length'",
+                self.cfg.context_len,
+                kv_tokens,
+            )
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

@@ -142,6 +142,15 @@ def test_prompt_too_long(qwen_dir):
         assert small.generate([1] * 8, GREEDY)[0].outputs[0].finish_reason == "length"
 
 
+def test_max_model_len_beyond_the_kv_cache_is_refused_at_start(qwen_dir):
+    """As vLLM: an explicit max_model_len one request could never fill is a start-up error
+    that names the capacity; one that fits starts."""
+    with pytest.raises(ConfigError, match="larger than the 128 tokens the KV cache holds"):
+        LLM(qwen_dir, max_model_len=256, num_kv_blocks=8, block_size=16)
+    with LLM(qwen_dir, max_model_len=128, num_kv_blocks=8, block_size=16) as llm:
+        assert llm.generate([1] * 8, GREEDY)[0].outputs[0].token_ids
+
+
 def test_bad_checkpoints(qwen_dir, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         LLM(str(tmp_path / "nope"))
