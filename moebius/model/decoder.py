@@ -17,6 +17,11 @@ from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model import triton_qk
+except ImportError:  # pragma: no cover - depends on the install
+    triton_qk = None
+
 
 def attention_block(
     x,
@@ -46,12 +51,17 @@ def attention_block(
         q = F.linear(x, q_w).view(T, len(qh), d)
         k = F.linear(x, k_w).view(T, len(kvh), d)
         v = F.linear(x, v_w).view(T, len(kvh), d)
-    if lw.q_norm is not None:
-        q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-    q, k = rotary.apply(q, positions), rotary.apply(k, positions)
     k_cache, v_cache = kv_cache
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if q.is_cuda and triton_qk is not None and triton_qk.supported(d):  # one launch for all
+        q = triton_qk.qk_norm_rope_write(q, k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
+                                         rotary.cos, rotary.sin, positions, k_cache, v_cache,
+                                         meta.slot_mapping)
+    else:
+        if lw.q_norm is not None:
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        q, k = rotary.apply(q, positions), rotary.apply(k, positions)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
     o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
     out = F.linear(o.reshape(T, -1), o_w)

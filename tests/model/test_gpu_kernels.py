@@ -261,3 +261,33 @@ def test_mla_cuda_graphs_match_eager(arch, tmp_path):
         a = [o.outputs[0].token_ids for o in eager.generate(ids, sp)]
         b = [o.outputs[0].token_ids for o in graphed.generate(ids, sp)]
     assert a == b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_qk_norm_rope_write_matches_reference(dtype, norm):
+    """One launch for q/k RMSNorm, rotary and the KV write against ops.rms_norm, Rotary and
+    attention.write_kv, on q/k/v views of one qkv GEMM output."""
+    from moebius.model.attention import write_kv
+    from moebius.model.ops import Rotary, rms_norm
+    from moebius.model.triton_qk import qk_norm_rope_write
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    T, nh, kvh, d, NB, bs = 37, 32, 4, 128, 64, 16
+    qkv = torch.randn(T, (nh + 2 * kvh) * d, device="cuda", generator=g, dtype=dtype)
+    q, k, v = qkv.split([nh * d, kvh * d, kvh * d], -1)
+    q, k, v = q.view(T, nh, d), k.view(T, kvh, d), v.view(T, kvh, d)
+    qn = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype)
+    kn = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype)
+    rot = Rotary(d, 1e6, 4096, "cuda")
+    pos = torch.randint(0, 4096, (T,), device="cuda", generator=g)
+    slots = torch.randperm(NB * bs, device="cuda", generator=g)[:T]
+    caches = [torch.zeros(NB, bs, kvh, d, device="cuda", dtype=dtype) for _ in range(4)]
+    qq, kk = (rms_norm(q, qn, 1e-6), rms_norm(k, kn, 1e-6)) if norm else (q, k)
+    ref_q, ref_k = rot.apply(qq, pos), rot.apply(kk, pos)
+    write_kv(caches[0], caches[1], ref_k, v, slots)
+    out = qk_norm_rope_write(q, k, v, qn if norm else None, kn if norm else None, 1e-6,
+                             rot.cos, rot.sin, pos, caches[2], caches[3], slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(out, ref_q) < tol and rel(caches[2], caches[0]) < tol
+    assert torch.equal(caches[3], caches[1])
