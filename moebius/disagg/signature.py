@@ -3,7 +3,8 @@
 Owns the offline maths of ELDR's signature: per-layer top-k count matrices from routing logs,
 IDF weights fitted on a calibration set, the stacked L2-normalised signature over a subset of
 layers, Spearman correlation (numpy ranks), decode expert-set Jaccard of request pairs, and the
-greedy forward selection of layers.
+greedy forward selection of layers; and the locality figure of a set of requests (how much
+more a request's counts correlate with its own later ones than with another request's).
 
 Shapes: N requests, L MoE layers, E routed experts, T tokens, k top-k, P sampled pairs,
 S selected layers (signature length S*E).
@@ -185,3 +186,22 @@ def signature_spearman(
     return spearman(
         layer_set_cosine(dots, sq_a, sq_b, list(layers)), pair_jaccard(decode_sets, pairs)
     )
+
+
+def locality(first: list[np.ndarray], second: list[np.ndarray], seed: int = 0) -> dict:
+    """Mean Pearson correlation, over prompts and layers, of the (L, E) counts of a prompt's
+    first half with its own second half (``within``) and with another prompt's (``across``,
+    a seeded derangement): within - across is the part a router can use; across alone is
+    experts popular with every prompt. Layers where either side is constant are skipped."""
+    n = len(first)
+    other = (np.arange(n) + 1 + np.random.default_rng(seed).integers(n - 1, size=n)) % n
+    out = {}
+    for name, pairs in (("within", range(n)), ("across", other)):
+        corrs = [
+            np.corrcoef(first[i][l], second[j][l])[0, 1]
+            for i, j in zip(range(n), pairs, strict=True)
+            for l in range(first[i].shape[0])
+            if first[i][l].std() > 0 and second[j][l].std() > 0
+        ]
+        out[name] = float(np.mean(corrs)) if corrs else float("nan")
+    return out

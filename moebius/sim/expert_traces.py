@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moebius.disagg.signature import locality
+
 
 @dataclass
 class ExpertRequests:
@@ -193,22 +195,3 @@ def trace_locality(prompts: list[np.ndarray], num_experts: int, min_tokens: int 
     first = [counts_of(p[: len(p) // 2], num_experts) for p in ps]
     second = [counts_of(p[len(p) // 2 :], num_experts) for p in ps]
     return locality(first, second)
-
-
-def locality(first: list[np.ndarray], second: list[np.ndarray], seed: int = 0) -> dict:
-    """Mean Pearson correlation, over prompts and layers, of the (L, E) counts of a prompt's
-    first half with its own second half (``within``) and with another prompt's (``across``,
-    a seeded derangement): within - across is the part a router can use; across alone is
-    experts popular with every prompt. Layers where either side is constant are skipped."""
-    n = len(first)
-    other = (np.arange(n) + 1 + np.random.default_rng(seed).integers(n - 1, size=n)) % n
-    out = {}
-    for name, pairs in (("within", range(n)), ("across", other)):
-        corrs = [
-            np.corrcoef(first[i][l], second[j][l])[0, 1]
-            for i, j in zip(range(n), pairs, strict=True)
-            for l in range(first[i].shape[0])
-            if first[i][l].std() > 0 and second[j][l].std() > 0
-        ]
-        out[name] = float(np.mean(corrs)) if corrs else float("nan")
-    return out
