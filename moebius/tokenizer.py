@@ -95,16 +95,27 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     read_offset: int = 0
     text: str = ""
+    seen: int = 0  # tokens stepped over (read_offset lags while text is held back)
 
-    def step(self, ids: list[int]) -> str:
+    def step(self, ids: list[int], upto: int | None = None) -> str:
+        """The text delta once ``ids[:upto]`` (default: all) are known."""
+        n = len(ids) if upto is None else upto
         prefix = self.tokenizer.decode(
             ids[self.prefix_offset : self.read_offset], self.skip_special_tokens
         )
-        full = self.tokenizer.decode(ids[self.prefix_offset :], self.skip_special_tokens)
+        full = self.tokenizer.decode(ids[self.prefix_offset : n], self.skip_special_tokens)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
             self.prefix_offset = self.read_offset
-            self.read_offset = len(ids)
+            self.read_offset = n
             self.text += delta
             return delta
         return ""
+
+    def catch_up(self, ids: list[int]) -> None:
+        """Step once per token not seen yet, as a stream would have: the text is the same
+        whether it was followed token by token or read once at the end."""
+        seen = max(self.read_offset, self.seen)
+        for n in range(seen + 1, len(ids) + 1):
+            self.step(ids, n)
+        self.seen = len(ids)

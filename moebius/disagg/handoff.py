@@ -26,7 +26,6 @@ from contextlib import aclosing
 from dataclasses import replace
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -34,9 +33,9 @@ from moebius.config import EngineConfig
 from moebius.disagg.kv_transfer import KVTransport, TorchDistTransport, endpoint_name
 from moebius.disagg.roles import DecodeEngine, PrefillEngine
 from moebius.server import protocol as P
-from moebius.server.api import APIError, create_app, error_json, to_api_error
+from moebius.server.api import APIError, error_json, to_api_error
 from moebius.server.responses import Responder
-from moebius.server.serve import DrainingServer
+from moebius.server.serve import serve_engine
 
 log = logging.getLogger("moebius.disagg")
 EXPORT_TTL_S = 120.0
@@ -191,16 +190,11 @@ def run_role_server(
     name = served_model_name or cfg.model_dir or "moebius"
     transport = TorchDistTransport(endpoint_name(role, port), kv_store, device=cfg.device)
     try:
-        app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue)
-        add_handoff_routes(app, role, transport, name)
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+        serve_engine(
+            engine, name, host, port, api_key, admin_key, max_queue, grace_seconds, log_level,
+            describe=f"{role} instance {transport.name}",
+            extend=lambda app: add_handoff_routes(app, role, transport, name),
         )
-        server = DrainingServer(config, app.state.engine, grace_seconds)
-        log.info(
-            "%s instance %s serving %r on http://%s:%d", role, transport.name, name, host, port
-        )
-        server.run()
     finally:
         transport.close()
         engine.shutdown()

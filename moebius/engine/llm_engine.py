@@ -374,7 +374,7 @@ class LLMEngine:
         detok = group.detoks[i]
         if detok is None:
             return
-        detok.step(req.output_token_ids)
+        detok.catch_up(req.output_token_ids)  # one token a step, or all at the end (final_only)
         text = detok.text
         for stop in req.params.stop:
             j = text.find(stop, max(0, len(group.texts[i]) - len(stop) + 1))

@@ -52,6 +52,33 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def serve_engine(
+    engine,
+    name: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    admin_key: str | None,
+    max_queue: int,
+    grace_seconds: float,
+    log_level: str,
+    describe: str,
+    extend=None,
+) -> None:
+    """The OpenAI app over ``engine`` on ``host:port`` until SIGTERM/SIGINT, draining in-flight
+    requests first (``DrainingServer``). ``extend(app)`` adds routes (the PD roles' handoff).
+    The caller owns the engine and shuts it down."""
+    app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue)
+    if extend is not None:
+        extend(app)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on"
+    )
+    server = DrainingServer(config, app.state.engine, grace_seconds)
+    log.info("%s serving %r on http://%s:%d", describe, name, host, port)
+    server.run()
+
+
 def run_server(
     engine_cfg: EngineConfig,
     host: str = "127.0.0.1",
@@ -66,25 +93,9 @@ def run_server(
     """Serve ``engine_cfg``'s model until SIGTERM/SIGINT; returns after a clean shutdown."""
     engine = LLMEngine(engine_cfg)
     name = served_model_name or engine_cfg.model_dir or "moebius"
+    describe = f"{engine_cfg.ranks} ranks, layout {engine_cfg.layout}:"
     try:
-        app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue)
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level=log_level,
-            timeout_graceful_shutdown=5,
-            lifespan="on",
-        )
-        server = DrainingServer(config, app.state.engine, grace_seconds)
-        log.info(
-            "serving %r on http://%s:%d (%d ranks, layout %s)",
-            name,
-            host,
-            port,
-            engine_cfg.ranks,
-            engine_cfg.layout,
-        )
-        server.run()
+        serve_engine(engine, name, host, port, api_key, admin_key, max_queue, grace_seconds,
+                     log_level, describe)
     finally:
         engine.shutdown()
