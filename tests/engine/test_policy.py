@@ -205,3 +205,41 @@ def test_engine_switches_ep_to_tp_as_batch_decays(qwen_dir):
         assert [(r.source, r.target) for r in llm.engine.switches][:1] == [("ep", "tp")]
         assert auto == static
         assert policy.switch_decisions and "switch cost" in policy.switch_decisions[0].reason
+
+
+@pytest.mark.slow
+def test_engine_policy_reverses_a_progressive_switch_when_load_drops(qwen_dir):
+    """2 gloo ranks, one layer a step: the policy starts a switch to EP at batch 8; most
+    requests are aborted while it is in flight (batch 2, TP's side of the crossover), the
+    policy turns it back half-way, and the survivors' tokens equal a static TP run."""
+    from moebius import LLM, SamplingParams
+
+    prof = StepProfile.synthetic(
+        lambda lay, b, c: (0.1 + 0.05 * b) if lay == "tp" else (0.2 + 0.025 * b),
+        batches=(1, 2, 4, 8, 16),
+        switch_seconds={"tp->ep": 0.01, "ep->tp": 0.01},
+    )
+    prompts = [[7 + i, 11, 13 + i] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with LLM(qwen_dir, ranks=2, layout="tp", progressive_layers=1,
+             enable_prefix_caching=False) as llm:
+        static = [o.outputs[0].token_ids for o in llm.generate(prompts[:2], params)]
+        eng = llm.engine
+        policy = AutoPolicy(prof, AutoConfig(horizon_steps=32, min_dwell_steps=0, confirm_steps=1),
+                            progressive_layers=1, num_layers=eng.cfg.model.num_layers)
+        eng.policy = policy
+        rids = [eng.add_request(p, params, f"r{i}") for i, p in enumerate(prompts)]
+        out = {}
+        while eng.scheduler.transition is None:
+            eng.step()
+        assert eng.scheduler.transition.target == "ep"
+        for rid in rids[2:]:
+            eng.abort(rid)
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        assert eng.layout == "tp" and eng.scheduler.transition is None
+        assert any(d.action == "switch" and d.reason.startswith("reverse")
+                   for d in policy.decisions)
+        assert [out["r0"], out["r1"]] == static
