@@ -101,6 +101,15 @@ def _loads(url: str) -> list[int]:
     return [d["in_flight"] for d in httpx.get(url + "/router/state").json()["decode"]]
 
 
+def _settled_loads(url: str, want: list[int], timeout: float = 30.0) -> list[int]:
+    """The router's in-flight counts once they equal ``want`` (a finished response releases
+    its slot just after its last byte) or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while (got := _loads(url)) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return got
+
+
 def _complete(cluster, setup, prompt: str) -> str:
     """One non-streamed completion through the router; checks the text; returns the instance."""
     req = body(cluster["model"], prompt, False, MAX_TOKENS)
@@ -124,7 +133,7 @@ def test_topics_share_a_decode_instance(cluster, setup):
     before = _routed(cluster["url"])
     by_topic: dict[int, set[str]] = {0: set(), 1: set()}
     for prompt, topic in zip(setup["prompts"]["pure"], (0, 1, 1, 0, 0, 1), strict=True):
-        assert _loads(cluster["url"]) == [0, 0]
+        assert _settled_loads(cluster["url"], [0, 0]) == [0, 0]
         got = _complete(cluster, setup, prompt)
         assert got == urls[_eldr_rule(sims[prompt], [0, 0])], prompt
         by_topic[topic].add(got)
@@ -153,10 +162,7 @@ def _release(cluster, hold) -> None:
     record, stop, t = hold
     stop.set()
     t.join()
-    deadline = time.monotonic() + 30
-    while _loads(cluster["url"]) != [0, 0] and time.monotonic() < deadline:
-        time.sleep(0.05)  # the router releases the slot when the client leaves
-    assert _loads(cluster["url"]) == [0, 0]
+    assert _settled_loads(cluster["url"], [0, 0]) == [0, 0]  # released when the client left
 
 
 @pytest.mark.parametrize("held_topic", [0, 1])
@@ -172,12 +178,12 @@ def test_load_breaks_ties_within_tau_only(cluster, setup, held_topic):
     try:
         busy = urls.index(hold[0]["instance"])
         assert busy == _eldr_rule(sims[holder], [0, 0])
-        loads = _loads(cluster["url"])
+        loads = _settled_loads(cluster["url"], [int(k == busy) for k in range(2)])
         assert loads == [int(k == busy) for k in range(2)]
         got = _complete(cluster, setup, mixed)  # within tau of both: the idle instance
         assert got == urls[_eldr_rule(sims[mixed], loads)] == urls[1 - busy]
         for prompt in prompts["pure"][:2] + [leaning]:  # beyond tau: locality, load or not
-            assert _loads(cluster["url"]) == loads
+            assert _settled_loads(cluster["url"], loads) == loads
             got = _complete(cluster, setup, prompt)
             assert (
                 got
