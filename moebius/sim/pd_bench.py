@@ -8,8 +8,8 @@ DeepSeek-V2-Lite routing trace on its own shapes), ELDR's calibration for each (
 ones), the arrival rate that gives a target number of in-flight requests per decode instance,
 the steady-state metrics and the tables.
 
-Metrics, over the steady state (requests handed off between the 10th and 90th percentile of
-handoff times, and the decode steps that start in that window): distinct experts per MoE layer
+Metrics, over the steady state (``window_requests``: those handed off between the 10th and
+90th percentile handoff times; the decode steps starting then): distinct experts per MoE layer
 per decode step (mean over every instance's steps), decode batch, TPOT (a request's decode
 time over its decode steps) p50/p99, TTFT p50, and max/mean in-flight load at routing time.
 """
@@ -163,7 +163,7 @@ def summarize(pool, decisions, handoffs, reqs: ExpertRequests) -> dict:
         "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99)),
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "load_max_over_mean": float(np.mean(imb)),
-        "num_requests": len(tpot),
+        "window_requests": len(tpot),
     }
 
 
