@@ -59,7 +59,7 @@ def cmd_route(args) -> None:
         )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call
     policy = make_policy(
-        args.policy, model=model, tau=args.tau, seed=args.seed, load_cap=args.eldr_load_cap
+        args.policy, model=model, tau=args.tau, seed=args.seed, load_cap=args.eldr_load_cap or None
     )
     app = create_router_app(args.prefill, args.decode, policy, kv_store=store)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -77,8 +77,9 @@ def add_route_parser(sub) -> None:
     p.add_argument(
         "--eldr-load-cap",
         type=float,
-        default=None,
-        help="ELDR: skip instances with at least this many times their fair share in flight",
+        default=1.25,
+        help="ELDR: skip instances with at least this many times their fair share in flight "
+        "(0: off, the bare rule); 1.25 keeps p99 TPOT at or below round robin's (docs/eldr.md)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     p.add_argument("--kv-store", default=None, help="host the instances' TCPStore at HOST:PORT")
