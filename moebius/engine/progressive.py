@@ -32,6 +32,11 @@ class Transition:
     def done(self) -> bool:
         return all(m == self.target for m in self.modes)
 
+    @property
+    def share_done(self) -> float:
+        """The fraction of layers already in the target layout."""
+        return sum(m == self.target for m in self.modes) / len(self.modes)
+
 
 def begin(sched, target: str) -> list:
     """Start moving towards ``target``: tables in the other view for every running request
@@ -107,12 +112,6 @@ def _finish(sched) -> None:
         if sched.layout == "tp":
             req.owner_rank = -1
         req.block_hashes = []
-        sched.manager(req).commit_full_blocks(
-            req.block_ids,
-            req.all_token_ids,
-            req.num_computed_tokens,
-            req.block_hashes,
-            req.block_meta,
-        )
+        sched.commit_blocks(req)
     for req in sched.waiting:
         req.owner_rank = -1

@@ -289,16 +289,23 @@ class Scheduler:
         self._check_stop(req)
         return True
 
-    def commit_prefilled(self, req: Request) -> None:
-        """Register the imported prompt blocks for prefix caching (after the KV is written)."""
-        if req.status == RequestStatus.RUNNING:
-            self.manager(req).commit_full_blocks(
+    def commit_blocks(self, req: Request) -> None:
+        """Register ``req``'s blocks that became full of computed tokens for prefix caching.
+        The sequence is concatenated only when there is such a block (not every step)."""
+        mgr = self.manager(req)
+        if mgr.caching and req.num_computed_tokens // mgr.block_size > len(req.block_hashes):
+            mgr.commit_full_blocks(
                 req.block_ids,
                 req.all_token_ids,
                 req.num_computed_tokens,
                 req.block_hashes,
                 req.block_meta,
             )
+
+    def commit_prefilled(self, req: Request) -> None:
+        """Register the imported prompt blocks for prefix caching (after the KV is written)."""
+        if req.status == RequestStatus.RUNNING:
+            self.commit_blocks(req)
 
     # ------------------------------------------------------------------ results
     def update(self, batch: ScheduledBatch, tokens: dict[str, SampledToken]) -> list[Request]:
@@ -308,16 +315,8 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += n
-            mgr = self.manager(req)
-            full = req.num_computed_tokens // mgr.block_size > len(req.block_hashes)
-            if mgr.caching and full and self.transition is None:  # see progressive.begin
-                mgr.commit_full_blocks(  # only when a block became full: no per-token copy
-                    req.block_ids,
-                    req.all_token_ids,
-                    req.num_computed_tokens,
-                    req.block_hashes,
-                    req.block_meta,
-                )
+            if self.transition is None:  # nothing registers mid-switch: progressive.begin
+                self.commit_blocks(req)
             tok = tokens.get(req.request_id)
             if tok is None:
                 continue
@@ -360,13 +359,7 @@ class Scheduler:
                 preempted.append(req)
                 continue
             req.block_ids = mgr.allocate([], req.num_computed_tokens)
-            mgr.commit_full_blocks(
-                req.block_ids,
-                req.all_token_ids,
-                req.num_computed_tokens,
-                req.block_hashes,
-                req.block_meta,
-            )
+            self.commit_blocks(req)
             moves.append(
                 KVMove(
                     req.request_id,
