@@ -72,7 +72,8 @@ class LLMEngine:
         nb_tp = min(r["kv_blocks_tp"] for r in self.memory)
         self.scheduler = Scheduler(cfg, {"ep": nb_ep, "tp": nb_tp})
         log.info("%s", self.memory_summary())
-        self._check_kv_capacity(min(nb_ep, nb_tp) * cfg.block_size)
+        self.kv_tokens_per_request = min(nb_ep, nb_tp) * cfg.block_size  # in either layout
+        self._check_kv_capacity()
         eos = set(cfg.model.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -145,10 +146,11 @@ class LLMEngine:
                 self.scheduler.add(child)
         return rid
 
-    def _check_kv_capacity(self, kv_tokens: int) -> None:
+    def _check_kv_capacity(self) -> None:
         """As vLLM does: an explicit max_model_len the KV cache cannot hold for one request
         (in either layout) is a start-up error; the model's own default only warns, and longer
         requests are refused (prompt) or stopped with "length"."""
+        kv_tokens = self.kv_tokens_per_request
         if self.cfg.max_model_len is not None and self.cfg.max_model_len > kv_tokens:
             self.executor.shutdown()
             raise ConfigError(
@@ -176,7 +178,7 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens "
                 f"and at least one must remain for the output"
             )
-        kv_limit = min(self.scheduler.num_blocks.values()) * self.cfg.block_size
+        kv_limit = self.kv_tokens_per_request
         if len(ids) + 1 > kv_limit:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds {kv_limit} per request"
@@ -220,12 +222,7 @@ class LLMEngine:
                 else r.params.max_tokens - len(r.output_token_ids)
                 for r in s.running
             ],
-            transition=None
-            if s.transition is None
-            else (
-                s.transition.target,
-                sum(m == s.transition.target for m in s.transition.modes) / len(s.transition.modes),
-            ),
+            transition=s.transition and (s.transition.target, s.transition.share_done),
         )
 
     def _maybe_switch(self) -> None:
