@@ -35,7 +35,7 @@ from moebius.disagg.roles import DecodeEngine, PrefillEngine
 from moebius.server import protocol as P
 from moebius.server.api import APIError, error_json, to_api_error
 from moebius.server.responses import Responder
-from moebius.server.serve import serve_engine
+from moebius.server.serve import run_server
 
 log = logging.getLogger("moebius.disagg")
 EXPORT_TTL_S = 120.0
@@ -170,31 +170,21 @@ def add_handoff_routes(app: FastAPI, role: str, transport: KVTransport, served_n
                 return _error(e)
 
 
-def run_role_server(
-    cfg: EngineConfig,
-    role: str,
-    kv_store: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    admin_key: str | None = None,
-    served_model_name: str | None = None,
-    max_queue: int = 1024,
-    grace_seconds: float = 30.0,
-    log_level: str = "info",
-) -> None:
-    """Serve one prefill or decode instance until SIGTERM/SIGINT (as `run_server` does)."""
+def run_role_server(cfg: EngineConfig, role: str, kv_store: str, port: int = 8000,
+                    **server_kw) -> None:
+    """Serve one prefill or decode instance until SIGTERM/SIGINT: `run_server` with the
+    role's engine and its handoff routes, over a KV transport opened for the instance."""
     if role not in ("prefill", "decode"):
         raise ValueError(f"role must be prefill or decode, got {role!r}")
-    engine = (PrefillEngine if role == "prefill" else DecodeEngine)(cfg)
-    name = served_model_name or cfg.model_dir or "moebius"
     transport = TorchDistTransport(endpoint_name(role, port), kv_store, device=cfg.device)
     try:
-        serve_engine(
-            engine, name, host, port, api_key, admin_key, max_queue, grace_seconds, log_level,
+        run_server(
+            cfg,
+            port=port,
+            engine_class=PrefillEngine if role == "prefill" else DecodeEngine,
+            extend=lambda app, name: add_handoff_routes(app, role, transport, name),
             describe=f"{role} instance {transport.name}",
-            extend=lambda app: add_handoff_routes(app, role, transport, name),
+            **server_kw,
         )
     finally:
         transport.close()
-        engine.shutdown()

@@ -52,33 +52,6 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve_engine(
-    engine,
-    name: str,
-    host: str,
-    port: int,
-    api_key: str | None,
-    admin_key: str | None,
-    max_queue: int,
-    grace_seconds: float,
-    log_level: str,
-    describe: str,
-    extend=None,
-) -> None:
-    """The OpenAI app over ``engine`` on ``host:port`` until SIGTERM/SIGINT, draining in-flight
-    requests first (``DrainingServer``). ``extend(app)`` adds routes (the PD roles' handoff).
-    The caller owns the engine and shuts it down."""
-    app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue)
-    if extend is not None:
-        extend(app)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on"
-    )
-    server = DrainingServer(config, app.state.engine, grace_seconds)
-    log.info("%s serving %r on http://%s:%d", describe, name, host, port)
-    server.run()
-
-
 def run_server(
     engine_cfg: EngineConfig,
     host: str = "127.0.0.1",
@@ -89,13 +62,30 @@ def run_server(
     max_queue: int = 1024,
     grace_seconds: float = 30.0,
     log_level: str = "info",
+    engine_class=LLMEngine,
+    extend=None,
+    describe: str | None = None,
 ) -> None:
-    """Serve ``engine_cfg``'s model until SIGTERM/SIGINT; returns after a clean shutdown."""
-    engine = LLMEngine(engine_cfg)
+    """Serve ``engine_cfg``'s model until SIGTERM/SIGINT, draining in-flight requests first;
+    returns after a clean shutdown. The PD roles pass their ``engine_class`` and ``extend``
+    (``extend(app, served_name)`` adds their routes)."""
+    engine = engine_class(engine_cfg)
     name = served_model_name or engine_cfg.model_dir or "moebius"
-    describe = f"{engine_cfg.ranks} ranks, layout {engine_cfg.layout}:"
     try:
-        serve_engine(engine, name, host, port, api_key, admin_key, max_queue, grace_seconds,
-                     log_level, describe)
+        app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue)
+        if extend is not None:
+            extend(app, name)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            lifespan="on",
+        )
+        server = DrainingServer(config, app.state.engine, grace_seconds)
+        describe = describe or f"{engine_cfg.ranks} ranks, layout {engine_cfg.layout}:"
+        log.info("%s serving %r on http://%s:%d", describe, name, host, port)
+        server.run()
     finally:
         engine.shutdown()
