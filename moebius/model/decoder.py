@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moebius.config import ModelConfig
 from moebius.model.attention import AttentionMeta, paged_attention, write_kv
 from moebius.model.moe import dense_mlp, moe_forward, route
-from moebius.model.ops import Rotary, rms_norm
+from moebius.model.ops import Rotary, add_rms_norm, rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
@@ -68,26 +68,26 @@ def attention_block(
     return comm.all_reduce(out) if layout.is_tp else out
 
 
-def layer_forward(weights: ModelWeights, i: int, x, cfg: ModelConfig, layout: Layout, comm: Comm,
-                  rotary: Rotary, kv_pool, positions, meta: AttentionMeta, num_tokens_max: int,
-                  expert_ids: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Decoder layer ``i`` in ``layout`` on this rank's tokens ``x`` (T, H)."""
+def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, layout: Layout,
+                  comm: Comm, rotary: Rotary, kv_pool, positions, meta: AttentionMeta,
+                  num_tokens_max: int, expert_ids: list[torch.Tensor] | None = None):
+    """Decoder layer ``i`` in ``layout`` on this rank's tokens: residual ``x`` (T, H) plus the
+    previous layer's output ``pending`` (None, (T, H), or (T, K, H) unsummed expert rows), which
+    is added in the same launch as the input norm. Returns (residual, this layer's output)."""
     lw = weights.layers[i]
-    h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+    eps = cfg.rms_norm_eps
+    x, h = add_rms_norm(x, pending, lw.input_norm, eps)
     if x.shape[0]:
         h = attention_block(
             h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
         )
-    x = x + h
-    h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+    x, h = add_rms_norm(x, h, lw.post_norm, eps)
     if lw.router is None:
-        h = dense_mlp(h, lw.dense, layout, comm)
-    else:
-        w13, w2t = weights.experts.view(lw.moe_index)
-        if expert_ids is not None:  # recomputes the small router GEMM, only when asked
-            expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
-        h = moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max)
-    return x + h
+        return x, dense_mlp(h, lw.dense, layout, comm)
+    w13, w2t = weights.experts.view(lw.moe_index)
+    if expert_ids is not None:  # recomputes the small router GEMM, only when asked
+        expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
+    return x, moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max)
 
 
 def forward(
@@ -105,11 +105,11 @@ def forward(
 ) -> torch.Tensor:
     """Final hidden states (T, H) of this rank's tokens (normalised). With ``expert_ids`` (a
     list), each MoE layer appends its routing's top-k expert ids (T, k) of these tokens."""
-    x = weights.embed[input_ids]
+    x, pending = weights.embed[input_ids], None
     for i in range(len(weights.layers)):
-        x = layer_forward(weights, i, x, cfg, layout, comm, rotary, kv_pool, positions, meta,
-                          num_tokens_max, expert_ids)
-    return rms_norm(x, weights.norm, cfg.rms_norm_eps)
+        x, pending = layer_forward(weights, i, x, pending, cfg, layout, comm, rotary, kv_pool,
+                                   positions, meta, num_tokens_max, expert_ids)
+    return add_rms_norm(x, pending, weights.norm, cfg.rms_norm_eps)[1]
 
 
 def forward_mixed(weights: ModelWeights, cfg: ModelConfig, modes: list[str], comm: Comm,
@@ -124,9 +124,11 @@ def forward_mixed(weights: ModelWeights, cfg: ModelConfig, modes: list[str], com
     """
     rank, n = comm.rank, comm.world_size
     rep = modes[0]
-    x = weights.embed[(tp if rep == "tp" else ep)["ids"]]
+    x, pending = weights.embed[(tp if rep == "tp" else ep)["ids"]], None
     for i in range(len(weights.layers)):
         if modes[i] != rep:
+            if pending is not None:  # the residual crosses whole
+                x, pending = x + pending, None
             if modes[i] == "ep":
                 x = x[tp["own_rows"]]
             else:
@@ -134,6 +136,6 @@ def forward_mixed(weights: ModelWeights, cfg: ModelConfig, modes: list[str], com
                 x = comm.all_gather(x)[ep["gather"]]
             rep = modes[i]
         side = tp if rep == "tp" else ep
-        x = layer_forward(weights, i, x, cfg, Layout(rep, rank, n), comm, rotary, kv_pool,
-                          side["positions"], side["meta"], ep["t_max"])
-    return rms_norm(x, weights.norm, cfg.rms_norm_eps), rep
+        x, pending = layer_forward(weights, i, x, pending, cfg, Layout(rep, rank, n), comm,
+                                   rotary, kv_pool, side["positions"], side["meta"], ep["t_max"])
+    return add_rms_norm(x, pending, weights.norm, cfg.rms_norm_eps)[1], rep

@@ -26,7 +26,7 @@ from moebius.config import ModelConfig
 from moebius.model.attention import AttentionMeta
 from moebius.model.mla import MLARotary, mla_block
 from moebius.model.moe import dense_mlp, ep_experts, run_experts
-from moebius.model.ops import rms_norm
+from moebius.model.ops import add_rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
@@ -98,14 +98,13 @@ def forward(
     """Final hidden states (T, H) of this rank's tokens (normalised); the same signature as
     model/decoder.py's ``forward``. With ``expert_ids`` (a list), each MoE layer appends its
     routed top-k expert ids (T, K) of these tokens (shared experts are not counted)."""
-    x = weights.embed[input_ids]
+    x, h, eps = weights.embed[input_ids], None, cfg.rms_norm_eps
     for i, lw in enumerate(weights.layers):
-        h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+        x, h = add_rms_norm(x, h, lw.input_norm, eps)  # h: the previous layer's output
         if x.shape[0]:
             (cache,) = kv_pool.view(i, layout)
             h = mla_block(h, lw, cfg, layout, comm, rotary, positions, cache, meta)
-        x = x + h
-        h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+        x, h = add_rms_norm(x, h, lw.post_norm, eps)
         if lw.router is None:
             h = dense_mlp(h, lw.dense, layout, comm)
         else:
@@ -114,5 +113,4 @@ def forward(
             if expert_ids is not None:
                 expert_ids.append(ids)
             h = moe_block(h, ids, topk_weights, lw, w13, w2t, layout, comm, cfg, num_tokens_max)
-        x = x + h
-    return rms_norm(x, weights.norm, cfg.rms_norm_eps)
+    return add_rms_norm(x, h, weights.norm, eps)[1]

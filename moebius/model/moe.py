@@ -96,12 +96,15 @@ def experts_grouped(x, pieces, weights, w13, w2t):
     return pairs.view(T, K, -1).sum(1)
 
 
-def run_experts(x, pieces, weights, w13, w2t):
+def run_experts(x, pieces, weights, w13, w2t, reduce: bool = True):
+    """Σ over each token's pieces of weight · expert(x): (T, H). With ``reduce=False`` (every
+    piece held: one rank) the fused kernel may return its (T, K, H) rows unsummed, for
+    ``ops.add_rms_norm`` to sum with the residual add."""
     if not (x.is_cuda and x.dtype == torch.bfloat16) or pieces.numel() == 0:
         return experts_reference(x, pieces, weights, w13, w2t)
     fits = experts_fused is not None and pieces.numel() <= MAX_PAIRS
     if fits and MOE_KERNEL != "grouped":
-        return experts_fused(x, pieces, weights, w13, w2t)
+        return experts_fused(x, pieces, weights, w13, w2t, reduce=reduce)
     if hasattr(torch, "_grouped_mm"):
         return experts_grouped(x, pieces, weights, w13, w2t)
     return experts_reference(x, pieces, weights, w13, w2t)
@@ -112,10 +115,12 @@ def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens
 
     TP: every rank holds every token and a 1/N slice of every expert: partial sums, all-reduce.
     EP: ranks hold different tokens and whole experts: ``ep_experts`` moves tokens to the
-    experts' ranks and the outputs back.
+    experts' ranks and the outputs back. One rank: (T, H) or the unsummed (T, K, H) rows.
     """
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
-    if layout.is_tp or comm.world_size == 1:
+    if comm.world_size == 1:
+        return run_experts(x, ids, weights, w13, w2t, reduce=False)
+    if layout.is_tp:
         out = run_experts(x, ids, weights, w13, w2t)
         return comm.all_reduce(out)
     return ep_experts(x, ids, weights, w13, w2t, layout, comm, cfg.num_experts, num_tokens_max)

@@ -11,6 +11,11 @@ import os
 
 import torch
 
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model import triton_norm
+except ImportError:  # pragma: no cover - depends on the install
+    triton_norm = None
+
 # On CUDA, small elementwise chains are fused by torch.compile (one Triton kernel instead of
 # 5-10 eager launches each); MOEBIUS_COMPILE=0 turns it off. CPU always runs them eagerly.
 COMPILE = os.environ.get("MOEBIUS_COMPILE", "1") != "0"
@@ -39,6 +44,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """The residual add and the norm after it: (x + Σ_r parts[:, r], RMSNorm of that).
+
+    ``parts`` is (T, H), (T, R, H) (e.g. the experts' K weighted outputs of each token, not yet
+    summed) or None (x only normed). On CUDA one Triton launch (model/triton_norm.py) with the
+    same rounding as these eager ops."""
+    if x.is_cuda and triton_norm is not None:
+        return triton_norm.add_rms_norm(x, parts, weight, eps)
+    if parts is not None:
+        x = x + (parts if parts.dim() == 2 else parts.sum(1))
+    return x, rms_norm(x, weight, eps)
 
 
 @fused_on_cuda

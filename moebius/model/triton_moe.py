@@ -173,11 +173,14 @@ def _tiles(M: int) -> tuple[int, int, int, int]:
     return 64, 128, 64, 128
 
 
-def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int] | None = None):
+def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int] | None = None,
+                  reduce: bool = True):
     """Σ over each token's pieces of weight · expert(x), as ``moe.experts_reference``.
 
     x (T, H) bf16; pieces (T, K) long, -1 where not held; weights (T, K); w13 (P, 2c, H);
     w2t (P, c, H). Needs T·K <= MAX_PAIRS. ``tiles`` overrides ``_tiles`` (tuning).
+    ``reduce=False``: every piece is held (one rank); the (T, K, H) weighted rows come back
+    unsummed (each row written once, so no zero fill) for ``ops.add_rms_norm`` to sum.
     """
     T, K = pieces.shape
     P, two_c, H = w13.shape
@@ -204,13 +207,14 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
         TOPK=K, BM=BM, BN=bn1, BK=bk1, num_warps=4, num_stages=4,
     )
     route_w = weights.reshape(-1)
-    y = torch.zeros(M, H, dtype=x.dtype, device=dev)
+    # Rows of pieces not held here stay zero; with reduce=False every row is written.
+    y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=dev)
     _w2_kernel[(num_blocks, triton.cdiv(H, bn2))](
         act, w2t, y, sorted_rows, block_piece, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
         BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
     )
-    return y.view(T, K, H).sum(1)
+    return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)
 
 
 @triton.jit

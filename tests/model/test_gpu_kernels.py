@@ -291,3 +291,29 @@ def test_fused_qk_norm_rope_write_matches_reference(dtype, norm):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(out, ref_q) < tol and rel(caches[2], caches[0]) < tol
     assert torch.equal(caches[3], caches[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,R,H", [(1, 0, 2048), (1, 1, 2048), (5, 8, 2048), (300, 8, 7168),
+                                   (3, 2, 100)])
+def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
+    """The residual add (+ the sum over R part rows) and the norm in one launch, against the
+    eager ops it replaces; the bf16 residual is bit-exact (same rounding steps)."""
+    from moebius.model import triton_norm
+    from moebius.model.ops import rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(T * 31 + R)
+    x = torch.randn(T, H, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).to(dtype)
+    parts = None if R == 0 else torch.randn(T, R, H, device="cuda", generator=g).to(dtype)
+    if R == 1:
+        parts = parts[:, 0]
+    ref_x = x if parts is None else x + (parts if R == 1 else parts.sum(1))
+    ref = rms_norm(ref_x.double(), w.double(), 1e-6)
+    xo, out = triton_norm.add_rms_norm(x, parts, w, 1e-6)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.bfloat16:
+        assert torch.equal(xo, ref_x)
+    else:
+        assert rel(xo, ref_x) < 1e-6
