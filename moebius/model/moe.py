@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moebius.model.ops import fused_on_cuda
+from moebius.model.ops import fused_on_cuda, linear
 from moebius.parallel.comm import Comm
 from moebius.parallel.dispatch import dispatch_combine
 from moebius.parallel.layout import Layout
@@ -33,7 +33,7 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
     """(topk_ids (T, K) long, topk_weights (T, K) in x's dtype), as transformers computes them;
     on CUDA the softmax/top-k/renormalisation is one Triton launch after the router GEMM."""
     if x.is_cuda and route_topk is not None:
-        return route_topk(F.linear(x, router), top_k, renormalize, x.dtype)
+        return route_topk(linear(x, router), top_k, renormalize, x.dtype)
     return _route_torch(x, router, top_k, renormalize)
 
 
