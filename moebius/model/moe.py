@@ -20,7 +20,13 @@ from moebius.parallel.dispatch import dispatch_combine
 from moebius.parallel.layout import Layout
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model.triton_moe import MAX_PAIRS, experts_fused, route_topk
+    from moebius.model.triton_moe import (
+        MAX_PAIRS,
+        ROUTE_FUSED_TOKENS,
+        experts_fused,
+        route_experts_fused,
+        route_topk,
+    )
 except ImportError:  # pragma: no cover - depends on the install
     experts_fused = route_topk = None
 
@@ -110,13 +116,26 @@ def run_experts(x, pieces, weights, w13, w2t, reduce: bool = True):
     return experts_reference(x, pieces, weights, w13, w2t)
 
 
-def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens_max: int):
+def routes_fused(x, comm: Comm) -> bool:
+    """One rank and a few bf16 CUDA tokens: the router GEMM rides in the norm before the
+    block (ops.add_rms_norm_route) and top-k in the experts' alignment (route_experts_fused)."""
+    return (comm.world_size == 1 and experts_fused is not None and x.is_cuda
+            and x.dtype == torch.bfloat16 and MOE_KERNEL != "grouped"
+            and 0 < x.shape[0] <= ROUTE_FUSED_TOKENS)
+
+
+def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens_max: int,
+                logits=None):
     """MoE block output for this rank's tokens ``x`` (T, H).
 
     TP: every rank holds every token and a 1/N slice of every expert: partial sums, all-reduce.
     EP: ranks hold different tokens and whole experts: ``ep_experts`` moves tokens to the
     experts' ranks and the outputs back. One rank: (T, H) or the unsummed (T, K, H) rows.
+    ``logits``: the router's output when the norm before computed it (``routes_fused``).
     """
+    if routes_fused(x, comm):
+        logits = linear(x, router) if logits is None else logits
+        return route_experts_fused(x, logits, cfg.top_k, cfg.norm_topk_prob, w13, w2t)
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
     if comm.world_size == 1:
         return run_experts(x, ids, weights, w13, w2t, reduce=False)

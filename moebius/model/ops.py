@@ -72,6 +72,14 @@ def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tens
     return x, rms_norm(x, weight, eps)
 
 
+def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor):
+    """``add_rms_norm`` and the router logits of its normed rows (T, E): one launch on CUDA."""
+    if x.is_cuda and triton_norm is not None:
+        return triton_norm.add_rms_norm_route(x, parts, weight, eps, router)
+    x, h = add_rms_norm(x, parts, weight, eps)
+    return x, h, linear(h, router)
+
+
 @fused_on_cuda
 def _rope(x: torch.Tensor, positions: torch.Tensor, cos_t, sin_t) -> torch.Tensor:
     cos = cos_t[positions].to(x.dtype).unsqueeze(1)  # (T, 1, d)

@@ -7,9 +7,14 @@
 2. ``_w13_kernel``: per (block, intermediate tile), gate and up GEMMs of the block's tokens
    against its piece's w13 rows, SiLU(gate)·up in the epilogue.
 3. ``_w2_kernel``: per (block, hidden tile), the down GEMM, times the routing weight, stored
-   at the pair's own row; the K rows of a token are summed afterwards (no atomics). (A
-   token-major variant summing each token's K pieces in one program was 2.3× slower at batch 1
-   on H200: its GEMV tiles read the weights far below bandwidth.)
+   at the pair's own row; the K rows of a token are summed afterwards (no atomics), at one
+   rank inside the next residual add + norm (model/triton_norm.py). (A token-major variant
+   summing each token's K pieces in one program was 2.3× slower at batch 1 on H200: its GEMV
+   tiles read the weights far below bandwidth.)
+
+At one rank and a few tokens, ``route_experts_fused`` puts the softmax/top-k of the router
+logits into the alignment program (``_route_align_kernel``): each small launch costs ~3 µs
+on H200 whatever it does, so at batch 1 that is 3 µs of a ~75 µs layer.
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
 sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at
@@ -28,22 +33,12 @@ import triton.language as tl
 
 MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped GEMM
 BM = 16
+ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one program
 
 
 @triton.jit
-def _align_kernel(
-    ids,
-    M,
-    sorted_rows,
-    block_piece,
-    cursor,
-    P: tl.constexpr,
-    P_PAD: tl.constexpr,
-    M_PAD: tl.constexpr,
-    BM: tl.constexpr,
-    NUM_BLOCKS: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
+def _align(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_PAD: tl.constexpr,
+           M_PAD: tl.constexpr, BM: tl.constexpr, NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
     offs = tl.arange(0, M_PAD)
     valid = offs < M
     piece = tl.load(ids + offs, mask=valid, other=-1).to(tl.int32)
@@ -67,6 +62,13 @@ def _align_kernel(
     tl.debug_barrier()  # cursor and sentinel stores land before the atomics and the scatter
     slot = tl.atomic_add(cursor + bucket, 1, mask=held)
     tl.store(sorted_rows + slot, offs, mask=held)
+
+
+@triton.jit
+def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_PAD: tl.constexpr,
+                  M_PAD: tl.constexpr, BM: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    _align(ids, M, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
 
 
 @triton.jit
@@ -173,6 +175,22 @@ def _tiles(M: int) -> tuple[int, int, int, int]:
     return 64, 128, 64, 128
 
 
+class _Plan:
+    """The alignment's outputs for M pairs over P pieces (see ``_align_kernel``)."""
+
+    def __init__(self, M: int, P: int, dev) -> None:
+        self.M, self.P = M, P
+        self.num_blocks = triton.cdiv(M, BM) + min(P, M)
+        self.sorted_rows = torch.empty(self.num_blocks * BM, dtype=torch.int32, device=dev)
+        self.block_piece = torch.empty(self.num_blocks, dtype=torch.int32, device=dev)
+        self.p_pad = triton.next_power_of_2(P + 1)
+        self.cursor = torch.empty(self.p_pad, dtype=torch.int32, device=dev)
+
+    def consts(self) -> dict:
+        return dict(P=self.P, P_PAD=self.p_pad, M_PAD=max(16, triton.next_power_of_2(self.M)),
+                    BM=BM, NUM_BLOCKS=self.num_blocks, CHUNK=32)
+
+
 def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int] | None = None,
                   reduce: bool = True):
     """Σ over each token's pieces of weight · expert(x), as ``moe.experts_reference``.
@@ -183,34 +201,50 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
     unsummed (each row written once, so no zero fill) for ``ops.add_rms_norm`` to sum.
     """
     T, K = pieces.shape
-    P, two_c, H = w13.shape
-    c = two_c // 2
     M = T * K
-    assert 0 < M <= MAX_PAIRS and x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
-    dev = x.device
-    num_blocks = triton.cdiv(M, BM) + min(P, M)
-    sorted_rows = torch.empty(num_blocks * BM, dtype=torch.int32, device=dev)
-    block_piece = torch.empty(num_blocks, dtype=torch.int32, device=dev)
-    p_pad = triton.next_power_of_2(P + 1)
-    cursor = torch.empty(p_pad, dtype=torch.int32, device=dev)
-    flat = pieces.reshape(-1)
-    _align_kernel[(1,)](
-        flat, M, sorted_rows, block_piece, cursor,
-        P=P, P_PAD=p_pad, M_PAD=max(16, triton.next_power_of_2(M)), BM=BM,
-        NUM_BLOCKS=num_blocks, CHUNK=32, num_warps=8,
+    assert 0 < M <= MAX_PAIRS
+    plan = _Plan(M, w13.shape[0], x.device)
+    _align_kernel[(1,)](pieces.reshape(-1), M, plan.sorted_rows, plan.block_piece, plan.cursor,
+                        **plan.consts(), num_warps=8)
+    return _run(x, plan, K, weights, w13, w2t, tiles, reduce)
+
+
+def route_experts_fused(x, logits, top_k: int, renormalize: bool, w13, w2t):
+    """One rank's whole MoE block after the router GEMM, for a few tokens (T ≤
+    ROUTE_FUSED_TOKENS): softmax/top-k and the alignment in one launch, then the two expert
+    GEMMs. Returns the (T, K, H) weighted expert rows, unsummed (as ``reduce=False``)."""
+    T, E = logits.shape
+    M = T * top_k
+    assert 0 < T <= ROUTE_FUSED_TOKENS and M <= MAX_PAIRS and w13.shape[0] == E
+    ids = torch.empty(T, top_k, dtype=torch.long, device=x.device)
+    weights = torch.empty(T, top_k, dtype=x.dtype, device=x.device)
+    plan = _Plan(M, E, x.device)
+    _route_align_kernel[(1,)](
+        logits, ids, weights, T, E, logits.stride(0), plan.sorted_rows, plan.block_piece,
+        plan.cursor, K=top_k, K_PAD=triton.next_power_of_2(top_k),
+        E_PAD=triton.next_power_of_2(E), T_PAD=max(2, triton.next_power_of_2(T)),
+        RENORM=renormalize, **plan.consts(), num_warps=8,
     )
+    return _run(x, plan, top_k, weights, w13, w2t, None, False)
+
+
+def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
+    """The gate/up and down GEMMs over an aligned plan; (T, H) summed or (T, K, H) rows."""
+    P, two_c, H = w13.shape
+    c, M, T = two_c // 2, plan.M, plan.M // K
+    assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
     bn1, bk1, bn2, bk2 = tiles or _tiles(M)
-    act = torch.empty(num_blocks * BM, c, dtype=x.dtype, device=dev)
-    _w13_kernel[(num_blocks, triton.cdiv(c, bn1))](
-        x, w13, act, sorted_rows, block_piece, M, H, c,
+    act = torch.empty(plan.num_blocks * BM, c, dtype=x.dtype, device=x.device)
+    _w13_kernel[(plan.num_blocks, triton.cdiv(c, bn1))](
+        x, w13, act, plan.sorted_rows, plan.block_piece, M, H, c,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOPK=K, BM=BM, BN=bn1, BK=bk1, num_warps=4, num_stages=4,
     )
     route_w = weights.reshape(-1)
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
-    y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=dev)
-    _w2_kernel[(num_blocks, triton.cdiv(H, bn2))](
-        act, w2t, y, sorted_rows, block_piece, route_w, M, H, c,
+    y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=x.device)
+    _w2_kernel[(plan.num_blocks, triton.cdiv(H, bn2))](
+        act, w2t, y, plan.sorted_rows, plan.block_piece, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
         BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
     )
@@ -218,20 +252,9 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
 
 
 @triton.jit
-def _topk_kernel(
-    logits,
-    ids,
-    weights,
-    T,
-    E,
-    stride_lt,
-    K: tl.constexpr,
-    K_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BT: tl.constexpr,
-    RENORM: tl.constexpr,
-):
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
+               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t."""
     offs_e = tl.arange(0, E_PAD)
     tmask = offs_t < T
     x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
@@ -254,6 +277,26 @@ def _topk_kernel(
     omask = tmask[:, None] & (cols[None, :] < K)
     tl.store(ids + out, picked_i, mask=omask)
     tl.store(weights + out, picked_w.to(weights.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _topk_kernel(logits, ids, weights, T, E, stride_lt, K: tl.constexpr, K_PAD: tl.constexpr,
+                 E_PAD: tl.constexpr, BT: tl.constexpr, RENORM: tl.constexpr):
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM)
+
+
+@triton.jit
+def _route_align_kernel(logits, ids, weights, T, E, stride_lt, sorted_rows, block_piece, cursor,
+                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                        T_PAD: tl.constexpr, RENORM: tl.constexpr, P: tl.constexpr,
+                        P_PAD: tl.constexpr, M_PAD: tl.constexpr, BM: tl.constexpr,
+                        NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
+    """Top-k of every token, then the alignment of its (token, expert) pairs: one program."""
+    _topk_rows(logits, ids, weights, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K, K_PAD,
+               E_PAD, RENORM)
+    tl.debug_barrier()  # the ids just stored are read back as one flat vector
+    _align(ids, T * K, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
 
 
 def route_topk(logits, top_k: int, renormalize: bool, dtype):

@@ -9,7 +9,11 @@ Rounding follows the eager bf16 ops it replaces (ops.add_rms_norm's reference): 
 summed in float32 and rounded, added to x and rounded (that is the new residual), then the
 norm in float32, rounded, times the weight, rounded.
 
-Shape legend: T tokens, R part rows a token, H hidden.
+Before an MoE block of a few tokens at one rank, the router GEMM rides in the same launch
+(``add_rms_norm_route``): programs (token, BE experts) each redo the token's add + norm (a
+few KB, from L2) and compute BE router logits; at batch 1 the router alone was a ~4 µs launch.
+
+Shape legend: T tokens, R part rows a token, H hidden, E experts.
 """
 
 from __future__ import annotations
@@ -20,59 +24,97 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(
-    X,
-    Parts,
-    W,
-    Xout,
-    Out,
-    H,
-    R,
-    eps,
-    stride_xt,
-    stride_pt,
-    stride_pr,
-    stride_xo,
-    stride_ot,
-    HAS_PARTS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
+def _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
+                  stride_xo, stride_ot, WRITE, HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Token t's new residual and normed row (float32 values of the rounded outputs); stores
+    both where WRITE."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
     x = tl.load(X + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PARTS:
-        acc = tl.zeros([BLOCK_H], tl.float32)
-        for r in range(R):
-            acc += tl.load(Parts + t * stride_pt + r * stride_pr + offs, mask=mask,
-                           other=0.0).to(tl.float32)
-        s = acc.to(Xout.dtype.element_ty).to(tl.float32)
+    if HAS_PARTS:  # all R rows in one load (a loop would chain R memory round trips)
+        offs_r = tl.arange(0, R_PAD)
+        p = tl.load(Parts + t * stride_pt + offs_r[:, None] * stride_pr + offs[None, :],
+                    mask=(offs_r[:, None] < R) & mask[None, :], other=0.0).to(tl.float32)
+        s = tl.sum(p, 0).to(Xout.dtype.element_ty).to(tl.float32)
         x = (x + s).to(Xout.dtype.element_ty)
-        tl.store(Xout + t * stride_xo + offs, x, mask=mask)
+        tl.store(Xout + t * stride_xo + offs, x, mask=mask & WRITE)
         x = x.to(tl.float32)
     var = tl.sum(x * x, 0) / H
     n = (x * tl.rsqrt(var + eps)).to(Out.dtype.element_ty).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + t * stride_ot + offs, (w * n).to(Out.dtype.element_ty), mask=mask)
+    h = (w * n).to(Out.dtype.element_ty)
+    tl.store(Out + t * stride_ot + offs, h, mask=mask & WRITE)
+    return h.to(tl.float32)
 
 
-def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(x + Σ_r parts[:, r], RMSNorm of that): x (T, H); parts (T, H), (T, R, H) or None (then
-    x is returned as it is and only normed)."""
+@triton.jit
+def _add_rms_norm_kernel(X, Parts, W, Xout, Out, H, R, eps, stride_xt, stride_pt, stride_pr,
+                         stride_xo, stride_ot, HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
+                  stride_xo, stride_ot, True, HAS_PARTS, R_PAD, BLOCK_H)
+
+
+@triton.jit
+def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, eps, stride_xt,
+                               stride_pt, stride_pr, stride_xo, stride_ot, stride_re, stride_lt,
+                               HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
+                               BLOCK_H: tl.constexpr, BE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    eb = tl.program_id(1)
+    h = _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
+                      stride_xo, stride_ot, eb == 0, HAS_PARTS, R_PAD, BLOCK_H)
+    offs = tl.arange(0, BLOCK_H)
+    offs_e = eb * BE + tl.arange(0, BE)
+    emask = offs_e < E
+    r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
+                mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
+    logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
+    tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
+
+
+def _launch(x, parts, weight, eps, router=None):
     T, H = x.shape
     out = torch.empty_like(x)
     if parts is not None and parts.dim() == 2:
         parts = parts.unsqueeze(1)
     xout = x if parts is None else torch.empty_like(x)
+    logits = None if router is None else torch.empty(T, router.shape[0], dtype=x.dtype,
+                                                     device=x.device)
     if T == 0:
-        return xout, out
+        return xout, out, logits
     assert x.stride(1) == 1 and (parts is None or parts.stride(2) == 1)
     src = parts if parts is not None else x
+    R = 0 if parts is None else parts.shape[1]
+    r_pad = triton.next_power_of_2(max(R, 1))
     block = triton.next_power_of_2(H)
-    _add_rms_norm_kernel[(T,)](
-        x, src, weight, xout, out, H, 0 if parts is None else parts.shape[1], eps,
-        x.stride(0), src.stride(0), src.stride(1) if parts is not None else 0,
-        xout.stride(0), out.stride(0),
-        HAS_PARTS=parts is not None, BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
-    )
-    return xout, out
+    args = (x, src, weight, xout, out)
+    strides = (x.stride(0), src.stride(0), src.stride(1) if parts is not None else 0,
+               xout.stride(0), out.stride(0))
+    if router is None:
+        _add_rms_norm_kernel[(T,)](
+            *args, H, R, eps, *strides, HAS_PARTS=parts is not None, R_PAD=r_pad,
+            BLOCK_H=block, num_warps=min(16, max(4, block * r_pad // 2048)),  # ~64 a thread
+        )
+    else:
+        E, be = router.shape[0], 8
+        assert router.stride(1) == 1
+        _add_rms_norm_route_kernel[(T, triton.cdiv(E, be))](
+            *args, router, logits, H, R, E, eps, *strides, router.stride(0), logits.stride(0),
+            HAS_PARTS=parts is not None, R_PAD=r_pad, BLOCK_H=block, BE=be,
+            num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
+        )
+    return xout, out, logits
+
+
+def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(x + Σ_r parts[:, r], RMSNorm of that): x (T, H); parts (T, H), (T, R, H) or None (then
+    x is returned as it is and only normed)."""
+    return _launch(x, parts, weight, eps)[:2]
+
+
+def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor):
+    """``add_rms_norm`` plus the router logits of the normed rows, (T, E) in x's dtype."""
+    return _launch(x, parts, weight, eps, router)
