@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_pdl import launch_kw, pdl_wait
+
 TILE = 64  # tokens per inner iteration
 
 
@@ -45,6 +47,7 @@ def _decode_split_kernel(
     SPLIT_LEN: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    pdl_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -112,6 +115,7 @@ def _merge_kernel(
     S_PAD: tl.constexpr,
     D: tl.constexpr,
 ):
+    pdl_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
@@ -174,6 +178,7 @@ def paged_decode_attention(
         TILE_N=TILE,
         SPLIT_LEN=split_len,
         IEEE=q.dtype == torch.float32,
+        **launch_kw(),
     )
     out = torch.empty_like(q)
     _merge_kernel[(B, nh)](
@@ -190,5 +195,6 @@ def paged_decode_attention(
         S=splits,
         S_PAD=max(2, triton.next_power_of_2(splits)),
         D=d,
+        **launch_kw(),
     )
     return out

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_pdl import launch_kw, pdl_wait
+
 MAX_TOKENS = 8
 
 
@@ -34,6 +36,7 @@ def _gemv_kernel(
     BK: tl.constexpr,
     T_PAD: tl.constexpr,
 ):
+    pdl_wait()
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     offs_t = tl.arange(0, T_PAD)
@@ -62,5 +65,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bn: int = 16, bk: int = 256, stages: 
     _gemv_kernel[(triton.cdiv(N, bn),)](
         x, w, y, T, N, K, x.stride(0), w.stride(0), y.stride(0),
         BN=bn, BK=bk, T_PAD=16, num_warps=warps, num_stages=stages,
+        **launch_kw(),
     )
     return y

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moebius.model.triton_attention import _merge_kernel, num_splits
+from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 TILE = 32  # latents per inner iteration
 HEAD_TILE = 16
@@ -51,6 +52,7 @@ def _mla_split_kernel(
     SPLIT_LEN: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    pdl_wait()
     b = tl.program_id(0)
     heads = tl.program_id(1) * HT + tl.arange(0, HT)
     split = tl.program_id(2)
@@ -142,6 +144,7 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         SPLIT_LEN=split_len,
         IEEE=q.dtype == torch.float32,
         num_warps=4,
+        **launch_kw(),
     )
     out = q.new_empty(B, nh, r)
     _merge_kernel[(B, nh)](
@@ -158,5 +161,6 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         S=splits,
         S_PAD=max(2, triton.next_power_of_2(splits)),
         D=r,
+        **launch_kw(),
     )
     return out

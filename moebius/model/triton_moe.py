@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_pdl import launch_kw, pdl_wait
+
 MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped GEMM
 BM = 16
 ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one program
@@ -68,6 +70,7 @@ def _align(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_PAD: tl.
 def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_PAD: tl.constexpr,
                   M_PAD: tl.constexpr, BM: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                   CHUNK: tl.constexpr):
+    pdl_wait()
     _align(ids, M, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
 
 
@@ -90,6 +93,7 @@ def _w13_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
+    pdl_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece = tl.load(block_piece + pid_m)
@@ -141,6 +145,7 @@ def _w2_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
+    pdl_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece = tl.load(block_piece + pid_m)
@@ -205,7 +210,7 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
     assert 0 < M <= MAX_PAIRS
     plan = _Plan(M, w13.shape[0], x.device)
     _align_kernel[(1,)](pieces.reshape(-1), M, plan.sorted_rows, plan.block_piece, plan.cursor,
-                        **plan.consts(), num_warps=8)
+                        **plan.consts(), num_warps=8, **launch_kw())
     return _run(x, plan, K, weights, w13, w2t, tiles, reduce)
 
 
@@ -224,6 +229,7 @@ def route_experts_fused(x, logits, top_k: int, renormalize: bool, w13, w2t):
         plan.cursor, K=top_k, K_PAD=triton.next_power_of_2(top_k),
         E_PAD=triton.next_power_of_2(E), T_PAD=max(2, triton.next_power_of_2(T)),
         RENORM=renormalize, **plan.consts(), num_warps=8,
+        **launch_kw(),
     )
     return _run(x, plan, top_k, weights, w13, w2t, None, False)
 
@@ -239,6 +245,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
         x, w13, act, plan.sorted_rows, plan.block_piece, M, H, c,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOPK=K, BM=BM, BN=bn1, BK=bk1, num_warps=4, num_stages=4,
+        **launch_kw(),
     )
     route_w = weights.reshape(-1)
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
@@ -247,6 +254,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
         act, w2t, y, plan.sorted_rows, plan.block_piece, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
         BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
+        **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)
 
@@ -282,6 +290,7 @@ def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, 
 @triton.jit
 def _topk_kernel(logits, ids, weights, T, E, stride_lt, K: tl.constexpr, K_PAD: tl.constexpr,
                  E_PAD: tl.constexpr, BT: tl.constexpr, RENORM: tl.constexpr):
+    pdl_wait()
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM)
 
@@ -293,6 +302,7 @@ def _route_align_kernel(logits, ids, weights, T, E, stride_lt, sorted_rows, bloc
                         P_PAD: tl.constexpr, M_PAD: tl.constexpr, BM: tl.constexpr,
                         NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
     """Top-k of every token, then the alignment of its (token, expert) pairs: one program."""
+    pdl_wait()
     _topk_rows(logits, ids, weights, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K, K_PAD,
                E_PAD, RENORM)
     tl.debug_barrier()  # the ids just stored are read back as one flat vector
@@ -311,5 +321,6 @@ def route_topk(logits, top_k: int, renormalize: bool, dtype):
             logits, ids, weights, T, E, logits.stride(0),
             K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(E),
             BT=bt, RENORM=renormalize, num_warps=4,
+            **launch_kw(),
         )
     return ids, weights

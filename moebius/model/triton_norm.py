@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_pdl import launch_kw, pdl_wait
+
 
 @triton.jit
 def _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
@@ -52,6 +54,7 @@ def _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, st
 def _add_rms_norm_kernel(X, Parts, W, Xout, Out, H, R, eps, stride_xt, stride_pt, stride_pr,
                          stride_xo, stride_ot, HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
                          BLOCK_H: tl.constexpr):
+    pdl_wait()
     t = tl.program_id(0).to(tl.int64)
     _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
                   stride_xo, stride_ot, True, HAS_PARTS, R_PAD, BLOCK_H)
@@ -64,13 +67,15 @@ def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, 
                                BLOCK_H: tl.constexpr, BE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
-    h = _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
-                      stride_xo, stride_ot, eb == 0, HAS_PARTS, R_PAD, BLOCK_H)
     offs = tl.arange(0, BLOCK_H)
     offs_e = eb * BE + tl.arange(0, BE)
     emask = offs_e < E
+    # The router's rows are no kernel's output: read them before waiting on the one before.
     r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
+    pdl_wait()
+    h = _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
+                      stride_xo, stride_ot, eb == 0, HAS_PARTS, R_PAD, BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
 
@@ -97,6 +102,7 @@ def _launch(x, parts, weight, eps, router=None):
         _add_rms_norm_kernel[(T,)](
             *args, H, R, eps, *strides, HAS_PARTS=parts is not None, R_PAD=r_pad,
             BLOCK_H=block, num_warps=min(16, max(4, block * r_pad // 2048)),  # ~64 a thread
+            **launch_kw(),
         )
     else:
         E, be = router.shape[0], 8
@@ -105,6 +111,7 @@ def _launch(x, parts, weight, eps, router=None):
             *args, router, logits, H, R, E, eps, *strides, router.stride(0), logits.stride(0),
             HAS_PARTS=parts is not None, R_PAD=r_pad, BLOCK_H=block, BE=be,
             num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
+            **launch_kw(),
         )
     return xout, out, logits
 

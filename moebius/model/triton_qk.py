@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_pdl import launch_kw, pdl_wait
+
 
 @triton.jit
 def _qk_kernel(
@@ -49,6 +51,7 @@ def _qk_kernel(
     BS: tl.constexpr,
     NORM: tl.constexpr,
 ):
+    pdl_wait()
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, D)
@@ -111,5 +114,6 @@ def qk_norm_rope_write(q, k, v, q_norm, k_norm, eps: float, cos, sin, positions,
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
         NH=nh, D=d, BS=k_cache.shape[1], NORM=norm, num_warps=1,
+        **launch_kw(),
     )
     return out
