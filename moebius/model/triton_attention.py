@@ -46,8 +46,9 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,
     SPLIT_LEN: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    pdl_wait()
+    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -114,8 +115,9 @@ def _merge_kernel(
     S: tl.constexpr,
     S_PAD: tl.constexpr,
     D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    pdl_wait()
+    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)

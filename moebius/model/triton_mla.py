@@ -51,8 +51,9 @@ def _mla_split_kernel(
     TILE_N: tl.constexpr,
     SPLIT_LEN: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    pdl_wait()
+    pdl_wait(PDL)
     b = tl.program_id(0)
     heads = tl.program_id(1) * HT + tl.arange(0, HT)
     split = tl.program_id(2)

@@ -53,8 +53,8 @@ def _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, st
 @triton.jit
 def _add_rms_norm_kernel(X, Parts, W, Xout, Out, H, R, eps, stride_xt, stride_pt, stride_pr,
                          stride_xo, stride_ot, HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
-    pdl_wait()
+                         BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
                   stride_xo, stride_ot, True, HAS_PARTS, R_PAD, BLOCK_H)
@@ -64,7 +64,7 @@ def _add_rms_norm_kernel(X, Parts, W, Xout, Out, H, R, eps, stride_xt, stride_pt
 def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, eps, stride_xt,
                                stride_pt, stride_pr, stride_xo, stride_ot, stride_re, stride_lt,
                                HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
-                               BLOCK_H: tl.constexpr, BE: tl.constexpr):
+                               BLOCK_H: tl.constexpr, BE: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
@@ -73,7 +73,7 @@ def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, 
     # The router's rows are no kernel's output: read them before waiting on the one before.
     r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
-    pdl_wait()
+    pdl_wait(PDL)
     h = _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
                       stride_xo, stride_ot, eb == 0, HAS_PARTS, R_PAD, BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be

@@ -50,8 +50,9 @@ def _qk_kernel(
     D: tl.constexpr,
     BS: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    pdl_wait()
+    pdl_wait(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, D)
