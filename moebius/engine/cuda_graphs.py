@@ -13,7 +13,6 @@ import torch
 
 from moebius.engine.messages import SeqWork
 from moebius.model.attention import AttentionMeta
-from moebius.model.ops import linear
 from moebius.parallel.layout import Layout
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -61,7 +60,7 @@ class DecodeGraphs:
             self._meta(B),
             B,
         )
-        return linear(hidden, r.weights.lm_head).float()
+        return (hidden @ r.weights.lm_head.t()).float()
 
     @torch.inference_mode()
     def capture(self, layout: Layout) -> None:

@@ -18,7 +18,7 @@ from moebius.model.attention import AttentionMeta, PrefillChunk
 from moebius.model.decoder import forward
 from moebius.model.loader import load_weights
 from moebius.model.mla import MLARotary
-from moebius.model.ops import Rotary, linear
+from moebius.model.ops import Rotary
 from moebius.model.sampler import SamplingTensors, logprobs_of, sample
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
@@ -135,7 +135,7 @@ class ModelRunner:
         if not self._samples_here() or not sample_rows:
             return StepResult(self.rank, [], counts)
         rows = torch.tensor(sample_rows, device=self.device)
-        logits = linear(hidden[rows], self.weights.lm_head).float()
+        logits = (hidden[rows] @ self.weights.lm_head.t()).float()
         return StepResult(self.rank, self._sample(logits, step.seqs), counts)
 
     def _execute_mixed(self, step: StepInput) -> StepResult:
@@ -181,7 +181,7 @@ class ModelRunner:
         rows = rows_tp if rep == "tp" else rows_ep
         if (rep == "tp" and rank != 0) or not rows:
             return StepResult(rank, [])
-        logits = linear(hidden[torch.tensor(rows, device=dev)], self.weights.lm_head).float()
+        logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
         return StepResult(rank, self._sample(logits, sampled))
 
     def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moebius.model.ops import fused_on_cuda, linear
+from moebius.model.ops import fused_on_cuda
 from moebius.parallel.comm import Comm
 from moebius.parallel.dispatch import dispatch_combine
 from moebius.parallel.layout import Layout
@@ -39,7 +39,7 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
     """(topk_ids (T, K) long, topk_weights (T, K) in x's dtype), as transformers computes them;
     on CUDA the softmax/top-k/renormalisation is one Triton launch after the router GEMM."""
     if x.is_cuda and route_topk is not None:
-        return route_topk(linear(x, router), top_k, renormalize, x.dtype)
+        return route_topk(F.linear(x, router), top_k, renormalize, x.dtype)
     return _route_torch(x, router, top_k, renormalize)
 
 
@@ -134,7 +134,7 @@ def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens
     ``logits``: the router's output when the norm before computed it (``routes_fused``).
     """
     if routes_fused(x, comm):
-        logits = linear(x, router) if logits is None else logits
+        logits = F.linear(x, router) if logits is None else logits
         return route_experts_fused(x, logits, cfg.top_k, cfg.norm_topk_prob, w13, w2t)
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
     if comm.world_size == 1:

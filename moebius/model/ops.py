@@ -13,12 +13,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model import triton_gemv, triton_norm
+    from moebius.model import triton_norm
 except ImportError:  # pragma: no cover - depends on the install
-    triton_gemv = triton_norm = None
-
-# Projections of 1-8 tokens on CUDA: "triton" (model/triton_gemv.py) or "cublas" (F.linear).
-GEMV = os.environ.get("MOEBIUS_GEMV", "cublas")
+    triton_norm = None
 
 # On CUDA, small elementwise chains are fused by torch.compile (one Triton kernel instead of
 # 5-10 eager launches each); MOEBIUS_COMPILE=0 turns it off. CPU always runs them eagerly.
@@ -39,15 +36,6 @@ def fused_on_cuda(fn):
         return compiled(x, *args)
 
     return wrapper
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` (F.linear); a few bf16 tokens on CUDA through the Triton GEMV if chosen."""
-    if (GEMV == "triton" and x.is_cuda and triton_gemv is not None and x.dim() == 2
-            and x.dtype == torch.bfloat16 and 0 < x.shape[0] <= triton_gemv.MAX_TOKENS
-            and x.stride(1) == 1 and w.stride(1) == 1):
-        return triton_gemv.gemv(x, w)
-    return F.linear(x, w)
 
 
 @fused_on_cuda
@@ -77,7 +65,7 @@ def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor):
     if x.is_cuda and triton_norm is not None:
         return triton_norm.add_rms_norm_route(x, parts, weight, eps, router)
     x, h = add_rms_norm(x, parts, weight, eps)
-    return x, h, linear(h, router)
+    return x, h, F.linear(h, router)
 
 
 @fused_on_cuda

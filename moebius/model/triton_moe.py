@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_pdl import launch_kw, pdl_wait, prefetch_l2
+from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped GEMM
 BM = 16
@@ -145,27 +145,20 @@ def _w2_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    C_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # The alignment ran two kernels back, so under PDL its labels are final before the wait
-    # (see triton_pdl): the block's weight tile streams into L2 while the gate/up GEMM runs.
     piece = tl.load(block_piece + pid_m)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    w_base = W + tl.maximum(piece, 0).to(tl.int64) * stride_we
-    if piece >= 0:
-        line_k = tl.minimum(tl.arange(0, C_PAD), C - 1)
-        line_n = tl.minimum(pid_n * BN + tl.arange(0, (BN + 63) // 64) * 64, H - 1)
-        prefetch_l2(w_base + line_k[:, None] * stride_wk + line_n[None, :], PDL)
-    pdl_wait(PDL)
     if piece < 0:
         return
     rows = tl.load(sorted_rows + pid_m * BM + tl.arange(0, BM))
     rmask = rows < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < H
     in_rows = pid_m * BM + tl.arange(0, BM)
+    w_base = W + piece.to(tl.int64) * stride_we
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, C, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -262,7 +255,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
     _w2_kernel[(plan.num_blocks, triton.cdiv(H, bn2))](
         act, w2t, y, plan.sorted_rows, plan.block_piece, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
-        BM=BM, BN=bn2, BK=bk2, C_PAD=triton.next_power_of_2(c), num_warps=4, num_stages=4,
+        BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
         **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)

@@ -9,12 +9,15 @@ of a 3.36 ms batch-1 step (BENCHMARKS.md). On by default where the GPU has it (c
 capability 9+); ``MOEBIUS_PDL=0`` turns it off.
 
 Every kernel launched with ``launch_kw()`` takes a ``PDL`` constexpr and calls
-``pdl_wait(PDL)`` before it touches memory the kernel just before it wrote, on every path (a
-program that returned early without it would let a later kernel run before the one before
-this one finished). The next kernel is let go only once every program here has passed its
-wait, so before its own wait a kernel may read weights and what kernels two or more back
-wrote (the experts' down kernel reads the alignment's block labels), and ``prefetch_l2``
-lines it will read: weights then stream from HBM while the kernel before still runs.
+``pdl_wait(PDL)`` before it touches memory another kernel wrote, on every path (a program
+that returned early without it would let a later kernel run before the one before this one
+finished). Before the wait a kernel may read only what no kernel writes (weights).
+
+Tried and dropped (H200, session 3): letting the next kernel go only after the wait, so that
+it may read what kernels two back wrote, with weights prefetched into L2 before the wait (a
+Triton GEMV for the projections, the experts' down kernel its tile): every batch size got
+5-10% slower than the plain order (L2 prefetches evicted by the concurrent expert stream,
+later launches); BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -31,19 +34,10 @@ WANTED = os.environ.get("MOEBIUS_PDL", "1") != "0"
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
-    """Wait for the kernel before to finish, then let the next one launch (no-op when off)."""
+    """Let the next kernel launch, then wait for the one before to finish (no-op when off)."""
     if PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(ptrs, PDL: tl.constexpr):
-    """Ask L2 for the 128-byte lines at ``ptrs`` (a tensor of pointers); no registers, no
-    wait. Only under PDL, where it overlaps the kernel before (not in the interpreter)."""
-    if PDL:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
 
 
 @functools.cache

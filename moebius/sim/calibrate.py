@@ -1,18 +1,29 @@
 """Fit a cost-model profile to measured step times.
 
-``fit_profile(figures)`` is the whole method: the GPU constants (per-layer latency, HBM and KV
-bandwidth, collective latency and bandwidth) by non-negative least squares on relative error
-over graph-mode step times (figures with source "probe"); the host constants (per step, per
-sequence) from the engine rows' host times, the eager launch time per layer from the eager
-rows. Probe and engine rows share every GPU constant but one: the engine's extra per-layer
-latency (its ~1,200 kernels a step against the probe's leaner graph). The FLOP
-rate is not identifiable from decode steps (they are memory- and latency-bound), so it is a
-prior. The bundled ``profiles/h200.json`` is ``fit_profile(figures.ALL)``.
+``fit_profile(figures)`` is the whole method, in three fits by non-negative least squares on
+relative error over graph-mode GPU times (step less the measured host time):
+
+1. The probe constants (per-layer latency, HBM and KV bandwidth, EP latency, collective latency
+   and bandwidth) over DESIGN.md's probe (1 and 2 GPUs) and the session-1 engine's rows, which
+   share every constant but one: that engine's extra per-layer latency (its ~1,200 kernels a
+   step against the probe's leaner graph). This is how the model began, and it is still the
+   only source of the EP and collective constants.
+2. The engine's own terms (``EngineTerms``) over the current engine's rows: a per-layer latency
+   and a weight-read cost that replace the probe's, an extra latency per MLA layer (where
+   DeepSeek rows are given), and a KV-read cost only where the rows span two contexts or more
+   (else the probe's). The probe's FLOP, EP and collective terms are subtracted first.
+3. The host constants (per step, per sequence) by a line through the current engine's host
+   times (the session-1 rows' where there are none), the eager launch time per layer from the
+   eager rows (session 1's, with that engine's host constants: ``session1_view``).
+
+The FLOP rate is not identifiable from decode steps (they are memory- and latency-bound), so
+it is a prior. The bundled ``profiles/h200.json`` is ``fit_profile(figures.ALL)``.
 
 ``moebius sim calibrate`` runs the real engine (``moebius.bench.decode.run``) on this machine,
 times small collectives through torch.distributed when ``--ranks`` > 1, and writes a profile:
-engine rows refit the host constants, the device copy bandwidth rescales the HBM constants,
-collective timings replace the collective constants. On CPU it is a smoke run with a tiny model.
+engine rows refit the engine terms and host constants, the device copy bandwidth rescales the
+probe's HBM constants, collective timings replace the collective constants. On CPU it is a
+smoke run with a tiny model.
 """
 
 from __future__ import annotations
@@ -20,11 +31,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from moebius.config import ModelConfig, preset
-from moebius.sim.cost_model import CostModel, Link, Profile, RankWork
+from moebius.sim.cost_model import CostModel, EngineTerms, Link, Profile, RankWork
 from moebius.sim.figures import (
     ALL,
     HBM_COPY_BPS,
@@ -53,6 +65,14 @@ FEATURES = [
     "coll_hops",
     "coll_bytes",
 ]
+PROBE_SOURCES = ("probe", "engine-s1")  # the rows of fit 1
+# EngineTerms field -> the feature it multiplies (fit 2)
+ENGINE_FITTED = {
+    "layer_latency_s": "layers",
+    "hbm_s_per_byte": "weight_bytes",
+    "mla_layer_latency_s": "mla_layers",
+    "kv_s_per_byte": "kv_bytes",
+}
 
 
 def nnls(A: np.ndarray, y: np.ndarray, iters: int = 200) -> np.ndarray:
@@ -89,9 +109,10 @@ def figure_works(f: Figure) -> list[RankWork]:
     return [RankWork(f.batch, f.batch, f.batch * f.context)]
 
 
-def figure_features(model: ModelConfig, f: Figure) -> dict:
-    """The busiest rank's features of one measured decode step (graph mode)."""
-    cm = CostModel(model, f.ranks, blank_profile())
+def figure_features(model: ModelConfig | None, f: Figure) -> dict:
+    """The busiest rank's features of one measured decode step (graph mode); ``model`` None:
+    the figure's preset."""
+    cm = CostModel(model or preset(f.model), f.ranks, blank_profile())
     ws = figure_works(f)
     total, mx = sum(w.num_tokens for w in ws), max(w.num_tokens for w in ws)
     feats = max(
@@ -109,37 +130,98 @@ def fit_profile(
     name: str = "h200",
     base: Profile | None = None,
 ) -> Profile:
-    """GPU constants by NNLS on relative error over graph-mode GPU times (probe rows; engine
-    rows less their measured host time), then host constants from the engine rows."""
-    model = model or preset("qwen3-30b-a3b")
+    """The three fits of the module docstring over ``figures``; ``model`` None: each figure's
+    preset. What no figure informs stays ``base``'s."""
     prof = base or blank_profile(name)
-    gpu_rows = [f for f in figures if f.source in ("probe", "engine")]
-    if gpu_rows:
-        feats = [figure_features(model, f) for f in gpu_rows]
-        A = np.array([[fe[k] for k in FEATURES] for fe in feats])
-        gpu = np.array([(f.step_ms - (f.host_ms or 0.0)) / 1e3 for f in gpu_rows])
-        y = gpu - np.array([fe["flops"] for fe in feats]) * prof.s_per_flop
-        scale = A.max(0)
-        scale[scale == 0] = 1
-        x = nnls(A / scale / gpu[:, None], y / gpu) / scale
-        prof = prof.with_(**dict(zip(FITTED, map(float, x), strict=True)))
-        if prof.coll_s_per_byte == 0:
-            prof = prof.with_(coll_s_per_byte=1 / NCCL_SENDRECV_BPS)
-    hosted = [f for f in figures if f.source == "engine" and f.host_ms is not None]
-    if len(hosted) >= 2:
-        per_seq, fixed = np.polyfit([f.batch for f in hosted], [f.host_ms / 1e3 for f in hosted], 1)
-        prof = prof.with_(
-            host_step_s=max(float(fixed), 0.0), host_per_seq_s=max(float(per_seq), 0.0)
-        )
+    probe_rows = [f for f in figures if f.source in PROBE_SOURCES]
+    if probe_rows:
+        prof = fit_probe(prof, model, probe_rows)
+    engine_rows = [f for f in figures if f.source == "engine"]
+    if engine_rows:
+        prof = fit_engine(prof, model, engine_rows)
+    host = fit_host(engine_rows) or fit_host(f for f in figures if f.source == "engine-s1")
+    if host:
+        prof = prof.with_(**host)
     eager = [f for f in figures if f.source == "eager"]
     if eager:
-        prof = fit_eager(prof, model, eager)
+        s1 = fit_eager(session1_view(prof, figures), model, eager)
+        prof = prof.with_(eager_layer_s=s1.eager_layer_s)
     return prof.with_(name=name)
 
 
-def fit_eager(prof: Profile, model: ModelConfig, eager: list[Figure]) -> Profile:
+def _nnls_relative(A: np.ndarray, y: np.ndarray, gpu: np.ndarray) -> np.ndarray:
+    """NNLS of A·x = y weighted by 1/gpu (relative error), columns scaled to their maxima."""
+    scale = A.max(0)
+    scale[scale == 0] = 1
+    return nnls(A / scale / gpu[:, None], y / gpu) / scale
+
+
+def fit_probe(prof: Profile, model: ModelConfig | None, rows: list[Figure]) -> Profile:
+    """Fit 1: the probe constants (FITTED) over probe and session-1 engine rows."""
+    feats = [figure_features(model, f) for f in rows]
+    A = np.array([[fe[k] for k in FEATURES] for fe in feats])
+    gpu = np.array([(f.step_ms - (f.host_ms or 0.0)) / 1e3 for f in rows])
+    y = gpu - np.array([fe["flops"] for fe in feats]) * prof.s_per_flop
+    x = _nnls_relative(A, y, gpu)
+    prof = prof.with_(**dict(zip(FITTED, map(float, x), strict=True)))
+    if prof.coll_s_per_byte == 0:
+        prof = prof.with_(coll_s_per_byte=1 / NCCL_SENDRECV_BPS)
+    return prof
+
+
+def fit_engine(prof: Profile, model: ModelConfig | None, rows: list[Figure]) -> Profile:
+    """Fit 2: the engine's own terms over the current engine's rows. A term the rows cannot
+    tell apart keeps ``prof``'s: the MLA extra without MLA rows, the latency per layer with
+    MLA rows only (they fit the extra over it), the KV cost over one context."""
+    feats = [figure_features(model, f) for f in rows]
+    mla = [fe["mla_layers"] > 0 for fe in feats]
+    kept = set()
+    if not any(mla):
+        kept.add("mla_layer_latency_s")
+    elif all(mla):
+        kept.add("layer_latency_s")
+    if len({f.context for f in rows}) < 2:
+        kept.add("kv_s_per_byte")
+    fitted = [k for k in ENGINE_FITTED if k not in kept]
+    old = prof.engine or EngineTerms(
+        prof.layer_latency_s + prof.engine_layer_latency_s, prof.hbm_s_per_byte
+    )
+    # what this fit does not touch (FLOPs, EP, collectives, the kept terms), priced as it is
+    rest = EngineTerms(**{k: 0.0 if k in fitted else v for k, v in old.__dict__.items()})
+    fixed = np.array(
+        [
+            CostModel(model or preset(f.model), f.ranks, prof.with_(engine=rest)).gpu_time(fe)
+            for f, fe in zip(rows, feats, strict=True)
+        ]
+    )
+    A = np.array([[fe[ENGINE_FITTED[k]] for k in fitted] for fe in feats])
+    gpu = np.array([(f.step_ms - (f.host_ms or 0.0)) / 1e3 for f in rows])
+    x = _nnls_relative(A, gpu - fixed, gpu)
+    terms = {**old.__dict__, **dict(zip(fitted, map(float, x), strict=True))}
+    return prof.with_(engine=EngineTerms(**terms))
+
+
+def fit_host(rows) -> dict | None:
+    """Host constants: a line through the rows' host ms in batch (None: under two rows)."""
+    hosted = [f for f in rows if f.host_ms is not None]
+    if len(hosted) < 2:
+        return None
+    per_seq, fixed = np.polyfit([f.batch for f in hosted], [f.host_ms / 1e3 for f in hosted], 1)
+    return {"host_step_s": max(float(fixed), 0.0), "host_per_seq_s": max(float(per_seq), 0.0)}
+
+
+def session1_view(prof: Profile, figures: list[Figure] = ALL) -> Profile:
+    """The profile as it priced the session-1 engine (before EngineTerms): the probe's
+    constants plus that engine's extra latency, its host constants refit from its rows."""
+    return prof.with_(
+        engine=None, **(fit_host(f for f in figures if f.source == "engine-s1") or {})
+    )
+
+
+def fit_eager(prof: Profile, model: ModelConfig | None, eager: list[Figure]) -> Profile:
     """Eager engine: step = max(GPU, L·launch) + host(B): the launch time per layer is the
     median of (step - host(B)) / L over rows where it exceeds the GPU time."""
+    model = model or preset(eager[0].model)
     host = CostModel(model, 1, prof).host_time
     per_layer = sorted((f.step_ms / 1e3 - host(f.batch)) / model.num_layers for f in eager)
     return prof.with_(eager_layer_s=per_layer[len(per_layer) // 2])
@@ -223,17 +305,24 @@ def calibrate(
     ]
     bw = rows[0]["copy_bw_GBps"] * 1e9
     ratio = HBM_COPY_BPS / bw  # slower memory than H200's: proportionally slower reads
+    terms = base.engine
+    if terms is not None:  # refit below where the rows have GPU times; rescaled meanwhile
+        kv = terms.kv_s_per_byte
+        terms = replace(
+            terms,
+            hbm_s_per_byte=terms.hbm_s_per_byte * ratio,
+            kv_s_per_byte=None if kv is None else kv * ratio,
+        )
     prof = base.with_(
         name=f"calibrated-{device}",
         hbm_s_per_byte=base.hbm_s_per_byte * ratio,
         kv_s_per_byte=base.kv_s_per_byte * ratio,
+        engine=terms,
     )
     if all(f.host_ms is not None for f in engine):
-        # this machine's engine rows: one GPU, so the collective and EP constants stay
-        keep = {
-            k: getattr(base, k) for k in ("coll_latency_s", "coll_s_per_byte", "ep_layer_latency_s")
-        }
-        prof = fit_profile(engine, model, prof.name, prof).with_(**keep)
+        # this machine's engine rows (one GPU): the engine terms and host constants; the
+        # probe, EP and collective constants stay the base's
+        prof = fit_profile(engine, model, prof.name, prof)
     else:
         prof = fit_eager(
             prof.with_(launch="eager"),
@@ -260,4 +349,5 @@ def calibrate(
 
 def bundled_profile() -> Profile:
     """The default profile recomputed from the H200 figures (what h200.json holds)."""
-    return fit_profile(ALL, base=Profile.load("h200").with_(**{k: 0.0 for k in FITTED}))
+    base = Profile.load("h200").with_(engine=None, **{k: 0.0 for k in FITTED})
+    return fit_profile(ALL, base=base)

@@ -1,5 +1,5 @@
-"""``moebius sim calibrate | validate | run | project | pd``: flags mapped onto the simulator
-here.
+"""``moebius sim calibrate | validate | refit | run | project | pd``: flags mapped onto the
+simulator here.
 
 ``add_sim_parser(subparsers)`` registers the command; ``moebius/cli.py`` calls it.
 """
@@ -59,6 +59,12 @@ def cmd_validate(args) -> None:
                 f,
                 indent=2,
             )
+
+
+def cmd_refit(args) -> None:
+    from moebius.sim.refit import main
+
+    main(args.md, args.json, args.profile_out)
 
 
 def cmd_calibrate(args) -> None:
@@ -201,6 +207,12 @@ def add_sim_parser(subparsers) -> None:
     p.add_argument("--no-loo", action="store_true", help="skip the leave-one-out refits")
     p.add_argument("--json", default=None)
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("refit", help="the H200 profile refit: before/after on the engine's steps")
+    p.add_argument("--md", default=None, help="write the markdown report here")
+    p.add_argument("--json", default=None, help="write the rows and constants here")
+    p.add_argument("--profile-out", default=None, help="write fit_profile(figures.ALL) here")
+    p.set_defaults(fn=cmd_refit)
 
     p = sub.add_parser("calibrate", help="run the real engine here and fit a profile")
     p.add_argument("--preset", default="qwen3-30b-a3b", help="a preset, or 'tiny' (CPU smoke)")

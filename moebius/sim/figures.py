@@ -3,11 +3,15 @@ check (validate). Each row names where the figure is written down.
 
 - DESIGN.md, "Measured on 2×H200": a lean probe of Qwen3-30B-A3B decode steps (random bf16,
   CUDA graph, grouped_mm experts, SDPA over contiguous KV of 512 tokens, NCCL; 12 layers timed
-  and scaled to 48, so it has no per-step host time).
-- BENCHMARKS.md, "With CUDA graphs and the Triton paged decode kernel": the real engine, one
-  H200, 128-token prompts, median decode step through ``engine.step()``, split into the graph's
-  GPU time and the host's (source "engine").
-- BENCHMARKS.md, "Decode step time, single GPU": the same engine before graphs, eager
+  and scaled to 48, so it has no per-step host time; source "probe").
+- BENCHMARKS.md, "Session 2 final" (results/decode_h200_session2_final.json) and its
+  DeepSeek-V2-Lite rows (results/decode_h200_deepseek_v2_lite.json): the current engine (fused
+  Triton kernels), one H200, 128-token prompts, median decode step through ``engine.step()``,
+  split into the graph's GPU time and the host's (source "engine").
+- BENCHMARKS.md, "With CUDA graphs and the Triton paged decode kernel": the session-1 engine,
+  measured the same way (source "engine-s1"). It still fits the probe-side constants (the EP and
+  collective ones with them), which the current engine's one-GPU rows cannot.
+- BENCHMARKS.md, "Decode step time, single GPU": the session-1 engine before graphs, eager
   (source "eager").
 """
 
@@ -18,13 +22,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Figure:
-    source: str  # "probe" (DESIGN.md) or "engine" (BENCHMARKS.md)
+    source: str  # "probe" (DESIGN.md), "engine", "engine-s1" or "eager" (BENCHMARKS.md)
     ranks: int
     layout: str
     batch: int
     context: int  # tokens each sequence attends to
     step_ms: float
     host_ms: float | None = None  # the host's share, where measured
+    model: str = "qwen3-30b-a3b"  # the preset whose shapes were measured
 
 
 PROBE_CONTEXT = 512
@@ -41,7 +46,7 @@ _PROBE_2 = {  # batch: (TP2, EP2)
     2048: (68.9, 67.8),
 }
 _EAGER_1 = {1: 67.7, 16: 73.8, 64: 70.3, 256: 82.0}
-_ENGINE_1 = {  # batch: (ms/step, host ms)
+_ENGINE_S1 = {  # batch: (ms/step, host ms)
     1: (12.91, 0.22),
     8: (20.85, 0.31),
     16: (26.16, 0.40),
@@ -51,14 +56,40 @@ _ENGINE_1 = {  # batch: (ms/step, host ms)
     256: (43.46, 5.08),
 }
 
+# the current engine, batch: (ms/step, host ms), by preset and the results file they come from
+_ENGINE = {
+    ("qwen3-30b-a3b", "results/decode_h200_session2_final.json"): {
+        1: (4.483, 0.462),
+        4: (7.188, 0.683),
+        8: (9.981, 1.012),
+        16: (13.053, 0.695),
+        32: (16.135, 0.794),
+        64: (18.347, 1.114),
+        128: (20.949, 2.616),
+        256: (24.897, 4.458),
+    },
+    ("deepseek-v2-lite", "results/decode_h200_deepseek_v2_lite.json"): {
+        1: (5.326, 0.270),
+        16: (11.238, 0.742),
+        64: (14.058, 1.958),
+        256: (21.775, 7.253),
+    },
+}
+ENGINE_FILES = {path: name for name, path in _ENGINE}
+
 PROBE: list[Figure] = [Figure("probe", 1, "tp", b, PROBE_CONTEXT, t) for b, t in _PROBE_1.items()]
 PROBE += [Figure("probe", 2, "tp", b, PROBE_CONTEXT, t[0]) for b, t in _PROBE_2.items()]
 PROBE += [Figure("probe", 2, "ep", b, PROBE_CONTEXT, t[1]) for b, t in _PROBE_2.items()]
 ENGINE: list[Figure] = [
-    Figure("engine", 1, "tp", b, ENGINE_CONTEXT, t, h) for b, (t, h) in _ENGINE_1.items()
+    Figure("engine", 1, "tp", b, ENGINE_CONTEXT, t, h, model)
+    for (model, _), rows in _ENGINE.items()
+    for b, (t, h) in rows.items()
+]
+ENGINE_S1: list[Figure] = [
+    Figure("engine-s1", 1, "tp", b, ENGINE_CONTEXT, t, h) for b, (t, h) in _ENGINE_S1.items()
 ]
 EAGER: list[Figure] = [Figure("eager", 1, "tp", b, ENGINE_CONTEXT, t) for b, t in _EAGER_1.items()]
-ALL = PROBE + ENGINE + EAGER
+ALL = PROBE + ENGINE + ENGINE_S1 + EAGER
 
 # Link figures (DESIGN.md): NCCL send/recv at 1 GiB 360 GB/s; all-gather 275 GB/s at 1 GiB,
 # 230-264 at 64 MB; all_reduce of 64 KB 22 µs (eager, host-timed); peer copy 396 GB/s.

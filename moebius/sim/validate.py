@@ -1,6 +1,12 @@
 """``moebius sim validate``: the cost model's predictions against the step times we measured on
-H200 (figures.py: DESIGN.md's probe at 1 GPU and TP2/EP2, BENCHMARKS.md's engine rows with CUDA
-graphs and before them, eager).
+H200 (figures.py: DESIGN.md's probe at 1 GPU and TP2/EP2; BENCHMARKS.md's current engine on
+Qwen3-30B-A3B and DeepSeek-V2-Lite shapes; the session-1 engine with CUDA graphs and before
+them, eager).
+
+Each figure is predicted by the part of the profile that describes what was measured: the probe
+by the probe's constants (no host time, no engine terms), the current engine by the whole
+profile, the session-1 engine by ``session1_view`` (the probe's constants plus its extra
+latency, its own host constants).
 
 Two predictions per figure: in-sample (the profile as given, which was fitted to these very
 figures) and leave-one-out (the profile refitted without that figure, then asked for it): the
@@ -13,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moebius.config import preset
-from moebius.sim.calibrate import FITTED, fit_profile
+from moebius.sim.calibrate import FITTED, fit_profile, session1_view
 from moebius.sim.cost_model import CostModel, Profile
 from moebius.sim.figures import ALL, Figure
 
@@ -33,43 +39,50 @@ class Row:
         return None if self.loo_ms is None else self.loo_ms / self.figure.step_ms - 1
 
 
-def predict(profile: Profile, f: Figure) -> float:
-    """Milliseconds the profile predicts for one measured figure."""
-    model = preset("qwen3-30b-a3b")
+def predict(profile: Profile, f: Figure, figures: list[Figure] = ALL) -> float:
+    """Milliseconds the profile predicts for one measured figure (``figures``: those the
+    session-1 host constants are refit from)."""
     if f.source == "probe":  # lean graph, no host time (12 layers timed, scaled)
         profile = profile.with_(
-            launch="graph", host_step_s=0.0, host_per_seq_s=0.0, engine_layer_latency_s=0.0
+            launch="graph",
+            host_step_s=0.0,
+            host_per_seq_s=0.0,
+            engine_layer_latency_s=0.0,
+            engine=None,
         )
-    elif f.source == "engine":  # the engine with CUDA graphs
+    elif f.source == "engine":  # the current engine with CUDA graphs
         profile = profile.with_(launch="graph")
-    else:  # the engine before graphs: eager launches
-        profile = profile.with_(launch="eager")
-    return CostModel(model, f.ranks, profile).decode_step_time(f.layout, f.batch, f.context) * 1e3
+    elif f.source == "engine-s1":  # the session-1 engine with CUDA graphs
+        profile = session1_view(profile, figures).with_(launch="graph")
+    else:  # the session-1 engine before graphs: eager launches
+        profile = session1_view(profile, figures).with_(launch="eager")
+    cm = CostModel(preset(f.model), f.ranks, profile)
+    return cm.decode_step_time(f.layout, f.batch, f.context) * 1e3
 
 
-def table(profile: Profile, leave_one_out: bool = True) -> list[Row]:
+def table(profile: Profile, leave_one_out: bool = True, figures: list[Figure] = ALL) -> list[Row]:
     rows = []
-    blank = profile.with_(**{k: 0.0 for k in FITTED})
-    for i, f in enumerate(ALL):
+    blank = profile.with_(engine=None, **{k: 0.0 for k in FITTED})
+    for i, f in enumerate(figures):
         loo = None
         if leave_one_out:
-            rest = ALL[:i] + ALL[i + 1 :]
-            loo = predict(fit_profile(rest, base=blank, name="loo"), f)
-        rows.append(Row(f, predict(profile, f), loo))
+            rest = figures[:i] + figures[i + 1 :]
+            loo = predict(fit_profile(rest, base=blank, name="loo"), f, rest)
+        rows.append(Row(f, predict(profile, f, figures), loo))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
     out = [
-        "| source | GPUs | layout | batch | measured ms | predicted ms | error | "
+        "| source | model | GPUs | layout | batch | measured ms | predicted ms | error | "
         "left-one-out ms | error |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         f = r.figure
         loo = "–" if r.loo_ms is None else f"{r.loo_ms:.1f} | {r.loo_error:+.1%}"
         out.append(
-            f"| {f.source} | {f.ranks} | {f.layout.upper()} | {f.batch} | "
+            f"| {f.source} | {f.model} | {f.ranks} | {f.layout.upper()} | {f.batch} | "
             f"{f.step_ms:.1f} | {r.predicted_ms:.1f} | {r.error:+.1%} | {loo} |"
         )
     return "\n".join(out)

@@ -351,7 +351,6 @@ def test_route_and_align_in_one_launch(T, E, K, renorm):
         assert torch.equal(replayed, experts_fused(x, ids, wts, w13, w2, reduce=False))
 
 
-@pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (128, 2048), (1000, 300)])
 def test_triton_gemv_matches_reference(T, N, K):
     from moebius.model.triton_gemv import gemv

@@ -110,16 +110,19 @@ def test_cost_model_monotonic(profile):
 
 def test_validate_within_stated_error(profile):
     rows = table(profile, leave_one_out=True)
-    assert len(rows) == len(ALL) == 29
+    assert len(rows) == len(ALL) == 41
     assert max(abs(r.error) for r in rows) < 0.10  # in-sample: every figure within 10%
     loo = [abs(r.loo_error) for r in rows]
-    assert max(loo) < 0.20 and sum(e < 0.10 for e in loo) >= 26  # as docs/sim.md states
+    assert max(loo) < 0.20 and sum(e < 0.10 for e in loo) >= 36  # as docs/sim.md states
 
 
 def test_bundled_profile_is_the_fit(profile):
-    refit = fit_profile(ALL, base=profile.with_(**{k: 0.0 for k in FITTED}))
+    refit = fit_profile(ALL, base=profile.with_(engine=None, **{k: 0.0 for k in FITTED}))
     for k in FITTED + ["host_step_s", "host_per_seq_s", "eager_layer_s"]:
         assert getattr(refit, k) == pytest.approx(getattr(profile, k), rel=1e-6), k
+    assert refit.engine.kv_s_per_byte is profile.engine.kv_s_per_byte is None  # one context
+    for k in ("layer_latency_s", "hbm_s_per_byte", "mla_layer_latency_s"):
+        assert getattr(refit.engine, k) == pytest.approx(getattr(profile.engine, k), rel=1e-6), k
 
 
 def test_nnls_nonnegative():
