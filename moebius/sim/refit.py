@@ -29,9 +29,12 @@ def gpu_ms(profile: Profile, f: Figure) -> float:
     return predict(profile.with_(host_step_s=0.0, host_per_seq_s=0.0), f)
 
 
-def check_sources(root: str = ".") -> list[str]:
-    """Differences between figures.ENGINE and the results files it was copied from, and
-    session-3 results not copied in yet (empty: all agree)."""
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def check_sources(root: str = REPO) -> list[str]:
+    """Differences between figures.ENGINE and the results files (under the checkout ``root``)
+    it was copied from, and session-3 results not copied in yet (empty: all agree)."""
     notes = []
     for path, model in ENGINE_FILES.items():
         full = os.path.join(root, path)
@@ -95,6 +98,7 @@ def report(after: Profile | None = None) -> dict:
     return {
         "rows": rows,
         "constants": {"before": constants(before), "after": constants(after)},
+        "engine_terms": after.engine.__dict__,
         "summary": {k: _stats([r[k] for r in rows]) for k in _ERRORS},
         "source_check": check_sources(),
     }
@@ -114,9 +118,11 @@ Predicted vs measured decode steps of the current engine (one H200, CUDA graphs,
 prompts, context 141; figures.ENGINE, copied from the results files named there). Before: the
 profile fitted to the session-1 engine (probe constants + that engine's extra per-layer latency;
 what profiles/h200.json held). After: the bundled profile with the engine's own terms
-(``EngineTerms``). Left-one-out: the profile refitted without that row. GPU: the step less its
-measured host time, against the profile's GPU time alone. `moebius sim refit --md
-results/sim_refit.md --json results/sim_refit.json` writes this file.
+(`EngineTerms`). Left-one-out: the profile refitted without that row. GPU: the step less its
+measured host time, against the profile's GPU time alone. DeepSeek-V2-Lite's "before" uses
+this version's MLA weight bytes (the earlier code counted MLA attention as 3× its weights and no
+shared experts: 8.22 ms at batch 1, not 8.03). `moebius sim refit --md results/sim_refit.md
+--json results/sim_refit.json` writes this file (CPU, seconds).
 
 """
 
