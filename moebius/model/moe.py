@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moebius.model.ops import fused_on_cuda
+from moebius.model.ops import ExpertRows, fused_on_cuda
 from moebius.parallel.comm import Comm
 from moebius.parallel.dispatch import dispatch_combine
 from moebius.parallel.layout import Layout
@@ -81,8 +81,10 @@ def experts_reference(x, pieces, weights, w13, w2t):
     return out
 
 
-def experts_grouped(x, pieces, weights, w13, w2t):
-    """The same sum with one grouped GEMM per projection (CUDA, bf16): no loop over experts."""
+def experts_grouped(x, pieces, weights, w13, w2t, reduce: bool = True):
+    """The same sum with one grouped GEMM per projection (CUDA, bf16): no loop over experts.
+    ``reduce=False`` (every piece held: one rank): the rows come back as they leave the GEMMs,
+    an ``ExpertRows`` the next ``ops.add_rms_norm`` weights, gathers and sums in its launch."""
     T, K = pieces.shape
     P = w13.shape[0]
     flat = torch.where(pieces >= 0, pieces, P).flatten()  # P: not held here, sorts last
@@ -93,6 +95,9 @@ def experts_grouped(x, pieces, weights, w13, w2t):
     tok = order // K
     h = torch._grouped_mm(x[tok], w13.transpose(1, 2), offs=offs)
     y = torch._grouped_mm(_gated(h), w2t, offs=offs)
+    if not reduce:  # every row written (all pieces held); pair i sits at row inv[i]
+        inv = torch.empty_like(order).index_copy_(0, order, torch.arange(T * K, device=x.device))
+        return ExpertRows(y, inv.view(T, K), weights.contiguous())
     # Rows past offs[-1] were never written: select, do not multiply (garbage may be NaN).
     valid = (torch.arange(T * K, device=x.device) < offs[-1])[:, None]
     y = torch.where(valid, y * weights.flatten()[order][:, None], 0).to(x.dtype)
@@ -104,15 +109,16 @@ def experts_grouped(x, pieces, weights, w13, w2t):
 
 def run_experts(x, pieces, weights, w13, w2t, reduce: bool = True):
     """Σ over each token's pieces of weight · expert(x): (T, H). With ``reduce=False`` (every
-    piece held: one rank) the fused kernel may return its (T, K, H) rows unsummed, for
-    ``ops.add_rms_norm`` to sum with the residual add."""
+    piece held: one rank) the GPU paths may return their rows unsummed ((T, K, H) from the
+    fused kernel, ``ExpertRows`` from grouped GEMM) for ``ops.add_rms_norm`` to sum with the
+    residual add."""
     if not (x.is_cuda and x.dtype == torch.bfloat16) or pieces.numel() == 0:
         return experts_reference(x, pieces, weights, w13, w2t)
     fits = experts_fused is not None and pieces.numel() <= MAX_PAIRS
     if fits and MOE_KERNEL != "grouped":
         return experts_fused(x, pieces, weights, w13, w2t, reduce=reduce)
     if hasattr(torch, "_grouped_mm"):
-        return experts_grouped(x, pieces, weights, w13, w2t)
+        return experts_grouped(x, pieces, weights, w13, w2t, reduce=reduce)
     return experts_reference(x, pieces, weights, w13, w2t)
 
 

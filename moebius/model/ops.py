@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +48,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tensor, eps: float):
+@dataclass
+class ExpertRows:
+    """The experts' outputs of T tokens, not yet weighted, gathered or summed: token t's r-th
+    part is ``weights[t, r] · rows[index[t, r]]`` (rows in the experts' order, as grouped GEMMs
+    leave them)."""
+
+    rows: torch.Tensor  # (M, H)
+    index: torch.Tensor  # (T, R) long
+    weights: torch.Tensor  # (T, R), rows' dtype
+
+    def sum(self) -> torch.Tensor:
+        return (self.rows[self.index] * self.weights[..., None]).sum(1)
+
+
+def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
     """The residual add and the norm after it: (x + Σ_r parts[:, r], RMSNorm of that).
 
     ``parts`` is (T, H), (T, R, H) (e.g. the experts' K weighted outputs of each token, not yet
-    summed) or None (x only normed). On CUDA one Triton launch (model/triton_norm.py) with the
-    same rounding as these eager ops."""
+    summed), an ``ExpertRows`` or None (x only normed). On CUDA one Triton launch
+    (model/triton_norm.py) with the same rounding as these eager ops."""
     if x.is_cuda and triton_norm is not None:
         return triton_norm.add_rms_norm(x, parts, weight, eps)
+    if isinstance(parts, ExpertRows):
+        parts = parts.sum()
     if parts is not None:
         x = x + (parts if parts.dim() == 2 else parts.sum(1))
     return x, rms_norm(x, weight, eps)

@@ -13,7 +13,12 @@ Before an MoE block of a few tokens at one rank, the router GEMM rides in the sa
 (``add_rms_norm_route``): programs (token, BE experts) each redo the token's add + norm (a
 few KB, from L2) and compute BE router logits; at batch 1 the router alone was a ~4 µs launch.
 
-Shape legend: T tokens, R part rows a token, H hidden, E experts.
+The parts may also come as the grouped experts' output rows in expert order with each
+token's row index and routing weight (``ops.ExpertRows``, prefill at one rank): the gather
+back to token order, the weighting and the sum over K then happen here too, instead of a
+multiply, a scatter and a sum over the (T·K, H) rows each.
+
+Shape legend: T tokens, R part rows a token, H hidden, E experts, M expert rows.
 """
 
 from __future__ import annotations
@@ -26,18 +31,26 @@ from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
 @triton.jit
-def _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
-                  stride_xo, stride_ot, WRITE, HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
-                  BLOCK_H: tl.constexpr):
+def _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+                  stride_pr, stride_xo, stride_ot, WRITE, HAS_PARTS: tl.constexpr,
+                  GATHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
     """Token t's new residual and normed row (float32 values of the rounded outputs); stores
-    both where WRITE."""
+    both where WRITE. GATHER: token t's part r is RowW[t, r] · Parts[Index[t, r]]."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
     x = tl.load(X + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_PARTS:  # all R rows in one load (a loop would chain R memory round trips)
         offs_r = tl.arange(0, R_PAD)
-        p = tl.load(Parts + t * stride_pt + offs_r[:, None] * stride_pr + offs[None, :],
-                    mask=(offs_r[:, None] < R) & mask[None, :], other=0.0).to(tl.float32)
+        rmask = offs_r < R
+        if GATHER:
+            rows = tl.load(Index + t * R + offs_r, mask=rmask, other=0)
+            p = tl.load(Parts + rows[:, None] * stride_pr + offs[None, :],
+                        mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+            rw = tl.load(RowW + t * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
+            p = (p * rw[:, None]).to(Xout.dtype.element_ty).to(tl.float32)  # as a bf16 product
+        else:
+            p = tl.load(Parts + t * stride_pt + offs_r[:, None] * stride_pr + offs[None, :],
+                        mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
         s = tl.sum(p, 0).to(Xout.dtype.element_ty).to(tl.float32)
         x = (x + s).to(Xout.dtype.element_ty)
         tl.store(Xout + t * stride_xo + offs, x, mask=mask & WRITE)
@@ -51,20 +64,22 @@ def _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, st
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, Parts, W, Xout, Out, H, R, eps, stride_xt, stride_pt, stride_pr,
-                         stride_xo, stride_ot, HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
-                         BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_kernel(X, Parts, Index, RowW, W, Xout, Out, H, R, eps, stride_xt, stride_pt,
+                         stride_pr, stride_xo, stride_ot, HAS_PARTS: tl.constexpr,
+                         GATHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                         PDL: tl.constexpr):
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
-    _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
-                  stride_xo, stride_ot, True, HAS_PARTS, R_PAD, BLOCK_H)
+    _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+                  stride_pr, stride_xo, stride_ot, True, HAS_PARTS, GATHER, R_PAD, BLOCK_H)
 
 
 @triton.jit
-def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, eps, stride_xt,
-                               stride_pt, stride_pr, stride_xo, stride_ot, stride_re, stride_lt,
-                               HAS_PARTS: tl.constexpr, R_PAD: tl.constexpr,
-                               BLOCK_H: tl.constexpr, BE: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logits, H, R, E, eps,
+                               stride_xt, stride_pt, stride_pr, stride_xo, stride_ot, stride_re,
+                               stride_lt, HAS_PARTS: tl.constexpr, GATHER: tl.constexpr,
+                               R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BE: tl.constexpr,
+                               PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
@@ -74,8 +89,9 @@ def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, 
     r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
     pdl_wait(PDL)
-    h = _add_norm_row(X, Parts, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt, stride_pr,
-                      stride_xo, stride_ot, eb == 0, HAS_PARTS, R_PAD, BLOCK_H)
+    h = _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+                      stride_pr, stride_xo, stride_ot, eb == 0, HAS_PARTS, GATHER, R_PAD,
+                      BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
 
@@ -83,25 +99,38 @@ def _add_rms_norm_route_kernel(X, Parts, W, Xout, Out, Router, Logits, H, R, E, 
 def _launch(x, parts, weight, eps, router=None):
     T, H = x.shape
     out = torch.empty_like(x)
-    if parts is not None and parts.dim() == 2:
-        parts = parts.unsqueeze(1)
+    gather = parts is not None and not isinstance(parts, torch.Tensor)  # ops.ExpertRows
+    index = row_w = x  # placeholders, never read unless GATHER
+    if gather:
+        parts, index, row_w = parts.rows, parts.index, parts.weights
+        R = index.shape[1]
+        assert index.is_contiguous() and row_w.is_contiguous() and index.shape == row_w.shape
+    elif parts is not None:
+        parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
+        R = parts.shape[1]
     xout = x if parts is None else torch.empty_like(x)
     logits = None if router is None else torch.empty(T, router.shape[0], dtype=x.dtype,
                                                      device=x.device)
     if T == 0:
         return xout, out, logits
-    assert x.stride(1) == 1 and (parts is None or parts.stride(2) == 1)
+    assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
     src = parts if parts is not None else x
-    R = 0 if parts is None else parts.shape[1]
+    R = 0 if parts is None else R
     r_pad = triton.next_power_of_2(max(R, 1))
     block = triton.next_power_of_2(H)
-    args = (x, src, weight, xout, out)
-    strides = (x.stride(0), src.stride(0), src.stride(1) if parts is not None else 0,
-               xout.stride(0), out.stride(0))
+    args = (x, src, index, row_w, weight, xout, out)
+    if gather:
+        stride_pt, stride_pr = 0, src.stride(0)  # rows (M, H): row Index[t, r]
+    elif parts is not None:
+        stride_pt, stride_pr = src.stride(0), src.stride(1)
+    else:
+        stride_pt, stride_pr = src.stride(0), 0
+    strides = (x.stride(0), stride_pt, stride_pr, xout.stride(0), out.stride(0))
+    flags = dict(HAS_PARTS=parts is not None, GATHER=gather, R_PAD=r_pad, BLOCK_H=block)
     if router is None:
         _add_rms_norm_kernel[(T,)](
-            *args, H, R, eps, *strides, HAS_PARTS=parts is not None, R_PAD=r_pad,
-            BLOCK_H=block, num_warps=min(16, max(4, block * r_pad // 2048)),  # ~64 a thread
+            *args, H, R, eps, *strides, **flags,
+            num_warps=min(16, max(4, block * r_pad // 2048)),  # ~64 values a thread
             **launch_kw(),
         )
     else:
@@ -109,16 +138,15 @@ def _launch(x, parts, weight, eps, router=None):
         assert router.stride(1) == 1
         _add_rms_norm_route_kernel[(T, triton.cdiv(E, be))](
             *args, router, logits, H, R, E, eps, *strides, router.stride(0), logits.stride(0),
-            HAS_PARTS=parts is not None, R_PAD=r_pad, BLOCK_H=block, BE=be,
-            num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
+            **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
             **launch_kw(),
         )
     return xout, out, logits
 
 
-def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(x + Σ_r parts[:, r], RMSNorm of that): x (T, H); parts (T, H), (T, R, H) or None (then
-    x is returned as it is and only normed)."""
+def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
+    """(x + Σ_r parts[:, r], RMSNorm of that): x (T, H); parts (T, H), (T, R, H), an
+    ``ops.ExpertRows`` (gathered and weighted here) or None (x only normed)."""
     return _launch(x, parts, weight, eps)[:2]
 
 

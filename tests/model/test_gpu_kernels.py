@@ -367,3 +367,28 @@ def test_add_rms_norm_with_router_in_the_same_launch(T, R, E):
     xo2, out2, logits = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router)
     assert torch.equal(xo, xo2) and torch.equal(out, out2)
     assert rel(logits, out.double() @ router.double().T) < 1e-2
+
+
+@pytest.mark.parametrize("T,P,K", [(300, 128, 8), (2048, 128, 8), (77, 8, 2)])
+def test_grouped_expert_rows_summed_in_the_norm(T, P, K):
+    """One rank's prefill: grouped GEMM rows left in expert order, weighted, gathered and
+    summed inside the add + norm launch, against the summed path and the reference."""
+    from moebius.model import triton_norm
+    from moebius.model.ops import ExpertRows, rms_norm
+
+    H, c = 1024, 256
+    x, pieces, wts, w13, w2 = (t.bfloat16() if t.is_floating_point() else t
+                               for t in _expert_inputs(T, P, K, H, c, held_only=True))
+    res = torch.randn(T, H, device="cuda").bfloat16()
+    nw = (1 + 0.1 * torch.randn(H, device="cuda")).bfloat16()
+    rows = experts_grouped(x, pieces, wts, w13, w2, reduce=False)
+    assert isinstance(rows, ExpertRows)
+    summed = experts_grouped(x, pieces, wts, w13, w2)
+    assert rel(rows.sum(), summed) < 1e-3  # the same products, summed in another order
+    xo, out = triton_norm.add_rms_norm(res, rows, nw, 1e-6)
+    want_x, want = triton_norm.add_rms_norm(res, summed, nw, 1e-6)
+    assert rel(xo, want_x) < 1e-2 and rel(out, want) < 1e-2
+    ref = experts_reference(x.double(), pieces, wts.double(), w13.double(), w2.double())
+    ref_x = res.double() + ref
+    assert rel(xo, ref_x) < 1e-2
+    assert rel(out, rms_norm(ref_x, nw.double(), 1e-6)) < 1e-2
