@@ -21,6 +21,7 @@ from moebius.core import (
     SamplingParams,
 )
 from moebius.engine import progressive
+from moebius.engine.gc_tuning import tune_gc
 from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
 from moebius.engine.worker import make_executor
@@ -62,6 +63,7 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
+        tune_gc()
         self.cfg = cfg
         self.tokenizer = Tokenizer(cfg.model_dir) if cfg.model_dir else None
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import sys
 import traceback
 
 from moebius.config import EngineConfig
+from moebius.engine.gc_tuning import tune_gc
 from moebius.engine.messages import StepInput, StepResult, SwitchInput, SwitchResult
 
 
@@ -39,6 +40,7 @@ def build_runner(cfg: EngineConfig, rank: int, world_size: int):
     from moebius.engine.sizing import kv_blocks_for_rank
     from moebius.parallel.comm import Comm
 
+    tune_gc()  # every rank's process, however it was started
     torch.manual_seed(cfg.seed)
     if cfg.device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())

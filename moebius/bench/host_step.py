@@ -1,0 +1,81 @@
+"""The engine's own host time per decode step (scheduling, bookkeeping, outputs), without the
+model: after a real prefill, the executor is replaced by one that answers at once, so each
+``engine.step()`` is only the Python around the forward. Runs on the CPU, no GPU needed; the
+runner's input building and sampling are not in it (``profile_step --host`` covers those on
+CUDA).
+
+    python -m moebius.bench.host_step --batches 1 16 64 256 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from moebius.bench.decode import random_batch_engine
+from moebius.config import preset
+from moebius.engine import gc_tuning
+from moebius.engine.messages import SampledToken, StepResult
+
+# a one-layer model of tiny shapes: the prefill is cheap, the host work is the same
+TINY = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+            num_experts_per_tok=2, vocab_size=512)
+
+
+def _answer_at_once(inputs):
+    return [StepResult(0, [SampledToken(s.request_id, 7) for s in inputs[0].seqs if s.sample])]
+
+
+def host_ms(batch: int, prompt_len: int, steps: int) -> float:
+    """Mean ms of ``steps`` decode steps of ``batch`` requests with a null executor (the mean:
+    garbage collections land in a few steps, which a median would hide)."""
+    model = preset("qwen3-30b-a3b", **TINY)
+    engine = random_batch_engine(
+        model, batch, prompt_len=prompt_len, max_tokens=steps + 20, device="cpu",
+        dtype="float32", num_kv_blocks=batch * ((prompt_len + steps) // 16 + 4) + 64,
+        max_num_batched_tokens=batch * prompt_len, max_model_len=prompt_len + steps + 40)
+    engine.step()  # the whole prefill, real
+    engine.executor.step = _answer_at_once
+    for _ in range(5):
+        engine.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = (time.perf_counter() - t) / steps * 1e3
+    engine.shutdown()
+    return ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    python_default, tuned = gc.get_threshold(), gc_tuning.GEN0
+    rows = []
+    for B in args.batches:
+        row = {"batch": B}
+        for name, gen0 in (("tuned", tuned), ("python_default", 0)):
+            gc.set_threshold(*python_default)  # the engine applies gc_tuning.GEN0 itself
+            gc_tuning.GEN0 = gen0
+            row[f"{name}_ms"] = sorted(host_ms(B, args.prompt_len, args.steps)
+                                       for _ in range(3))[1]
+        gc_tuning.GEN0 = tuned
+        rows.append(row)
+        print(f"batch {B:4d}: engine host {row['tuned_ms']:.2f} ms/step "
+              f"(with Python's GC threshold: {row['python_default_ms']:.2f})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
