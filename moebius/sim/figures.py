@@ -4,10 +4,14 @@ check (validate). Each row names where the figure is written down.
 - DESIGN.md, "Measured on 2×H200": a lean probe of Qwen3-30B-A3B decode steps (random bf16,
   CUDA graph, grouped_mm experts, SDPA over contiguous KV of 512 tokens, NCCL; 12 layers timed
   and scaled to 48, so it has no per-step host time; source "probe").
-- BENCHMARKS.md, "Session 2 final" (results/decode_h200_session2_final.json) and its
-  DeepSeek-V2-Lite rows (results/decode_h200_deepseek_v2_lite.json): the current engine (fused
-  Triton kernels), one H200, 128-token prompts, median decode step through ``engine.step()``,
-  split into the graph's GPU time and the host's (source "engine").
+- BENCHMARKS.md, "Session 3" (results/decode_h200_session3_final.json, and its
+  DeepSeek-V2-Lite rows, results/decode_h200_session3_deepseek_v2_lite.json): the current
+  engine (fused Triton kernels, PDL), one H200, 128-token prompts, median decode step through
+  ``engine.step()``, split into the graph's GPU time and the host's (source "engine").
+- BENCHMARKS.md, "Session 2 final" (results/decode_h200_session2_final.json,
+  results/decode_h200_deepseek_v2_lite.json): the engine one session earlier, measured the same
+  way (``ENGINE_S2``, source "engine" too but not in ``ALL``: refit.py fits it alone, to show
+  how the engine terms moved).
 - BENCHMARKS.md, "With CUDA graphs and the Triton paged decode kernel": the session-1 engine,
   measured the same way (source "engine-s1"). It still fits the probe-side constants (the EP and
   collective ones with them), which the current engine's one-GPU rows cannot.
@@ -56,8 +60,26 @@ _ENGINE_S1 = {  # batch: (ms/step, host ms)
     256: (43.46, 5.08),
 }
 
-# the current engine, batch: (ms/step, host ms), by preset and the results file they come from
-_ENGINE = {
+# the engine, batch: (ms/step, host ms), by preset and the results file they come from
+_SESSION_3 = {
+    ("qwen3-30b-a3b", "results/decode_h200_session3_final.json"): {
+        1: (3.383, 0.337),
+        4: (6.038, 0.487),
+        8: (8.480, 0.498),
+        16: (12.149, 0.710),
+        32: (15.970, 1.402),
+        64: (18.166, 1.731),
+        128: (21.412, 3.845),
+        256: (27.521, 7.713),
+    },
+    ("deepseek-v2-lite", "results/decode_h200_session3_deepseek_v2_lite.json"): {
+        1: (5.077, 0.486),
+        16: (10.355, 0.577),
+        64: (12.573, 1.187),
+        256: (20.317, 6.385),
+    },
+}
+_SESSION_2 = {
     ("qwen3-30b-a3b", "results/decode_h200_session2_final.json"): {
         1: (4.483, 0.462),
         4: (7.188, 0.683),
@@ -75,16 +97,30 @@ _ENGINE = {
         256: (21.775, 7.253),
     },
 }
-ENGINE_FILES = {path: name for name, path in _ENGINE}
+# decode results of the same sessions that are not the default engine's final figures
+OTHER_FILES = {
+    "results/decode_h200_session3_pdl_off.json": "the final call with MOEBIUS_PDL=0 (A/B)",
+    "results/decode_h200_session3_call2_pdl_on.json": "an earlier call of session 3 (A/B)",
+    "results/decode_h200_session3_call2_pdl_off.json": "an earlier call of session 3 (A/B)",
+}
+
+
+def _engine_rows(session: dict) -> dict[str, list[Figure]]:
+    """Results file -> its rows, as figures."""
+    return {
+        path: [
+            Figure("engine", 1, "tp", b, ENGINE_CONTEXT, t, h, model) for b, (t, h) in ms.items()
+        ]
+        for (model, path), ms in session.items()
+    }
+
 
 PROBE: list[Figure] = [Figure("probe", 1, "tp", b, PROBE_CONTEXT, t) for b, t in _PROBE_1.items()]
 PROBE += [Figure("probe", 2, "tp", b, PROBE_CONTEXT, t[0]) for b, t in _PROBE_2.items()]
 PROBE += [Figure("probe", 2, "ep", b, PROBE_CONTEXT, t[1]) for b, t in _PROBE_2.items()]
-ENGINE: list[Figure] = [
-    Figure("engine", 1, "tp", b, ENGINE_CONTEXT, t, h, model)
-    for (model, _), rows in _ENGINE.items()
-    for b, (t, h) in rows.items()
-]
+ENGINE_FILES = {**_engine_rows(_SESSION_3), **_engine_rows(_SESSION_2)}  # file -> its rows
+ENGINE: list[Figure] = [f for key in _SESSION_3 for f in ENGINE_FILES[key[1]]]
+ENGINE_S2: list[Figure] = [f for key in _SESSION_2 for f in ENGINE_FILES[key[1]]]
 ENGINE_S1: list[Figure] = [
     Figure("engine-s1", 1, "tp", b, ENGINE_CONTEXT, t, h) for b, (t, h) in _ENGINE_S1.items()
 ]

@@ -15,7 +15,7 @@ import pytest
 from moebius.config import preset
 from moebius.sim.calibrate import fit_engine, session1_view
 from moebius.sim.cost_model import CostModel, EngineTerms, Profile, attention_params
-from moebius.sim.figures import ENGINE, ENGINE_CONTEXT, PROBE, Figure
+from moebius.sim.figures import ENGINE, ENGINE_CONTEXT, ENGINE_S2, PROBE, Figure
 from moebius.sim.refit import check_sources, report
 from moebius.sim.validate import predict
 
@@ -49,16 +49,17 @@ def profile() -> Profile:
 
 
 def test_engine_steps_within_stated_error(profile):
-    """docs/sim.md, "Refit to the current engine": every step within 10%, Qwen3 within 8%,
-    the GPU part alone within 5%; the session-1 profile was 15-195% slow."""
+    """docs/sim.md, "Refit to the current engine": every step of the current engine within 8%
+    (mean under 4%), the GPU part alone within 5%; the session-1 profile was 23-291% long."""
+    errs = []
     for f in ENGINE:
         got = predict(profile, f)
-        assert got == pytest.approx(f.step_ms, rel=0.08 if f.model == "qwen3-30b-a3b" else 0.10)
+        assert got == pytest.approx(f.step_ms, rel=0.08)
+        errs.append(abs(got / f.step_ms - 1))
         gpu = predict(profile.with_(host_step_s=0.0, host_per_seq_s=0.0), f)
         assert gpu == pytest.approx(f.step_ms - f.host_ms, rel=0.05)
-        assert predict(session1_view(profile), f) > 1.14 * f.step_ms
-    errs = [abs(predict(profile, f) / f.step_ms - 1) for f in ENGINE]
-    assert sum(errs) / len(errs) < 0.05
+        assert predict(session1_view(profile), f) > 1.2 * f.step_ms
+    assert sum(errs) / len(errs) < 0.04
 
 
 def test_engine_faster_than_the_probe(profile):
@@ -166,7 +167,12 @@ def test_figures_match_the_results_files_and_report():
     assert check_sources(str(ROOT)) == []
     rep = report()
     assert len(rep["rows"]) == len(ENGINE)
-    assert rep["summary"]["after_error"]["max"] < 0.10 < rep["summary"]["before_error"]["max"]
+    assert rep["summary"]["after_error"]["max"] < 0.08
+    assert rep["summary"]["before_error"]["max"] > 0.2
+    assert rep["summary"]["loo_error"]["max"] < 0.10
+    # the method fitted to session 2's rows instead holds them within 10% too
+    assert rep["session2_summary"]["session2_fit_error"]["max"] < 0.10
+    assert len(rep["session2_rows"]) == len(ENGINE_S2)
     assert (
         rep["constants"]["after"]["layer_latency_us"]
         < rep["constants"]["before"]["layer_latency_us"]
