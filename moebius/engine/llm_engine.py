@@ -59,6 +59,14 @@ class _Group:
     texts: list[str] = field(default_factory=list)
     reported: bool = False
     final_only: bool = False  # report once, when finished (offline generate): no per-step work
+    # per child, the logprobs reported so far and their running sum: each step converts only
+    # the new token's (rebuilding them all made a step O(tokens so far) per request)
+    logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
+    cum_logprobs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.logprobs = [[] for _ in self.children]
+        self.cum_logprobs = [0.0 for _ in self.children]
 
 
 class LLMEngine:
@@ -389,11 +397,16 @@ class LLMEngine:
     def _output(self, group: _Group) -> RequestOutput:
         comps = []
         for i, c in enumerate(group.children):
-            lps = None
+            lps = cum = None
             if c.params.logprobs is not None:
-                lps = [{t: Logprob(v) for t, v in d.items()} for d in c.output_logprobs]
-            pairs = zip(c.output_logprobs, c.output_token_ids, strict=True)
-            cum = sum(d[t] for d, t in pairs) if lps else None
+                done = group.logprobs[i]
+                new = zip(c.output_logprobs[len(done) :], c.output_token_ids[len(done) :],
+                          strict=True)
+                for d, t in new:
+                    done.append({k: Logprob(v) for k, v in d.items()})
+                    group.cum_logprobs[i] += d[t]
+                lps = list(done)  # this output's own list: later steps append to ``done``
+                cum = group.cum_logprobs[i] if done else None
             comps.append(
                 CompletionOutput(
                     i,

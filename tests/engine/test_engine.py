@@ -109,6 +109,29 @@ def test_logprobs_on_request(llm):
         assert max(lp.values(), key=lambda x: x.logprob).logprob == lp[tok].logprob  # greedy
 
 
+def test_streamed_logprobs_match_the_final_output(llm):
+    """Per-step outputs carry one logprob dict a token and the running sum; a reported output
+    keeps its own list (later steps do not grow it); n=2 children keep theirs apart."""
+    eng = llm.engine
+    sp = SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=6, logprobs=2, ignore_eos=True)
+    rid = eng.add_request(eng.tokenizer.encode(PROMPTS[2]), sp)
+    seen = []
+    while eng.has_unfinished():
+        seen += [o for o in eng.step() if o.request_id == rid]
+    assert seen and seen[-1].finished
+    for out in seen:
+        for c in out.outputs:
+            assert len(c.logprobs) == len(c.token_ids)
+            if c.token_ids:
+                want = sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True))
+                assert c.cumulative_logprob == pytest.approx(want, abs=1e-9)
+    final = seen[-1].outputs
+    for out in seen[:-1]:
+        for c, f in zip(out.outputs, final, strict=True):
+            n = len(c.token_ids)
+            assert c.logprobs == f.logprobs[:n] and c.token_ids == f.token_ids[:n]
+
+
 def test_chat_template(llm):
     out = llm.chat([{"role": "user", "content": "Hello"}], GREEDY)[0]
     rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
