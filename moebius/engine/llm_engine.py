@@ -61,8 +61,8 @@ class _Group:
     final_only: bool = False  # report once, when finished (offline generate): no per-step work
     # per child, the logprobs reported so far and their running sum: each step converts only
     # the new token's (rebuilding them all made a step O(tokens so far) per request)
-    logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
-    cum_logprobs: list[float] = field(default_factory=list)
+    logprobs: list[list[dict[int, Logprob]]] = field(init=False)
+    cum_logprobs: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.logprobs = [[] for _ in self.children]

@@ -137,10 +137,10 @@ def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens
     TP: every rank holds every token and a 1/N slice of every expert: partial sums, all-reduce.
     EP: ranks hold different tokens and whole experts: ``ep_experts`` moves tokens to the
     experts' ranks and the outputs back. One rank: (T, H) or the unsummed (T, K, H) rows.
-    ``logits``: the router's output when the norm before computed it (``routes_fused``).
+    ``logits``: the router's output, given when ``routes_fused`` and the norm before computed
+    it; top-k then happens in the experts' alignment program.
     """
-    if routes_fused(x, comm):
-        logits = F.linear(x, router) if logits is None else logits
+    if logits is not None:
         return route_experts_fused(x, logits, cfg.top_k, cfg.norm_topk_prob, w13, w2t)
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
     if comm.world_size == 1:

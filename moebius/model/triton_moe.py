@@ -238,7 +238,7 @@ def route_experts_fused(x, logits, top_k: int, renormalize: bool, w13, w2t):
 
 def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
     """The gate/up and down GEMMs over an aligned plan; (T, H) summed or (T, K, H) rows."""
-    P, two_c, H = w13.shape
+    _, two_c, H = w13.shape
     c, M, T = two_c // 2, plan.M, plan.M // K
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
     bn1, bk1, bn2, bk2 = tiles or _tiles(M)

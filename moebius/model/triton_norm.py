@@ -101,6 +101,7 @@ def _launch(x, parts, weight, eps, router=None):
     out = torch.empty_like(x)
     gather = parts is not None and not isinstance(parts, torch.Tensor)  # ops.ExpertRows
     index = row_w = x  # placeholders, never read unless GATHER
+    R = 0
     if gather:
         parts, index, row_w = parts.rows, parts.index, parts.weights
         R = index.shape[1]
@@ -115,7 +116,6 @@ def _launch(x, parts, weight, eps, router=None):
         return xout, out, logits
     assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
     src = parts if parts is not None else x
-    R = 0 if parts is None else R
     r_pad = triton.next_power_of_2(max(R, 1))
     block = triton.next_power_of_2(H)
     args = (x, src, index, row_w, weight, xout, out)
