@@ -3,6 +3,8 @@ each layout a rank can run, over the fixed-address weights and KV pool, then rep
 
 A batch of n decode sequences replays the smallest bucket >= n; the padded rows compute on
 the pool's pad block and their logits are dropped. Larger batches and prefill run eagerly.
+Ranks > 1 hold graphs of both layouts over the same buffers (a switch recaptures nothing); the
+collectives are captured with them, so every rank replays the same bucket in the same step.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ class DecodeGraphs:
                 for _ in range(2):
                     self._forward(layout, B)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                # thread_local: NCCL's watchdog thread may query events while a rank captures
+                with torch.cuda.graph(g, pool=self.pool, stream=stream,
+                                      capture_error_mode="thread_local"):
                     logits = self._forward(layout, B)
                 self.graphs[(layout.mode, B)] = (g, logits)
         torch.cuda.current_stream().wait_stream(stream)
@@ -89,18 +93,17 @@ class DecodeGraphs:
         self.tables[start:stop] = pad
         self.ctx[start:stop] = 1
 
-    def fits(self, layout: Layout, seqs: list[SeqWork]) -> bool:
-        return (
-            0 < len(seqs) <= self.buckets[-1]
-            and (layout.mode, self.buckets[-1]) in self.graphs
-            and all(len(s.token_ids) == 1 for s in seqs)
-        )
+    def bucket(self, layout: Layout, n: int) -> int:
+        """The smallest captured batch >= n for ``layout``, or 0 when none was captured."""
+        if not 0 < n <= self.buckets[-1] or (layout.mode, self.buckets[-1]) not in self.graphs:
+            return 0
+        return next(b for b in self.buckets if b >= n)
 
     @torch.inference_mode()
-    def run(self, layout: Layout, seqs: list[SeqWork]) -> torch.Tensor:
-        """Logits (n, V) float32 of n decode sequences."""
+    def run(self, layout: Layout, seqs: list[SeqWork], B: int) -> torch.Tensor:
+        """Logits (n, V) float32 of n <= B decode sequences, replaying bucket B (ranks > 1:
+        the bucket of the largest rank's batch; n may be 0)."""
         n = len(seqs)
-        B = next(b for b in self.buckets if b >= n)
         bs = self.runner.cfg.block_size
         pad = self.runner.kv.pad_block(layout)
         ids, pos, slots, ctx = [], [], [], []
@@ -112,15 +115,17 @@ class DecodeGraphs:
             ctx.append(p + 1)
         # Only the batch's widest table is copied: columns past a sequence's context are
         # never read, so the static table's older entries there do no harm.
-        width = max(len(s.block_ids) for s in seqs)
-        tables = torch.tensor([s.block_ids + [pad] * (width - len(s.block_ids)) for s in seqs],
-                              dtype=torch.long)
-        host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
-        self.ids[:n].copy_(host[0], non_blocking=True)
-        self.pos[:n].copy_(host[1], non_blocking=True)
-        self.slots[:n].copy_(host[2], non_blocking=True)
-        self.ctx[:n].copy_(host[3], non_blocking=True)
-        self.tables[:n, :width].copy_(tables, non_blocking=True)
+        if n:
+            width = max(len(s.block_ids) for s in seqs)
+            tables = torch.tensor(
+                [s.block_ids + [pad] * (width - len(s.block_ids)) for s in seqs], dtype=torch.long
+            )
+            host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
+            self.ids[:n].copy_(host[0], non_blocking=True)
+            self.pos[:n].copy_(host[1], non_blocking=True)
+            self.slots[:n].copy_(host[2], non_blocking=True)
+            self.ctx[:n].copy_(host[3], non_blocking=True)
+            self.tables[:n, :width].copy_(tables, non_blocking=True)
         if n < B:
             self._pad(layout, n, B)
         graph, logits = self.graphs[(layout.mode, B)]

@@ -93,6 +93,7 @@ class LLMEngine:
         self.step_count = 0
         self.switches: list[SwitchRecord] = []
         self.switch_schedule = dict(cfg.switch_schedule)
+        self.progressive_layers = cfg.progressive_layers  # layers a step (0: all at once)
         self._pending_switch: str | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -259,7 +260,7 @@ class LLMEngine:
         switch; a progressive switch is recorded once, when its last layer has moved."""
         source = self.layout
         t0 = time.perf_counter()
-        k = self.cfg.progressive_layers
+        k = self.progressive_layers
         with self._lock:
             if k and self.scheduler.transition is None:
                 self._progress = {

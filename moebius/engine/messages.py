@@ -36,6 +36,8 @@ class StepInput:
     seqs: list[SeqWork]
     num_tokens_per_rank: list[int]  # EP: every rank's token count (pads the exchange)
     record_experts: bool = False
+    # every rank's work is one token per sequence (decode): ranks > 1 agree on a CUDA graph
+    decode_only: bool = False
     # progressive switch: layer i runs in layer_modes[i]; every rank gets every sequence and
     # ``layout`` names the view of ``block_ids`` (``alt_block_ids`` is the other one)
     layer_modes: list[str] | None = None

@@ -82,21 +82,21 @@ class ModelRunner:
             self.device,
         )
         self.graphs = None
-        # Graphs need the pool; multi-rank capture (collectives inside graphs) is not
-        # validated yet, so ranks > 1 run eagerly for now.
-        # The bf16 expert kernels (Triton fused / grouped GEMM) are capturable; the float32
-        # reference loop syncs. MLA decode is capturable through its Triton kernel.
+        # Graphs need the pool. The bf16 expert kernels (Triton fused / grouped GEMM) are
+        # capturable; the float32 reference loop syncs. MLA decode is capturable through its
+        # Triton kernel. Ranks > 1 capture both layouts (the collectives inside the graphs),
+        # except EP under the all-to-all exchange, whose sizes cross to the host every layer.
         capturable = self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-        if (
-            self.device.type == "cuda"
-            and not self.cfg.enforce_eager
-            and capturable
-            and self.comm.world_size == 1
-        ):
+        if self.device.type == "cuda" and not self.cfg.enforce_eager and capturable:
             from moebius.engine.cuda_graphs import DecodeGraphs
 
+            n = self.comm.world_size
+            modes = ["tp"] if n == 1 else ["tp", "ep"]
+            if n > 1 and self.comm.ep_exchange == "alltoall":
+                modes = ["tp"]
             self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, 512))
-            self.graphs.capture(self.layout)
+            for mode in modes:
+                self.graphs.capture(Layout(mode, self.rank, n))
 
     # ------------------------------------------------------------------ step
     def _samples_here(self) -> bool:
@@ -108,9 +108,11 @@ class ModelRunner:
             assert step.layer_modes == self.layer_modes, "layer modes out of step"
             return self._execute_mixed(step)
         assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
-        graphable = self.graphs is not None and not step.record_experts
-        if graphable and self.graphs.fits(self.layout, step.seqs):
-            logits = self.graphs.run(self.layout, step.seqs)
+        bucket = self._graph_bucket(step)
+        if bucket:
+            logits = self.graphs.run(self.layout, step.seqs, bucket)
+            if not self._samples_here() or not step.seqs:
+                return StepResult(self.rank, [])
             keep = [i for i, s in enumerate(step.seqs) if s.sample]
             if len(keep) < len(step.seqs):
                 logits = logits[torch.tensor(keep, device=self.device)]
@@ -137,6 +139,19 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, device=self.device)
         logits = (hidden[rows] @ self.weights.lm_head.t()).float()
         return StepResult(self.rank, self._sample(logits, step.seqs), counts)
+
+    def _graph_bucket(self, step: StepInput) -> int:
+        """The captured batch size this step replays, or 0 to run eagerly. Every rank derives
+        it from what all ranks were told (the per-rank counts, decode-only), so all replay the
+        same graph and their collectives match; a rank without sequences replays pad rows."""
+        if self.graphs is None or step.record_experts:
+            return 0
+        if self.comm.world_size == 1:
+            ok = bool(step.seqs) and all(len(s.token_ids) == 1 for s in step.seqs)
+            return self.graphs.bucket(self.layout, len(step.seqs)) if ok else 0
+        if not step.decode_only:
+            return 0
+        return self.graphs.bucket(self.layout, max(step.num_tokens_per_rank))
 
     def _execute_mixed(self, step: StepInput) -> StepResult:
         """A step during a progressive switch: every rank has the whole batch for its TP layers

@@ -226,7 +226,8 @@ class Scheduler:
                     lst.append(work)
         counts = [sum(len(w.token_ids) for w in lst) for lst in per_rank]
         record = self.record_experts
-        return [StepInput(self.layout, lst, counts, record) for lst in per_rank]
+        decode = bool(items) and all(n == 1 for _, n in items)
+        return [StepInput(self.layout, lst, counts, record, decode) for lst in per_rank]
 
     def _mixed_inputs(self, items: list[tuple[Request, int]]) -> list[StepInput]:
         """Mid-switch: every rank gets every sequence (its TP layers need them all), with the

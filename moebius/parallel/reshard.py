@@ -97,89 +97,104 @@ def reshard_experts(store, comm, rank: int, moe_layers: list[int] | None = None)
     return sent
 
 
-def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout,
-               layers: list[int] | None = None) -> int:
-    """Re-home the computed KV of running requests (of ``layers``, default all). Returns bytes
-    sent by this rank."""
-    cfg, comm, pool, rank = runner.model, runner.comm, runner.kv, runner.rank
-    bs = pool.block_size
-    layers = list(range(cfg.num_layers)) if layers is None else layers
-    L = len(layers)
+KV_CHUNK_TOKENS = 1 << 18  # tokens re-homed per pass: bounds the staging to ~1/L of them
 
-    def read(blocks: list[int], n: int, layout: Layout) -> torch.Tensor:
-        # (L, P, n, kvh_local, d) of the first n tokens; P planes: K and V, or MLA's latent
-        idx = torch.tensor(blocks, dtype=torch.long, device=pool.buf.device)
-        out = []
-        for layer in layers:
-            planes = pool.view(layer, layout)
-            out.append(torch.stack([c[idx].flatten(0, 1)[:n] for c in planes]))
-        return torch.stack(out)
 
-    def write(data: torch.Tensor, blocks: list[int], n: int, layout: Layout) -> None:
-        slots = torch.tensor(
-            [blocks[i // bs] * bs + i % bs for i in range(n)],
-            dtype=torch.long,
-            device=pool.buf.device,
-        )
-        for j, layer in enumerate(layers):
-            for p, c in enumerate(pool.view(layer, layout)):
-                c.view(-1, *c.shape[2:]).index_copy_(0, slots, data[j, p])
-
-    # 1. read everything this rank holds of the moved requests, before any write
-    held: dict[str, torch.Tensor] = {}
-    for m in moves:
-        if m.num_tokens and (old.is_tp or m.old_owner == rank):
-            held[m.request_id] = read(m.old_blocks, m.num_tokens, old)
+def _kv_groups(cfg, rank: int, world_size: int, moves: list[KVMove], old: Layout,
+               new: Layout):
+    """This rank's part of re-homing ``moves``, grouped so each peer gets one buffer:
+    ``sends[peer]``/``recvs[peer]``: (heads, [(move, token count)]) lists keyed by the head
+    tuple; ``local``: (move, heads) whose bytes stay on this rank but change block (and view)."""
     old_heads = list(old.kv_heads(cfg))
     new_heads = list(new.kv_heads(cfg)) if new.is_tp else list(range(cfg.num_kv_heads))
-    # 2. exchange
-    sends, recvs, assembled = [], [], {}
-    sent = 0
+    sends: dict[tuple[int, tuple], list[KVMove]] = {}
+    recvs: dict[tuple[int, tuple], list[KVMove]] = {}
+    local: dict[tuple, list[KVMove]] = {}
     for m in moves:
         if not m.num_tokens:
             continue
+        holds = old.is_tp or m.old_owner == rank
         dst_here = new.is_tp or m.new_owner == rank
-        if dst_here:
-            buf = torch.empty(
-                L,
-                pool.num_planes,
-                m.num_tokens,
-                len(new_heads),
-                cfg.head_dim,
-                dtype=pool.buf.dtype,
-                device=pool.buf.device,
-            )
-            assembled[m.request_id] = buf
-            if m.request_id in held:  # heads this rank already has
-                for j, h in enumerate(old_heads):
-                    if h in new_heads:
-                        buf[:, :, :, new_heads.index(h)] = held[m.request_id][:, :, :, j]
-        for src, dst, heads in kv_transfers(cfg, comm.world_size, m, new.mode):
+        if holds and dst_here:
+            keep = tuple(h for h in old_heads if h in new_heads)
+            if keep:
+                local.setdefault(keep, []).append(m)
+        for src, dst, heads in kv_transfers(cfg, world_size, m, new.mode):
             if src == rank:
-                cols = [old_heads.index(h) for h in heads]
-                t = held[m.request_id][:, :, :, cols].contiguous()
-                sends.append((t, dst))
-                sent += t.numel() * t.element_size()
+                sends.setdefault((dst, tuple(heads)), []).append(m)
             if dst == rank:
-                t = torch.empty(
-                    L,
-                    pool.num_planes,
-                    m.num_tokens,
-                    len(heads),
-                    cfg.head_dim,
-                    dtype=pool.buf.dtype,
-                    device=pool.buf.device,
-                )
-                recvs.append((t, src, m.request_id, heads))
-    comm.p2p(sends, [(t, src) for t, src, _, _ in recvs])
-    for t, _, rid, heads in recvs:
-        for j, h in enumerate(heads):
-            assembled[rid][:, :, :, new_heads.index(h)] = t[:, :, :, j]
-    comm.barrier()  # every rank has read its old view
-    # 3. write into the new view
-    for m in moves:
-        if m.request_id in assembled:
-            write(assembled[m.request_id], m.new_blocks, m.num_tokens, new)
+                recvs.setdefault((src, tuple(heads)), []).append(m)
+    return sends, recvs, local, old_heads, new_heads
+
+
+def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout,
+               layers: list[int] | None = None, chunk_tokens: int = KV_CHUNK_TOKENS) -> int:
+    """Re-home the computed KV of running requests (of ``layers``, default all). Returns bytes
+    sent by this rank.
+
+    Layer by layer (a layer's bytes in either view lie in that layer's own region of the
+    pool), each rank gathers what it sends into one buffer per (peer, heads) and what it keeps
+    into a local buffer, exchanges, then scatters into the new view's blocks. Every gather is
+    queued before any scatter of the layer on the rank's stream, and a rank writes only its own
+    pool, so no byte is overwritten before it is read. Moves go in chunks of ``chunk_tokens``
+    tokens, so staging stays a small fraction of one layer's KV."""
+    cfg, comm, pool, rank = runner.model, runner.comm, runner.kv, runner.rank
+    bs, dev = pool.block_size, pool.buf.device
+    layers = list(range(cfg.num_layers)) if layers is None else layers
+    todo = [m for m in moves if m.num_tokens]
+    chunks, cur, size = [], [], 0
+    for m in todo:
+        if cur and size + m.num_tokens > chunk_tokens:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(m)
+        size += m.num_tokens
+    if cur:
+        chunks.append(cur)
+
+    def slots(ms: list[KVMove], which: str) -> torch.Tensor:
+        out = []
+        for m in ms:
+            blocks = m.old_blocks if which == "old" else m.new_blocks
+            out += [blocks[i // bs] * bs + i % bs for i in range(m.num_tokens)]
+        return torch.tensor(out, dtype=torch.long, device=dev)
+
+    def cols(heads: tuple, view_heads: list[int]) -> torch.Tensor:
+        return torch.tensor([view_heads.index(h) for h in heads], dtype=torch.long, device=dev)
+
+    sent = 0
+    for chunk in chunks:
+        sends, recvs, local, old_heads, new_heads = _kv_groups(
+            cfg, rank, comm.world_size, chunk, old, new
+        )
+        # index tensors once per chunk; reused by every layer
+        send_ix = [(peer, slots(ms, "old"), cols(h, old_heads)) for (peer, h), ms in
+                   sends.items()]
+        recv_ix = [(peer, slots(ms, "new"), cols(h, new_heads)) for (peer, h), ms in
+                   recvs.items()]
+        local_ix = [(slots(ms, "old"), cols(h, old_heads), slots(ms, "new"), cols(h, new_heads))
+                    for h, ms in local.items()]
+        for layer in layers:
+            src = [c.flatten(0, 1) for c in pool.view(layer, old)]  # (slots, kvh_old, d)
+            dst = [c.flatten(0, 1) for c in pool.view(layer, new)]
+            # 1. gather everything this rank sends or keeps (before any write to the layer)
+            out = [(torch.stack([p[sl][:, cl] for p in src]), peer) for peer, sl, cl in send_ix]
+            kept = [torch.stack([p[sl][:, cl] for p in src]) for sl, cl, _, _ in local_ix]
+            inbox = [
+                torch.empty(pool.num_planes, len(sl), len(cl), cfg.head_dim, dtype=pool.buf.dtype,
+                            device=dev)
+                for _, sl, cl in recv_ix
+            ]
+            # 2. exchange
+            comm.p2p(out, [(t, peer) for t, (peer, _, _) in zip(inbox, recv_ix, strict=True)])
+            sent += sum(t.numel() * t.element_size() for t, _ in out)
+            # 3. scatter into the new view
+            for data, (_, _, sl, cl) in zip(kept, local_ix, strict=True):
+                for p, plane in enumerate(dst):
+                    plane.index_put_((sl[:, None], cl[None, :]), data[p])
+            for data, (_, sl, cl) in zip(inbox, recv_ix, strict=True):
+                for p, plane in enumerate(dst):
+                    plane.index_put_((sl[:, None], cl[None, :]), data[p])
     return sent
 
 
