@@ -58,7 +58,8 @@ def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng) -> li
     for layout in layouts:
         _to(engine, layout)
         for B in batches:
-            _add(engine, B, prompt_len, warmup + steps + 2, rng)
+            # early requests decode while later ones prefill: ask for more tokens than timed
+            _add(engine, B, prompt_len, 1024, rng)
             _prefill(engine)
             if len(engine.scheduler.running) < B:
                 print(f"{layout} b{B}: only {len(engine.scheduler.running)} fit; skipped")

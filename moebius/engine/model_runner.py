@@ -88,13 +88,13 @@ class ModelRunner:
         # except EP under the all-to-all exchange, whose sizes cross to the host every layer.
         capturable = self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
         if self.device.type == "cuda" and not self.cfg.enforce_eager and capturable:
-            from moebius.engine.cuda_graphs import DecodeGraphs
+            from moebius.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs
 
             n = self.comm.world_size
             modes = ["tp"] if n == 1 else ["tp", "ep"]
             if n > 1 and self.comm.ep_exchange == "alltoall":
                 modes = ["tp"]
-            self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, 512))
+            self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH))
             for mode in modes:
                 self.graphs.capture(Layout(mode, self.rank, n))
 

@@ -110,7 +110,19 @@ class LocalExecutor:
         return [getattr(self.runner, name)(*args)]
 
     def shutdown(self) -> None:
-        pass
+        """Drop the weights, KV pool and graphs; on GPU hand their memory back to the driver, so
+        an engine started next in this process (or another process) can size its KV pool."""
+        if self.runner is None:
+            return
+        cuda = self.runner.device.type == "cuda"
+        self.runner = None
+        if cuda:
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

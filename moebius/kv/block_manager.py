@@ -17,6 +17,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
+class _Blocks(dict):
+    """block id -> Block, made on first access."""
+
+    def __missing__(self, block_id: int) -> Block:
+        blk = self[block_id] = Block(block_id)
+        return blk
+
+
 @dataclass
 class Block:
     block_id: int
@@ -34,9 +42,12 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # free blocks in eviction order; cached ones carry a hash
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Built lazily, so a manager is cheap to create (a switch makes new ones for ~10^5
+        # blocks): Block objects on first use, never-used blocks as a counter (taken first,
+        # ahead of every freed block), freed blocks in eviction order (cached ones keep a hash).
+        self.blocks = _Blocks()
+        self.never_used = 0  # blocks [never_used, num_blocks) were never handed out
+        self.free: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[int, int] = {}
         self.block_meta: dict[int, object] = {}  # hash -> data of a cached block (opaque)
         self.num_hits = 0  # cached tokens served
@@ -45,7 +56,7 @@ class BlockManager:
     # ------------------------------------------------------------------ queries
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.num_blocks - self.never_used
 
     def usage(self) -> float:
         return 1.0 - self.num_free / max(self.num_blocks, 1)
@@ -137,7 +148,7 @@ class BlockManager:
     def forget_cached(self) -> None:
         """Drop every hash (free cached blocks become plain free blocks; blocks in use stay
         allocated): their bytes are about to be rewritten through another view of the pool."""
-        for blk in self.blocks:
+        for blk in self.blocks.values():
             blk.hash, blk.token_ids = None, ()
         self.hash_to_block.clear()
         self.block_meta.clear()
@@ -154,6 +165,11 @@ class BlockManager:
         blk.ref_count += 1
 
     def _take_fresh(self) -> int:
+        if self.never_used < self.num_blocks:
+            b = self.never_used
+            self.never_used += 1
+            self.blocks[b].ref_count = 1
+            return b
         b, _ = self.free.popitem(last=False)
         blk = self.blocks[b]
         if blk.hash is not None:

@@ -168,7 +168,7 @@ def ep_experts(x, ids, weights, w13, w2t, layout: Layout, comm: Comm, num_expert
         x = F.pad(x, (0, 0, 0, pad))
         ids = F.pad(ids, (0, 0, 0, pad), value=-1)
         weights = F.pad(weights, (0, 0, 0, pad))
-    out = local(comm.all_gather(x), comm.all_gather(ids), comm.all_gather(weights))
+    out = local(*comm.all_gather_rows([x, ids, weights]))  # one collective, not three
     return comm.reduce_scatter(out)[:T]
 
 

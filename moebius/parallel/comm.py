@@ -41,6 +41,34 @@ class Comm:
         _all_gather_single(out, x.contiguous(), group=self.group)
         return out
 
+    def all_gather_rows(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``all_gather`` of several (T, ...) tensors in one collective: their rows travel as
+        the bytes of one packed row (each part at an offset aligned to its element size)."""
+        if self.world_size == 1:
+            return parts
+        T = parts[0].shape[0]
+        cols, offsets, off = [], [], 0
+        for t in parts:
+            e = t.element_size()
+            gap = -off % e
+            if gap:
+                cols.append(torch.zeros(T, gap, dtype=torch.uint8, device=t.device))
+            off += gap
+            offsets.append(off)
+            b = t.contiguous().view(T, -1).view(torch.uint8)
+            cols.append(b)
+            off += b.shape[1]
+        align = max(t.element_size() for t in parts)
+        if off % align:
+            cols.append(torch.zeros(T, align - off % align, dtype=torch.uint8,
+                                    device=parts[0].device))
+        rows = self.all_gather(torch.cat(cols, dim=1))
+        out = []
+        for t, o in zip(parts, offsets, strict=True):
+            n = t[:1].numel() * t.element_size()
+            out.append(rows[:, o : o + n].view(t.dtype).view(-1, *t.shape[1:]))
+        return out
+
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks and return this rank's 1/N chunk of dim 0."""
         if self.world_size == 1:

@@ -50,15 +50,17 @@ def owner_changed_expert_bytes(cfg: ModelConfig, world_size: int, elem_size: int
 
 
 def kv_transfers(cfg: ModelConfig, world_size: int, move: KVMove, target: str):
-    """(src rank, dst rank, kv heads) triples needed to re-home one request's KV."""
+    """(src rank, dst rank, kv heads) triples needed to re-home one request's KV, one per
+    (src, dst) pair."""
     owners = kv_head_owners(cfg, world_size)
     out = []
     if target == "ep":  # gather all heads onto the new owner
         o = move.new_owner
+        by_src: dict[int, list[int]] = {}
         for h in range(cfg.num_kv_heads):
-            if o in owners[h]:
-                continue
-            out.append((min(owners[h]), o, [h]))
+            if o not in owners[h]:
+                by_src.setdefault(min(owners[h]), []).append(h)
+        out = [(src, o, heads) for src, heads in sorted(by_src.items())]
     else:  # scatter each rank's heads from the old owner
         o = move.old_owner
         for r in range(world_size):
@@ -97,25 +99,22 @@ def reshard_experts(store, comm, rank: int, moe_layers: list[int] | None = None)
     return sent
 
 
-KV_CHUNK_TOKENS = 1 << 18  # tokens re-homed per pass: bounds the staging to ~1/L of them
+KV_CHUNK_BLOCKS = 1 << 15  # blocks per pass: bounds staging (Qwen3-30B TP2: ~0.8 GB a layer)
 
 
 def _kv_groups(cfg, rank: int, world_size: int, moves: list[KVMove], old: Layout,
                new: Layout):
     """This rank's part of re-homing ``moves``, grouped so each peer gets one buffer:
-    ``sends[peer]``/``recvs[peer]``: (heads, [(move, token count)]) lists keyed by the head
-    tuple; ``local``: (move, heads) whose bytes stay on this rank but change block (and view)."""
+    ``sends``/``recvs``: (peer, heads) -> moves; ``local``: heads -> moves whose bytes stay on
+    this rank but change block (and view)."""
     old_heads = list(old.kv_heads(cfg))
     new_heads = list(new.kv_heads(cfg)) if new.is_tp else list(range(cfg.num_kv_heads))
     sends: dict[tuple[int, tuple], list[KVMove]] = {}
     recvs: dict[tuple[int, tuple], list[KVMove]] = {}
     local: dict[tuple, list[KVMove]] = {}
     for m in moves:
-        if not m.num_tokens:
-            continue
         holds = old.is_tp or m.old_owner == rank
-        dst_here = new.is_tp or m.new_owner == rank
-        if holds and dst_here:
+        if holds and (new.is_tp or m.new_owner == rank):
             keep = tuple(h for h in old_heads if h in new_heads)
             if keep:
                 local.setdefault(keep, []).append(m)
@@ -127,74 +126,84 @@ def _kv_groups(cfg, rank: int, world_size: int, moves: list[KVMove], old: Layout
     return sends, recvs, local, old_heads, new_heads
 
 
+def _head_view(plane: torch.Tensor, heads: tuple, view_heads: list[int]) -> torch.Tensor:
+    """The (NB, bs, len(heads), d) part of a (NB, bs, kvh, d) view holding ``heads``."""
+    cols = [view_heads.index(h) for h in heads]
+    if cols == list(range(cols[0], cols[0] + len(cols))):
+        return plane[:, :, cols[0] : cols[0] + len(cols)]
+    raise ValueError(f"KV heads {heads} are not contiguous in the view {view_heads}")
+
+
 def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout,
-               layers: list[int] | None = None, chunk_tokens: int = KV_CHUNK_TOKENS) -> int:
+               layers: list[int] | None = None, chunk_blocks: int = KV_CHUNK_BLOCKS) -> int:
     """Re-home the computed KV of running requests (of ``layers``, default all). Returns bytes
     sent by this rank.
 
-    Layer by layer (a layer's bytes in either view lie in that layer's own region of the
-    pool), each rank gathers what it sends into one buffer per (peer, heads) and what it keeps
-    into a local buffer, exchanges, then scatters into the new view's blocks. Every gather is
-    queued before any scatter of the layer on the rank's stream, and a rank writes only its own
-    pool, so no byte is overwritten before it is read. Moves go in chunks of ``chunk_tokens``
-    tokens, so staging stays a small fraction of one layer's KV."""
+    Whole blocks move (token i of a request sits at slot i % bs of its block i // bs in both
+    views), so a gather is one row of bs·heads·d values per block. Layer by layer (a layer's
+    bytes in either view lie in that layer's own region of the pool), each rank gathers what it
+    sends into one buffer per (peer, heads) and what it keeps into a local buffer, exchanges,
+    then scatters into the new view's blocks. Every gather of a layer is queued before any
+    scatter on the rank's stream, and a rank writes only its own pool, so no byte is
+    overwritten before it is read. Moves go in chunks of ``chunk_blocks`` blocks, so staging
+    stays a small fraction of one layer's KV."""
     cfg, comm, pool, rank = runner.model, runner.comm, runner.kv, runner.rank
     bs, dev = pool.block_size, pool.buf.device
     layers = list(range(cfg.num_layers)) if layers is None else layers
-    todo = [m for m in moves if m.num_tokens]
     chunks, cur, size = [], [], 0
-    for m in todo:
-        if cur and size + m.num_tokens > chunk_tokens:
+    for m in moves:
+        if not m.num_tokens:
+            continue
+        nb = (m.num_tokens + bs - 1) // bs
+        if cur and size + nb > chunk_blocks:
             chunks.append(cur)
             cur, size = [], 0
         cur.append(m)
-        size += m.num_tokens
+        size += nb
     if cur:
         chunks.append(cur)
 
-    def slots(ms: list[KVMove], which: str) -> torch.Tensor:
-        out = []
+    def blocks(ms: list[KVMove], which: str) -> torch.Tensor:
+        out: list[int] = []
         for m in ms:
-            blocks = m.old_blocks if which == "old" else m.new_blocks
-            out += [blocks[i // bs] * bs + i % bs for i in range(m.num_tokens)]
+            nb = (m.num_tokens + bs - 1) // bs
+            out += (m.old_blocks if which == "old" else m.new_blocks)[:nb]
         return torch.tensor(out, dtype=torch.long, device=dev)
-
-    def cols(heads: tuple, view_heads: list[int]) -> torch.Tensor:
-        return torch.tensor([view_heads.index(h) for h in heads], dtype=torch.long, device=dev)
 
     sent = 0
     for chunk in chunks:
         sends, recvs, local, old_heads, new_heads = _kv_groups(
             cfg, rank, comm.world_size, chunk, old, new
         )
-        # index tensors once per chunk; reused by every layer
-        send_ix = [(peer, slots(ms, "old"), cols(h, old_heads)) for (peer, h), ms in
-                   sends.items()]
-        recv_ix = [(peer, slots(ms, "new"), cols(h, new_heads)) for (peer, h), ms in
-                   recvs.items()]
-        local_ix = [(slots(ms, "old"), cols(h, old_heads), slots(ms, "new"), cols(h, new_heads))
-                    for h, ms in local.items()]
+        send_ix = [(peer, h, blocks(ms, "old")) for (peer, h), ms in sends.items()]
+        recv_ix = [(peer, h, blocks(ms, "new")) for (peer, h), ms in recvs.items()]
+        local_ix = [(h, blocks(ms, "old"), blocks(ms, "new")) for h, ms in local.items()]
         for layer in layers:
-            src = [c.flatten(0, 1) for c in pool.view(layer, old)]  # (slots, kvh_old, d)
-            dst = [c.flatten(0, 1) for c in pool.view(layer, new)]
+            src, dst = pool.view(layer, old), pool.view(layer, new)
+
+            def gather(h, ix, src=src, heads=old_heads):
+                return torch.stack([_head_view(p, h, heads).index_select(0, ix) for p in src])
+
+            def scatter(data, h, ix, dst=dst, heads=new_heads):
+                for p, plane in enumerate(dst):
+                    _head_view(plane, h, heads).index_copy_(0, ix, data[p])
+
             # 1. gather everything this rank sends or keeps (before any write to the layer)
-            out = [(torch.stack([p[sl][:, cl] for p in src]), peer) for peer, sl, cl in send_ix]
-            kept = [torch.stack([p[sl][:, cl] for p in src]) for sl, cl, _, _ in local_ix]
+            out = [(gather(h, ix), peer) for peer, h, ix in send_ix]
+            kept = [gather(h, ix) for h, ix, _ in local_ix]
             inbox = [
-                torch.empty(pool.num_planes, len(sl), len(cl), cfg.head_dim, dtype=pool.buf.dtype,
-                            device=dev)
-                for _, sl, cl in recv_ix
+                torch.empty(pool.num_planes, len(ix), bs, len(h), cfg.head_dim,
+                            dtype=pool.buf.dtype, device=dev)
+                for _, h, ix in recv_ix
             ]
             # 2. exchange
             comm.p2p(out, [(t, peer) for t, (peer, _, _) in zip(inbox, recv_ix, strict=True)])
             sent += sum(t.numel() * t.element_size() for t, _ in out)
             # 3. scatter into the new view
-            for data, (_, _, sl, cl) in zip(kept, local_ix, strict=True):
-                for p, plane in enumerate(dst):
-                    plane.index_put_((sl[:, None], cl[None, :]), data[p])
-            for data, (_, sl, cl) in zip(inbox, recv_ix, strict=True):
-                for p, plane in enumerate(dst):
-                    plane.index_put_((sl[:, None], cl[None, :]), data[p])
+            for data, (h, _, ix) in zip(kept, local_ix, strict=True):
+                scatter(data, h, ix)
+            for data, (_, h, ix) in zip(inbox, recv_ix, strict=True):
+                scatter(data, h, ix)
     return sent
 
 

@@ -26,13 +26,14 @@ def tokens(llm, prompts=UNEVEN):
 
 @pytest.fixture(scope="module")
 def single_fp32(qwen_dir):
-    with LLM(qwen_dir, device="cuda", dtype="float32") as llm:
+    with LLM(qwen_dir, device="cuda", dtype="float32", kv_cache_memory=1 << 30) as llm:
         return tokens(llm)
 
 
 @pytest.mark.parametrize("layout,schedule", [("tp", []), ("ep", []), ("tp", SCHEDULE)])
 def test_two_gpus_match_single_gpu(layout, schedule, single_fp32, qwen_dir):
-    with LLM(qwen_dir, device="cuda", dtype="float32", ranks=2, layout=layout,
+    with LLM(qwen_dir, device="cuda", dtype="float32", kv_cache_memory=1 << 30, ranks=2,
+             layout=layout,
              switch_schedule=schedule, max_num_batched_tokens=48) as llm:
         assert tokens(llm) == single_fp32
         assert len(llm.engine.switches) == len(schedule)
@@ -40,7 +41,8 @@ def test_two_gpus_match_single_gpu(layout, schedule, single_fp32, qwen_dir):
 
 @pytest.mark.parametrize("start", ["tp", "ep"])
 def test_graphs_of_both_layouts_match_eager(start, qwen_dir):
-    kw = dict(device="cuda", dtype="bfloat16", ranks=2, layout=start, switch_schedule=SCHEDULE)
+    kw = dict(device="cuda", dtype="bfloat16", ranks=2, layout=start, switch_schedule=SCHEDULE,
+              kv_cache_memory=1 << 30)
     with LLM(qwen_dir, enforce_eager=True, **kw) as llm:
         eager = tokens(llm)
     with LLM(qwen_dir, **kw) as llm:

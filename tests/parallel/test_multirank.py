@@ -109,9 +109,11 @@ def test_switch_kv_bytes_match_owner_changes(qwen_dir):
         tokens(llm, PROMPTS)
         rec = llm.engine.switches[0]
         cfg = llm.engine.cfg.model
-        # every running request had its computed tokens moved: half its heads cross ranks
+        # every running request had the blocks of its computed tokens moved (whole blocks, the
+        # last one partly filled): half its heads cross ranks
         per_token = cfg.num_layers * 2 * (cfg.num_kv_heads // 2) * cfg.head_dim * 4
-        assert rec.kv_bytes % per_token == 0 and rec.kv_bytes > 0
+        per_block = per_token * llm.engine.cfg.block_size
+        assert rec.kv_bytes % per_block == 0 and rec.kv_bytes > 0
 
 
 def test_hundred_switches_restore_weights_bit_for_bit(qwen_dir):
