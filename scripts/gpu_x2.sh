@@ -25,6 +25,19 @@ has qwen && mr multirank_qwen_allgather --preset qwen3-30b-a3b \
   --through-switch ${THROUGH:-64 512}
 has alltoall && mr multirank_qwen_alltoall --preset qwen3-30b-a3b --ep-exchange alltoall \
   --layouts ep --batches 1 16 64 256 1024 2048
+has switch && mr multirank_qwen_switch --preset qwen3-30b-a3b --batches ${SW_BATCHES:-2048} \
+  --switch-fills ${FILLS:-0.5} --through-switch ${THROUGH:-64}
+if has transport && [ -f moebius/bench/switch_transport.py ]; then
+  timeout 200 python3 -m moebius.bench.switch_transport --preset qwen3-30b-a3b \
+    --out "$OUT/switch_transport.json" 2>&1 | quiet | tail -15; lap "transport"
+fi
+if has rollout; then  # issue 6: static TP, static EP, auto on one RL rollout
+  timeout ${RO_TIMEOUT:-330} python3 -m moebius.bench.harness --preset qwen3-30b-a3b --ranks 2 \
+    --workload rollout --num-prompts ${RO_PROMPTS:-2048} --prompt-mean 256 --output-mean 512 \
+    --output-cap 2048 --auto-start ep --profile results/profile_h200x2_qwen3_30b.json \
+    --out "$OUT/rollout_qwen.json" > "$OUT/rollout_qwen.log" 2>&1; echo "rc $?"
+  grep -v "^{" "$OUT/rollout_qwen.log" | quiet | tail -14; lap "rollout"
+fi
 has deepseek && mr multirank_deepseek --preset deepseek-v2-lite \
   --batches 1 16 64 256 1024 2048 4096 --switch-fills 0.5
 true

@@ -24,6 +24,7 @@ import time
 from moebius.config import EngineConfig, ModelConfig, preset
 from moebius.core import SamplingParams
 from moebius.engine.llm_engine import LLMEngine
+from moebius.engine.step_profile import from_sweep
 
 
 def _drain(engine: LLMEngine) -> None:
@@ -190,6 +191,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--profile-out", default=None,
+                    help="also write the sweep as a step profile (the harness's --profile)")
     args = ap.parse_args()
     over = {"num_hidden_layers": args.layers} if args.layers else {}
     model = ModelConfig.from_dir(args.model_dir) if args.model_dir else preset(args.preset, **over)
@@ -222,6 +225,11 @@ def main() -> None:
         out["through_switch"] = through_switch(engine, args.through_switch,
                                                args.progressive_layers, args.prompt_len, rng)
     engine.shutdown()
+    if args.profile_out and out.get("decode"):
+        switch = {r["direction"]: r["seconds"] for r in out.get("switch", []) if not r["fill"]}
+        from_sweep(out["decode"], args.prompt_len + args.warmup + args.steps // 2, switch,
+                   {"source": "moebius.bench.multirank", "preset": args.preset,
+                    "ranks": args.ranks, "ep_exchange": args.ep_exchange}).save(args.profile_out)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

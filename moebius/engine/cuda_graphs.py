@@ -17,8 +17,8 @@ from moebius.engine.messages import SeqWork
 from moebius.model.attention import AttentionMeta
 from moebius.parallel.layout import Layout
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-MAX_GRAPH_BATCH = 1024
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+MAX_GRAPH_BATCH = 2048
 
 
 class DecodeGraphs:

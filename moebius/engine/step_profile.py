@@ -144,11 +144,13 @@ def _time_batch(
     from moebius.core import SamplingParams
 
     cap = min(engine.scheduler.num_blocks.values()) * engine.cfg.block_size
-    if batch > engine.cfg.max_num_seqs or batch * (context + warmup + steps + 1) > cap:
+    prefill_steps = batch * context // engine.cfg.max_num_batched_tokens + 1
+    if batch > engine.cfg.max_num_seqs or batch * (context + prefill_steps + warmup + steps) > cap:
         return None  # does not fit this engine's KV pool or batch limit
-    # the prefill step samples one token, warm-up and timed steps one each: the requests
-    # finish on the last timed step, with nothing aborted
-    params = SamplingParams(temperature=0, max_tokens=warmup + steps + 1, ignore_eos=True)
+    # Requests prefilled early decode while later ones prefill (a large batch takes many
+    # prefill steps): they ask for more tokens than are timed and are aborted afterwards, so
+    # every timed step runs the whole batch.
+    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     vocab = engine.cfg.model.vocab_size
     for _ in range(batch):
         engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
@@ -162,10 +164,22 @@ def _time_batch(
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
+    for rid in list(engine.groups):
+        engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
     times.sort()
     return times[len(times) // 2]
+
+
+def from_sweep(rows: list[dict], context: int, switch_seconds: dict | None = None,
+               meta: dict | None = None) -> StepProfile:
+    """A profile from measured (layout, batch, step_ms) rows (``moebius.bench.multirank``),
+    the batches both layouts measured."""
+    by = {(r["layout"], r["batch"]): r["step_ms"] / 1e3 for r in rows}
+    batches = sorted({b for (lay, b) in by if lay == "tp"} & {b for (lay, b) in by if lay == "ep"})
+    times = {lay: [[by[(lay, b)] for b in batches]] for lay in ("tp", "ep")}
+    return StepProfile(batches, [context], times, dict(switch_seconds or {}), dict(meta or {}))
 
 
 def measure(

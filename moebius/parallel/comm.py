@@ -104,9 +104,15 @@ class Comm:
 
     def p2p(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]):
         """Run a batch of point-to-point transfers and wait for all of them."""
+        for work in self.p2p_start(sends, recvs):
+            work.wait()
+
+    def p2p_start(self, sends: list[tuple[torch.Tensor, int]],
+                  recvs: list[tuple[torch.Tensor, int]]) -> list:
+        """Start a batch of point-to-point transfers; ``work.wait()`` on each (on GPU: makes the
+        current stream wait) before reading what was received or reusing what was sent."""
         if not sends and not recvs:
-            return
+            return []
         ops = [dist.P2POp(dist.isend, t, peer, group=self.group) for t, peer in sends]
         ops += [dist.P2POp(dist.irecv, t, peer, group=self.group) for t, peer in recvs]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        return dist.batch_isend_irecv(ops)

@@ -175,36 +175,66 @@ def reshard_kv(runner, moves: list[KVMove], old: Layout, new: Layout,
         sends, recvs, local, old_heads, new_heads = _kv_groups(
             cfg, rank, comm.world_size, chunk, old, new
         )
-        send_ix = [(peer, h, blocks(ms, "old")) for (peer, h), ms in sends.items()]
-        recv_ix = [(peer, h, blocks(ms, "new")) for (peer, h), ms in recvs.items()]
-        local_ix = [(h, blocks(ms, "old"), blocks(ms, "new")) for h, ms in local.items()]
+        plan = _KVChunk(
+            pool, old, new, old_heads, new_heads,
+            send=[(peer, h, blocks(ms, "old")) for (peer, h), ms in sends.items()],
+            recv=[(peer, h, blocks(ms, "new")) for (peer, h), ms in recvs.items()],
+            local=[(h, blocks(ms, "old"), blocks(ms, "new")) for h, ms in local.items()],
+        )
+        # Pipelined: layer l's transfer runs on NCCL's stream while this stream gathers layer
+        # l + 1; its scatter waits for it. Every gather of a layer precedes its scatter.
+        pending = None
         for layer in layers:
-            src, dst = pool.view(layer, old), pool.view(layer, new)
-
-            def gather(h, ix, src=src, heads=old_heads):
-                return torch.stack([_head_view(p, h, heads).index_select(0, ix) for p in src])
-
-            def scatter(data, h, ix, dst=dst, heads=new_heads):
-                for p, plane in enumerate(dst):
-                    _head_view(plane, h, heads).index_copy_(0, ix, data[p])
-
-            # 1. gather everything this rank sends or keeps (before any write to the layer)
-            out = [(gather(h, ix), peer) for peer, h, ix in send_ix]
-            kept = [gather(h, ix) for h, ix, _ in local_ix]
-            inbox = [
-                torch.empty(pool.num_planes, len(ix), bs, len(h), cfg.head_dim,
-                            dtype=pool.buf.dtype, device=dev)
-                for _, h, ix in recv_ix
-            ]
-            # 2. exchange
-            comm.p2p(out, [(t, peer) for t, (peer, _, _) in zip(inbox, recv_ix, strict=True)])
+            out, kept, inbox = plan.gather(layer)
+            works = comm.p2p_start(out, [(t, peer) for t, (peer, _, _) in
+                                         zip(inbox, plan.recv, strict=True)])
             sent += sum(t.numel() * t.element_size() for t, _ in out)
-            # 3. scatter into the new view
-            for data, (h, _, ix) in zip(kept, local_ix, strict=True):
-                scatter(data, h, ix)
-            for data, (_, h, ix) in zip(inbox, recv_ix, strict=True):
-                scatter(data, h, ix)
+            if pending is not None:
+                plan.finish(*pending)
+            pending = (layer, works, kept, inbox, out)
+        if pending is not None:
+            plan.finish(*pending)
     return sent
+
+
+class _KVChunk:
+    """One chunk of a KV re-homing on this rank: (peer, heads, block ids) to send and to
+    receive, (heads, old blocks, new blocks) to keep; gathers and scatters one layer."""
+
+    def __init__(self, pool, old: Layout, new: Layout, old_heads, new_heads, send, recv, local):
+        self.pool, self.old, self.new = pool, old, new
+        self.old_heads, self.new_heads = old_heads, new_heads
+        self.send, self.recv, self.local = send, recv, local
+
+    def _empty(self, h: tuple, ix: torch.Tensor) -> torch.Tensor:
+        pool = self.pool
+        return torch.empty(pool.num_planes, len(ix), pool.block_size, len(h), pool.cfg.head_dim,
+                           dtype=pool.buf.dtype, device=pool.buf.device)
+
+    def _gather(self, layer: int, h: tuple, ix: torch.Tensor) -> torch.Tensor:
+        t = self._empty(h, ix)
+        for p, plane in enumerate(self.pool.view(layer, self.old)):
+            torch.index_select(_head_view(plane, h, self.old_heads), 0, ix, out=t[p])
+        return t
+
+    def _scatter(self, layer: int, data: torch.Tensor, h: tuple, ix: torch.Tensor) -> None:
+        for p, plane in enumerate(self.pool.view(layer, self.new)):
+            _head_view(plane, h, self.new_heads).index_copy_(0, ix, data[p])
+
+    def gather(self, layer: int):
+        """(sends [(buffer, peer)], kept buffers, receive buffers) of one layer."""
+        out = [(self._gather(layer, h, ix), peer) for peer, h, ix in self.send]
+        kept = [self._gather(layer, h, ix) for h, ix, _ in self.local]
+        return out, kept, [self._empty(h, ix) for _, h, ix in self.recv]
+
+    def finish(self, layer, works, kept, inbox, sent_bufs) -> None:
+        """Wait for the layer's transfers (``sent_bufs`` stay alive until then), scatter."""
+        for w in works:
+            w.wait()
+        for data, (h, _, ix) in zip(kept, self.local, strict=True):
+            self._scatter(layer, data, h, ix)
+        for data, (_, h, ix) in zip(inbox, self.recv, strict=True):
+            self._scatter(layer, data, h, ix)
 
 
 def execute_switch(runner, switch: SwitchInput) -> SwitchResult:
