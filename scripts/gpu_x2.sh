@@ -11,7 +11,7 @@ T0=$SECONDS; lap() { echo "[$1: $((SECONDS - T0)) s]"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 if has tests; then
-  timeout 300 python3 -m pytest -q -p no:logging tests/parallel/test_gpu_multirank.py \
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:logging ${TESTS:-tests/parallel/test_gpu_multirank.py} \
     ${EXTRA_TESTS:-} 2>&1 | grep -E "passed|failed|Error|error|assert |^E " | head -30; lap "2-gpu tests"
 fi
 mr() {  # name, then multirank arguments
@@ -37,6 +37,13 @@ if has rollout; then  # issue 6: static TP, static EP, auto on one RL rollout
     --output-cap 2048 --auto-start ep --profile results/profile_h200x2_qwen3_30b.json \
     --out "$OUT/rollout_qwen.json" > "$OUT/rollout_qwen.log" 2>&1; echo "rc $?"
   grep -v "^{" "$OUT/rollout_qwen.log" | quiet | tail -14; lap "rollout"
+fi
+if has dsrollout; then  # issue 10: the same on DeepSeek-V2-Lite, where EP wins at large batch
+  timeout ${DR_TIMEOUT:-240} python3 -m moebius.bench.harness --preset deepseek-v2-lite --ranks 2 \
+    --workload rollout --num-prompts ${DR_PROMPTS:-1024} --prompt-mean 256 --output-mean 256 \
+    --output-cap 1024 --auto-start ep --profile results/profile_h200x2_deepseek_v2_lite.json \
+    --out "$OUT/rollout_deepseek.json" > "$OUT/rollout_deepseek.log" 2>&1; echo "rc $?"
+  grep -v "^{" "$OUT/rollout_deepseek.log" | quiet | grep -v "profile " | tail -14; lap "ds rollout"
 fi
 has deepseek && mr multirank_deepseek --preset deepseek-v2-lite \
   --batches 1 16 64 256 1024 2048 4096 --switch-fills 0.5

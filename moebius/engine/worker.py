@@ -50,6 +50,7 @@ def build_runner(cfg: EngineConfig, rank: int, world_size: int):
             backend = cfg.dist_backend or ("nccl" if cfg.device == "cuda" else "gloo")
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         comm = Comm(rank, world_size, dist.group.WORLD, ep_exchange=cfg.ep_exchange)
+        comm.warm_p2p()
     runner = ModelRunner(cfg, comm, num_kv_blocks_ep=0)
     runner.allocate_kv(kv_blocks_for_rank(cfg, runner))
     return runner
