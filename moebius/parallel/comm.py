@@ -115,7 +115,8 @@ class Comm:
         dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
         peers = [r for r in range(self.world_size) if r != self.rank]
         out = [torch.zeros(1, device=dev) for _ in peers]
-        self.p2p([(torch.ones(1, device=dev), r) for r in peers], list(zip(out, peers, strict=True)))
+        sends = [(torch.ones(1, device=dev), r) for r in peers]
+        self.p2p(sends, list(zip(out, peers, strict=True)))
 
     def p2p_start(self, sends: list[tuple[torch.Tensor, int]],
                   recvs: list[tuple[torch.Tensor, int]]) -> list:
