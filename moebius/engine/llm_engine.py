@@ -48,6 +48,17 @@ class SwitchRecord:
     phases: dict
 
 
+def _critical_phases(results) -> dict:
+    """Seconds per phase of the slowest rank (the switch waits for it), each rank's time summed
+    over the steps of a progressive switch."""
+    per_rank: dict[int, dict] = {}
+    for r in results:
+        mine = per_rank.setdefault(r.rank, {})
+        for ph, sec in r.seconds.items():
+            mine[ph] = mine.get(ph, 0.0) + sec
+    return {ph: max(t[ph] for t in per_rank.values()) for ph in results[0].seconds}
+
+
 @dataclass
 class _Group:
     """The ``n`` completions of one prompt."""
@@ -292,10 +303,7 @@ class LLMEngine:
             weight_bytes=sum(r.weight_bytes_sent for r in results),
             kv_bytes=sum(r.kv_bytes_sent for r in results),
             seconds=seconds,
-            phases={
-                ph: sum(r.seconds[ph] for r in results) / self.cfg.ranks
-                for ph in results[0].seconds
-            },
+            phases=_critical_phases(results),
         )
         self.switches.append(rec)
         self.policy.observe_switch(rec)

@@ -27,8 +27,9 @@ class _Blocks(dict):
 
 @dataclass
 class Block:
+    """What a cached (hashed) block keeps; reference counts live in ``BlockManager.ref``."""
+
     block_id: int
-    ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
 
@@ -42,9 +43,11 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.caching = enable_prefix_caching
-        # Built lazily, so a manager is cheap to create (a switch makes new ones for ~10^5
-        # blocks): Block objects on first use, never-used blocks as a counter (taken first,
-        # ahead of every freed block), freed blocks in eviction order (cached ones keep a hash).
+        # Cheap to create and to fill (a switch makes new managers for ~10^5 blocks and
+        # allocates most of them at once): reference counts in one list, Block objects only for
+        # blocks given a hash, never-used blocks as a counter (taken first, ahead of every freed
+        # block), freed blocks in eviction order (cached ones keep their hash).
+        self.ref = [0] * num_blocks
         self.blocks = _Blocks()
         self.never_used = 0  # blocks [never_used, num_blocks) were never handed out
         self.free: OrderedDict[int, None] = OrderedDict()
@@ -89,18 +92,18 @@ class BlockManager:
     def allocate(self, cached: list[int], num_tokens: int) -> list[int]:
         """Take the ``cached`` blocks (ref +1) and fresh blocks up to ``num_tokens``."""
         need = self.blocks_needed(num_tokens) - len(cached)
-        fresh_needed = need + sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        fresh_needed = need + sum(1 for b in cached if self.ref[b] == 0)
         if fresh_needed > self.num_free:
             raise MemoryError("not enough free KV blocks")
         table = []
         for b in cached:
             self._ref(b)
             table.append(b)
-        table += [self._take_fresh() for _ in range(max(need, 0))]
+        table += self._take_fresh(max(need, 0))
         return table
 
     def can_allocate(self, cached: list[int], num_tokens: int) -> bool:
-        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        revived = sum(1 for b in cached if self.ref[b] == 0)
         return self.blocks_needed(num_tokens) - len(cached) + revived <= self.num_free
 
     def can_grow(self, table: list[int], num_tokens: int) -> bool:
@@ -108,15 +111,14 @@ class BlockManager:
 
     def grow(self, table: list[int], num_tokens: int) -> None:
         """Append fresh blocks to ``table`` so it holds ``num_tokens``."""
-        for _ in range(self.blocks_needed(num_tokens) - len(table)):
-            table.append(self._take_fresh())
+        table += self._take_fresh(max(self.blocks_needed(num_tokens) - len(table), 0))
 
     def free_table(self, table: list[int]) -> None:
         # Free in reverse so a sequence's tail is evicted before its (more shareable) head.
+        ref = self.ref
         for b in reversed(table):
-            blk = self.blocks[b]
-            blk.ref_count -= 1
-            if blk.ref_count == 0:
+            ref[b] -= 1
+            if ref[b] == 0:
                 self.free[b] = None
         table.clear()
 
@@ -159,23 +161,26 @@ class BlockManager:
 
     # ------------------------------------------------------------------ internals
     def _ref(self, b: int) -> None:
-        blk = self.blocks[b]
-        if blk.ref_count == 0:
+        if self.ref[b] == 0:
             self.free.pop(b, None)
-        blk.ref_count += 1
+        self.ref[b] += 1
 
-    def _take_fresh(self) -> int:
-        if self.never_used < self.num_blocks:
-            b = self.never_used
-            self.never_used += 1
-            self.blocks[b].ref_count = 1
-            return b
-        b, _ = self.free.popitem(last=False)
-        blk = self.blocks[b]
-        if blk.hash is not None:
-            if self.hash_to_block.get(blk.hash) == b:
-                del self.hash_to_block[blk.hash]
-                self.block_meta.pop(blk.hash, None)
-            blk.hash, blk.token_ids = None, ()
-        blk.ref_count = 1
-        return b
+    def _take_fresh(self, n: int) -> list[int]:
+        """``n`` free blocks (ref 1): never-used ones first, then the least recently freed,
+        whose hash (if cached) is dropped."""
+        start = self.never_used
+        take = min(n, self.num_blocks - start)
+        out = list(range(start, start + take))
+        self.ref[start : start + take] = [1] * take
+        self.never_used += take
+        for _ in range(n - take):
+            b, _ = self.free.popitem(last=False)
+            blk = self.blocks.get(b)
+            if blk is not None and blk.hash is not None:
+                if self.hash_to_block.get(blk.hash) == b:
+                    del self.hash_to_block[blk.hash]
+                    self.block_meta.pop(blk.hash, None)
+                blk.hash, blk.token_ids = None, ()
+            self.ref[b] = 1
+            out.append(b)
+        return out

@@ -27,9 +27,9 @@ def test_shared_blocks_are_ref_counted_and_survive_free():
     cached = bm.match_prefix(toks)
     b = bm.allocate(cached, 9)
     assert b[:2] == a[:2] and b[2] != a[2]
-    assert bm.blocks[a[0]].ref_count == 2
+    assert bm.ref[a[0]] == 2
     bm.free_table(a)
-    assert bm.blocks[b[0]].ref_count == 1
+    assert bm.ref[b[0]] == 1
     bm.free_table(b)
     assert bm.num_free == 8
     assert bm.match_prefix(toks) == cached  # freed but still cached
