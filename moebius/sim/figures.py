@@ -127,6 +127,35 @@ ENGINE_S1: list[Figure] = [
 EAGER: list[Figure] = [Figure("eager", 1, "tp", b, ENGINE_CONTEXT, t) for b, t in _EAGER_1.items()]
 ALL = PROBE + ENGINE + ENGINE_S1 + EAGER
 
+# The engine on 2×H200 (session 4, BENCHMARKS.md "Two GPUs"): both layouts graphed, EP by
+# all-gather + reduce-scatter, context ~141. Held out: no fit uses them yet (validate prints
+# them apart). Qwen b2048 from the call-3 file, where graphs reached 2048 (the call-2 TP b2048
+# ran eagerly); DeepSeek TP past 1024 ran eagerly and is left out.
+_TWO_GPU = {
+    ("qwen3-30b-a3b", "results/multirank_h200x2_qwen_allgather_call2.json"): {
+        ("tp", 1): 5.37, ("tp", 4): 7.04, ("tp", 16): 10.70, ("tp", 64): 14.71,
+        ("tp", 256): 22.19, ("tp", 1024): 64.39,
+        ("ep", 1): 6.86, ("ep", 4): 8.16, ("ep", 16): 12.05, ("ep", 64): 16.29,
+        ("ep", 256): 23.65, ("ep", 1024): 70.01,
+    },
+    ("qwen3-30b-a3b", "results/multirank_h200x2_qwen_switch_call3.json"): {
+        ("tp", 2048): 103.07, ("ep", 2048): 107.61,
+    },
+    ("deepseek-v2-lite", "results/multirank_h200x2_deepseek_call2_partial.jsonl"): {
+        ("tp", 1): 5.93, ("tp", 16): 9.54, ("tp", 64): 12.10, ("tp", 256): 18.66,
+        ("tp", 1024): 56.77,
+        ("ep", 1): 7.29, ("ep", 16): 10.53, ("ep", 64): 12.56, ("ep", 256): 17.11,
+        ("ep", 1024): 53.25,
+    },
+}
+ENGINE_2GPU: list[Figure] = [
+    Figure("engine", 2, layout, b, ENGINE_CONTEXT, ms, None, model)
+    for (model, _path), rows in _TWO_GPU.items()
+    for (layout, b), ms in rows.items()
+]
+# An empty switch of Qwen3-30B-A3B on 2×H200, expert weights only (NCCL point-to-point), s
+SWITCH_2GPU_WEIGHTS_S = {"tp->ep": 0.0558, "ep->tp": 0.0558}
+
 # Link figures (DESIGN.md): NCCL send/recv at 1 GiB 360 GB/s; all-gather 275 GB/s at 1 GiB,
 # 230-264 at 64 MB; all_reduce of 64 KB 22 µs (eager, host-timed); peer copy 396 GB/s.
 NCCL_SENDRECV_BPS = 360e9

@@ -177,3 +177,20 @@ def test_figures_match_the_results_files_and_report():
         rep["constants"]["after"]["layer_latency_us"]
         < rep["constants"]["before"]["layer_latency_us"]
     )
+
+
+def test_two_gpu_figures_are_the_results_files_rows():
+    """figures.py's 2×H200 rows are the measured rows of the results files they name."""
+    import json
+
+    from moebius.sim.figures import _TWO_GPU
+
+    for (_model, path), rows in _TWO_GPU.items():
+        with open(path) as f:
+            if path.endswith(".jsonl"):
+                measured = [json.loads(line) for line in f]
+            else:
+                measured = json.load(f)["decode"]
+        by = {(r["layout"], r["batch"]): r["step_ms"] for r in measured}
+        for key, ms in rows.items():
+            assert abs(by[key] - ms) < 0.01, (path, key)
