@@ -24,20 +24,7 @@ import time
 from moebius.config import EngineConfig, ModelConfig, preset
 from moebius.core import SamplingParams
 from moebius.engine.llm_engine import LLMEngine
-from moebius.engine.step_profile import from_sweep
-
-
-def _drain(engine: LLMEngine) -> None:
-    for rid in list(engine.groups):
-        engine.abort(rid)
-    while engine.has_unfinished():
-        engine.step()
-
-
-def _prefill(engine: LLMEngine) -> None:
-    s = engine.scheduler
-    while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
-        engine.step()
+from moebius.engine.step_profile import abort_all, from_sweep, prefill_all
 
 
 def _add(engine, n: int, prompt_len: int, max_tokens: int, rng: random.Random) -> None:
@@ -61,10 +48,10 @@ def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng) -> li
         for B in batches:
             # early requests decode while later ones prefill: ask for more tokens than timed
             _add(engine, B, prompt_len, 1024, rng)
-            _prefill(engine)
+            prefill_all(engine)
             if len(engine.scheduler.running) < B:
                 print(f"{layout} b{B}: only {len(engine.scheduler.running)} fit; skipped")
-                _drain(engine)
+                abort_all(engine)
                 continue
             for _ in range(warmup):
                 engine.step()
@@ -73,7 +60,7 @@ def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng) -> li
                 t = time.perf_counter()
                 engine.step()
                 times.append(time.perf_counter() - t)
-            _drain(engine)
+            abort_all(engine)
             step = statistics.median(times)
             rows.append({"layout": layout, "batch": B, "step_ms": step * 1e3,
                          "tokens_per_s": B / step, "min_ms": min(times) * 1e3})
@@ -92,7 +79,7 @@ def switch_times(engine, fills, prompt_len, peer_gbps, rng) -> list[dict]:
         n = int(fill * capacity / (prompt_len + 256))
         if n:
             _add(engine, n, prompt_len, 256, rng)
-            _prefill(engine)
+            prefill_all(engine)
         for target in ("ep", "tp"):
             before = len(engine.switches)
             engine.switch(target)
@@ -110,10 +97,9 @@ def switch_times(engine, fills, prompt_len, peer_gbps, rng) -> list[dict]:
                 "kv_GB_per_rank": rec.kv_bytes / engine.cfg.ranks / 1e9,
                 "weights_GBps": rec.weight_bytes / engine.cfg.ranks / rec.phases["weights"] / 1e9,
                 "floor_s": floor, "x_floor": rec.seconds / floor if floor else None,
-                "transport": getattr(rec, "transport", "nccl"),
             })
             print(json.dumps(rows[-1]), flush=True)
-        _drain(engine)
+        abort_all(engine)
     return rows
 
 
@@ -126,7 +112,7 @@ def through_switch(engine, batches, progressive, prompt_len, rng, before=6, afte
             _to(engine, "tp")
             engine.progressive_layers = k
             _add(engine, B, prompt_len, before + after + 4, rng)
-            _prefill(engine)
+            prefill_all(engine)
             for _ in range(3):
                 engine.step()
             times = []
@@ -143,7 +129,7 @@ def through_switch(engine, batches, progressive, prompt_len, rng, before=6, afte
                          "worst_x_steady": max(times[before:]) / steady,
                          "switch_seconds": rec.seconds, "switch_step": before})
             print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "step_ms"}), flush=True)
-            _drain(engine)
+            abort_all(engine)
             engine.progressive_layers = 0
     return rows
 

@@ -91,9 +91,7 @@ class ModelRunner:
             from moebius.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs
 
             n = self.comm.world_size
-            modes = ["tp"] if n == 1 else ["tp", "ep"]
-            if n > 1 and self.comm.ep_exchange == "alltoall":
-                modes = ["tp"]
+            modes = ["tp"] if n == 1 or self.comm.ep_exchange == "alltoall" else ["tp", "ep"]
             self.graphs = DecodeGraphs(self, max_batch=min(self.cfg.max_num_seqs, MAX_GRAPH_BATCH))
             for mode in modes:
                 self.graphs.capture(Layout(mode, self.rank, n))
@@ -143,13 +141,9 @@ class ModelRunner:
     def _graph_bucket(self, step: StepInput) -> int:
         """The captured batch size this step replays, or 0 to run eagerly. Every rank derives
         it from what all ranks were told (the per-rank counts, decode-only), so all replay the
-        same graph and their collectives match; a rank without sequences replays pad rows."""
-        if self.graphs is None or step.record_experts:
-            return 0
-        if self.comm.world_size == 1:
-            ok = bool(step.seqs) and all(len(s.token_ids) == 1 for s in step.seqs)
-            return self.graphs.bucket(self.layout, len(step.seqs)) if ok else 0
-        if not step.decode_only:
+        same graph and their collectives match; a rank without sequences replays pad rows.
+        (Decode-only: one token a sequence, so the largest count is the largest batch.)"""
+        if self.graphs is None or step.record_experts or not step.decode_only:
             return 0
         return self.graphs.bucket(self.layout, max(step.num_tokens_per_rank))
 

@@ -138,6 +138,21 @@ def profile_key(cfg) -> str:
     return f"{cfg.model.architecture}-L{cfg.model.num_layers}-r{cfg.ranks}-{device}-{digest}"
 
 
+def prefill_all(engine) -> None:
+    """Step until nothing waits and every running request has computed its prompt."""
+    s = engine.scheduler
+    while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
+        engine.step()
+
+
+def abort_all(engine) -> None:
+    """Abort every request and step until the engine is idle."""
+    for rid in list(engine.groups):
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+
+
 def _time_batch(
     engine, batch: int, context: int, steps: int, warmup: int, rng: random.Random
 ) -> float | None:
@@ -154,9 +169,7 @@ def _time_batch(
     vocab = engine.cfg.model.vocab_size
     for _ in range(batch):
         engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
-    sched = engine.scheduler
-    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-        engine.step()
+    prefill_all(engine)
     for _ in range(warmup):
         engine.step()
     times = []
@@ -164,10 +177,7 @@ def _time_batch(
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
-    for rid in list(engine.groups):
-        engine.abort(rid)
-    while engine.has_unfinished():
-        engine.step()
+    abort_all(engine)
     times.sort()
     return times[len(times) // 2]
 
