@@ -85,25 +85,6 @@ def random_batch_engine(
     return engine
 
 
-def _graph_replay_seconds(engine: LLMEngine, batch: int) -> float | None:
-    """GPU time of the decode graph alone for ``batch`` (median of 20 replays)."""
-    runner = getattr(engine.executor, "runner", None)
-    graphs = getattr(runner, "graphs", None)
-    if graphs is None or batch > graphs.buckets[-1]:
-        return None
-    bucket = next(b for b in graphs.buckets if b >= batch)
-    graph, _ = graphs.graphs[(runner.layout.mode, bucket)]
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[10]
-
-
 def run(
     model: ModelConfig,
     batches: list[int],
@@ -158,7 +139,11 @@ def run(
             engine.step()
         times.sort()
         step = times[len(times) // 2]
-        gpu = _graph_replay_seconds(engine, B) if device == "cuda" else None
+        gpu = (
+            engine.executor.call("moebius.bench.gpu_timing:graph_replay_seconds", B)[0]
+            if device == "cuda"
+            else None
+        )
         floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
         # bw counts read + write traffic of a copy; a step's bytes are read once each
         floor_s = (floor["weights"] + floor["kv"]) / bw

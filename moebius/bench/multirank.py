@@ -40,8 +40,15 @@ def _to(engine: LLMEngine, layout: str) -> None:
         engine.step()  # the switch happens at the step boundary (nothing in flight here)
 
 
-def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng) -> list[dict]:
-    """Median decode step per (layout, batch): B requests prefilled, then ``steps`` timed."""
+def _gpu(engine, fn: str, B: int):
+    return engine.executor.call(f"moebius.bench.gpu_timing:{fn}", B)
+
+
+def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng,
+                 kernel_tables=()) -> list[dict]:
+    """Median decode step per (layout, batch): B requests prefilled, then ``steps`` timed;
+    the GPU time of the step's graph alone (the slowest rank's), and at ``kernel_tables``
+    batches rank 0's kernels."""
     rows = []
     for layout in layouts:
         _to(engine, layout)
@@ -60,10 +67,22 @@ def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng) -> li
                 t = time.perf_counter()
                 engine.step()
                 times.append(time.perf_counter() - t)
+            cuda = engine.cfg.device == "cuda"
+            gpu = _gpu(engine, "graph_replay_seconds", B) if cuda else [None]
+            want_table = cuda and B in kernel_tables
+            table = _gpu(engine, "graph_kernel_table", B)[0] if want_table else None
             abort_all(engine)
             step = statistics.median(times)
+            gpu_s = None if None in gpu else max(gpu)
             rows.append({"layout": layout, "batch": B, "step_ms": step * 1e3,
-                         "tokens_per_s": B / step, "min_ms": min(times) * 1e3})
+                         "tokens_per_s": B / step, "min_ms": min(times) * 1e3,
+                         "gpu_ms": gpu_s and gpu_s * 1e3,
+                         "host_ms": gpu_s and (step - gpu_s) * 1e3})
+            if table:
+                rows[-1]["kernels_rank0"] = table
+                print(f"{layout} b{B}: rank 0's kernels, one replay")
+                for k in table:
+                    print(f"  {k['us']:8.1f} us {k['launches']:6.0f}x  {k['kernel']}")
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -173,6 +192,8 @@ def main() -> None:
     ap.add_argument("--through-switch", type=int, nargs="*", default=[])
     ap.add_argument("--progressive-layers", type=int, default=4)
     ap.add_argument("--peer-gbps", type=float, default=396.0)
+    ap.add_argument("--kernel-tables", type=int, nargs="*", default=[],
+                    help="batches at which to print rank 0's kernels of one graph replay")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
     ap.add_argument("--out", default=None)
@@ -200,7 +221,7 @@ def main() -> None:
            "memory": engine.memory, "startup_s": engine.startup_seconds}
     if args.batches:
         out["decode"] = decode_sweep(engine, args.layouts, args.batches, args.prompt_len,
-                                     args.steps, args.warmup, rng)
+                                     args.steps, args.warmup, rng, args.kernel_tables)
         if args.plot:
             plot(out["decode"], args.plot, f"{args.preset}, {args.ranks} ranks, "
                  f"EP exchange {args.ep_exchange}")
@@ -219,9 +240,12 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
-    print(f"\n{'layout':>6} {'batch':>6} {'ms/step':>9} {'tok/s':>10}")
+    print(f"\n{'layout':>6} {'batch':>6} {'ms/step':>9} {'tok/s':>10} {'gpu ms':>8} {'host ms':>8}")
     for r in out.get("decode", []):
-        print(f"{r['layout']:>6} {r['batch']:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>10.0f}")
+        gpu = "-" if r["gpu_ms"] is None else f"{r['gpu_ms']:.2f}"
+        host = "-" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
+        print(f"{r['layout']:>6} {r['batch']:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>10.0f} "
+              f"{gpu:>8} {host:>8}")
     for r in out.get("switch", []):
         print(f"switch fill {r['fill']:.0%} {r['direction']}: {r['seconds'] * 1e3:.1f} ms "
               f"(weights {r['weights_s'] * 1e3:.1f} ms {r['weights_GBps']:.0f} GB/s, kv "

@@ -65,8 +65,13 @@ def serve(runner, kind: str, payload):
         return runner.reshard(payload)
     if kind == "memory":
         return runner.memory_report()
-    if kind == "call":
+    if kind == "call":  # a runner method, or "module:function" called as function(runner, ...)
         name, args = payload
+        if ":" in name:
+            import importlib
+
+            module, fn = name.split(":")
+            return getattr(importlib.import_module(module), fn)(runner, *args)
         return getattr(runner, name)(*args)
     raise ValueError(f"unknown message {kind!r}")
 
@@ -109,7 +114,7 @@ class LocalExecutor:
         return [self.runner.reshard(switch)]
 
     def call(self, name: str, *args) -> list:
-        return [getattr(self.runner, name)(*args)]
+        return [serve(self.runner, "call", (name, args))]
 
     def shutdown(self) -> None:
         """Drop the weights, KV pool and graphs; on GPU hand their memory back to the driver, so

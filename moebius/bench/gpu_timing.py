@@ -1,0 +1,59 @@
+"""GPU-side timing of a rank's decode graph, run inside the rank's process through
+``engine.executor.call("moebius.bench.gpu_timing:<function>", ...)`` (every rank at once, so
+the collectives captured in the graph match).
+
+``graph_replay_seconds`` is the step's GPU time without the host (inputs, sampling, pipes);
+``graph_kernel_table`` is where that time goes, kernel by kernel (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _graph(runner, batch: int):
+    graphs = runner.graphs
+    if graphs is None or not graphs.bucket(runner.layout, batch):
+        return None
+    return graphs.graphs[(runner.layout.mode, graphs.bucket(runner.layout, batch))][0]
+
+
+def graph_replay_seconds(runner, batch: int, reps: int = 20) -> float | None:
+    """Median GPU time of one replay of the decode graph ``batch`` runs in (None: no graph)."""
+    graph = _graph(runner, batch)
+    if graph is None:
+        return None
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[reps // 2]
+
+
+def graph_kernel_table(runner, batch: int, reps: int = 5, top: int = 15) -> list[dict] | None:
+    """The ``top`` kernels by GPU time in one replay (mean over ``reps``): name, launches a
+    replay, µs a replay."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = _graph(runner, batch)
+    if graph is None:
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        r = rows.setdefault(ev.name[:90], [0, 0.0])
+        r[0] += 1
+        r[1] += ev.time_range.elapsed_us()
+    out = [{"kernel": k, "launches": n / reps, "us": us / reps} for k, (n, us) in rows.items()]
+    return sorted(out, key=lambda r: -r["us"])[:top]
