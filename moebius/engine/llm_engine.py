@@ -465,13 +465,6 @@ class LLMEngine:
             f"(every rank holds every request), EP {n * r['kv_blocks_ep'] * bs}",
         ]
         if n > 1:
-            symm = r.get("symm_allreduce_bytes", 0)
-            lines.append(
-                f"all-reduce: symmetric-memory one-shot up to {size(symm)}, NCCL above"
-                if symm
-                else "all-reduce: NCCL" if r.get("workspace_bytes") is not None else
-                "all-reduce: gloo"
-            )
             total = dense + experts + r["kv_pool_bytes"] + staging
             lines.append(
                 f"dual-layout overhead: vs static EP {staging / total:.2%} (staging); vs static "

@@ -366,9 +366,6 @@ class ModelRunner:
             "dense_weight_bytes": self.weights.dense_nbytes(),
             "expert_weight_bytes": self.weights.experts.nbytes(),
             "switch_staging_bytes": self.weights.experts.staging_nbytes(),
-            "symm_allreduce_bytes": self.comm.symm_allreduce.max_bytes
-            if self.comm.symm_allreduce
-            else 0,
             "kv_pool_bytes": self.kv.nbytes(),
             "workspace_bytes": workspace,
             "kv_blocks_tp": self.kv.num_blocks(Layout("tp", self.rank, self.comm.world_size)),

@@ -51,7 +51,6 @@ def build_runner(cfg: EngineConfig, rank: int, world_size: int):
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         comm = Comm(rank, world_size, dist.group.WORLD, ep_exchange=cfg.ep_exchange)
         comm.warm_p2p()
-        comm.enable_symm_allreduce()
     runner = ModelRunner(cfg, comm, num_kv_blocks_ep=0)
     runner.allocate_kv(kv_blocks_for_rank(cfg, runner))
     return runner

@@ -25,22 +25,11 @@ class Comm:
         # how EP moves tokens to their experts' ranks: "allgather" (+ reduce-scatter, fixed
         # shapes) or "alltoall" (only the tokens a rank needs, sizes exchanged every layer)
         self.ep_exchange = ep_exchange
-        self.symm_allreduce = None  # set by ``enable_symm_allreduce`` (NCCL, one host)
-
-    def enable_symm_allreduce(self) -> bool:
-        """Serve small all-reduces through symmetric memory (parallel/symm_allreduce.py);
-        collective: every rank calls it. Returns whether it is on."""
-        from moebius.parallel.symm_allreduce import make_symm_allreduce
-
-        self.symm_allreduce = make_symm_allreduce(self.group, self.backend, self.world_size)
-        return self.symm_allreduce is not None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks, in place."""
         if self.world_size == 1:
             return x
-        if self.symm_allreduce is not None and self.symm_allreduce.eligible(x):
-            return self.symm_allreduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
