@@ -42,6 +42,12 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--switch-schedule", default="", help="switch at engine steps, e.g. '5:ep,9:tp'")
     p.add_argument(
+        "--async-scheduling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="schedule the next step while the device runs this one (auto: on for one CUDA rank)",
+    )
+    p.add_argument(
         "--ep-exchange",
         choices=["allgather", "alltoall"],
         default="allgather",
@@ -81,6 +87,7 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         switch_schedule=parse_schedule(args.switch_schedule),
         progressive_layers=args.progressive_layers,
         ep_exchange=args.ep_exchange,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
 
 

@@ -99,6 +99,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # sampled by a launched step, not yet on the host (overlapped scheduling: 0 or 1)
+    num_inflight: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
     status: RequestStatus = RequestStatus.WAITING
     owner_rank: int = -1  # EP owner; -1 under TP

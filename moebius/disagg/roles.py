@@ -73,6 +73,8 @@ def prompt_counts(block_meta: dict, num_prompt_tokens: int, block_size: int):
 class PrefillEngine(LLMEngine):
     """Runs prompts, exports each one's KV + expert counts + first token; see the module doc."""
 
+    supports_overlap = False  # reads each step's KV and counts before the scheduler moves on
+
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)
         self.scheduler.record_experts = True
@@ -123,6 +125,8 @@ class PrefillEngine(LLMEngine):
 
 class DecodeEngine(LLMEngine):
     """Continues requests prefilled elsewhere; see the module doc."""
+
+    supports_overlap = False  # admits handed-off requests between steps (admit_prefilled)
 
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)

@@ -101,9 +101,11 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n)
 
     @torch.inference_mode()
-    def run(self, layout: Layout, seqs: list[SeqWork], B: int) -> torch.Tensor:
+    def run(self, layout: Layout, seqs: list[SeqWork], B: int, inflight=None) -> torch.Tensor:
         """Logits (n, V) float32 of n <= B decode sequences, replaying bucket B (ranks > 1:
-        the bucket of the largest rank's batch; n may be 0)."""
+        the bucket of the largest rank's batch; n may be 0). ``inflight``: (rows, rows of the
+        runner's last sampled tokens) whose input is that token, still on the device. Inputs
+        travel through pinned memory: nothing here waits for the step before."""
         n = len(seqs)
         bs = self.runner.cfg.block_size
         pad = self.runner.kv.pad_block(layout)
@@ -118,15 +120,19 @@ class DecodeGraphs:
         # never read, so the static table's older entries there do no harm.
         if n:
             width = max(len(s.block_ids) for s in seqs)
+            pinned = self.runner.device.type == "cuda"
             tables = torch.tensor(
-                [s.block_ids + [pad] * (width - len(s.block_ids)) for s in seqs], dtype=torch.long
+                [s.block_ids + [pad] * (width - len(s.block_ids)) for s in seqs],
+                dtype=torch.long, pin_memory=pinned,
             )
-            host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
+            host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long, pin_memory=pinned)
             self.ids[:n].copy_(host[0], non_blocking=True)
             self.pos[:n].copy_(host[1], non_blocking=True)
             self.slots[:n].copy_(host[2], non_blocking=True)
             self.ctx[:n].copy_(host[3], non_blocking=True)
             self.tables[:n, :width].copy_(tables, non_blocking=True)
+            if inflight is not None:
+                self.ids.index_copy_(0, inflight[0], self.runner._last_tokens[inflight[1]])
         if n < B:
             self._pad(layout, n, B)
         graph, logits = self.graphs[(layout.mode, B)]

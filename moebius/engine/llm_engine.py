@@ -81,6 +81,9 @@ class _Group:
 
 
 class LLMEngine:
+    # roles that act on a step's results before the scheduler applies them turn this off
+    supports_overlap = True
+
     def __init__(self, cfg: EngineConfig) -> None:
         tune_gc()
         self.cfg = cfg
@@ -109,6 +112,11 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
+        # overlapped steps: one step in flight at a time (docs/async-scheduling.md)
+        self._overlap = (
+            cfg.overlap_steps and self.supports_overlap and hasattr(self.executor, "launch")
+        )
+        self._inflight = None  # (batch, pending step) launched and not yet applied
         self.policy: SwitchPolicy = ManualPolicy()
         if cfg.policy == "auto" and cfg.ranks > 1:
             from moebius.engine.policy import AutoPolicy
@@ -216,7 +224,7 @@ class LLMEngine:
                     self.scheduler.finish(child, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ------------------------------------------------------------------ switching
     def switch(self, target: str) -> None:
@@ -336,7 +344,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns outputs of the prompts that progressed."""
+        """Run one engine step; returns outputs of the prompts that progressed. Overlapped
+        (``cfg.overlap_steps``): launches step N+1, then reports step N."""
+        if self._overlap:
+            return self._step_overlapped()
         self._maybe_switch()
         with self._lock:
             batch = self.scheduler.schedule()
@@ -345,6 +356,25 @@ class LLMEngine:
         t0 = time.perf_counter()
         results = self.executor.step(batch.inputs)
         self.policy.observe_step(self.layout, len(batch.items), time.perf_counter() - t0)
+        return self._apply(batch, results)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Schedule and launch the next step before the one in flight has landed: the host's
+        scheduling, input building and bookkeeping run while the device computes, and the
+        next step's decode inputs are the in-flight step's tokens, read on the device. A
+        request that stops on EOS or a stop string has one extra token computed and dropped;
+        one stopping by length is never scheduled past it (``Scheduler.launched``)."""
+        with self._lock:
+            batch = self.scheduler.schedule()
+            if not batch.empty:
+                self.scheduler.launched(batch)
+        launched = None if batch.empty else (batch, self.executor.launch(batch.inputs))
+        landed, self._inflight = self._inflight, launched
+        if landed is None:
+            return self._collect([])
+        return self._apply(landed[0], self.executor.finish(landed[1]))
+
+    def _apply(self, batch, results) -> list[RequestOutput]:
         self._on_step_results(batch, results)
         tokens = {t.request_id: t for res in results for t in res.tokens}
         with self._lock:

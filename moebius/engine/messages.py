@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+INFLIGHT = -1  # an input token the previous launch sampled, still on the device
+
 
 @dataclass
 class SeqWork:

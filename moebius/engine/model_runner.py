@@ -11,7 +11,14 @@ import time
 import torch
 
 from moebius.config import EngineConfig
-from moebius.engine.messages import SampledToken, SeqWork, StepInput, StepResult, SwitchInput
+from moebius.engine.messages import (
+    INFLIGHT,
+    SampledToken,
+    SeqWork,
+    StepInput,
+    StepResult,
+    SwitchInput,
+)
 from moebius.kv.pool import KVPool
 from moebius.model import deepseek
 from moebius.model.attention import AttentionMeta, PrefillChunk
@@ -37,6 +44,48 @@ def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
     if cfg.device == "cpu":
         return torch.float32
     return DTYPES.get(cfg.model.torch_dtype, torch.bfloat16)
+
+
+class PendingStep:
+    """A launched step: its sampled tokens (and logprobs) on their way to the host. On GPU
+    they are copied into pinned memory right behind the sampling, and ``result`` waits on an
+    event recorded there, not on the stream (which by then also holds the next step)."""
+
+    def __init__(self, rank: int, work=(), tokens=None, logprobs=None, expert_counts=None,
+                 done=None) -> None:
+        self.rank = rank
+        self.work = work  # the sampled sequences, in row order
+        self.want = logprobs[0] if logprobs else []  # rows asking logprobs
+        self.expert_counts = expert_counts
+        self.done = done  # an already finished result (steps that run synchronously)
+        self.host = []  # tokens, then (chosen, top ids, top logprobs) when asked
+        self.event = None
+        tensors = ([tokens] if tokens is not None else []) + list(logprobs[1:] if logprobs else [])
+        if tensors and tensors[0].is_cuda:
+            for t in tensors:
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                self.host.append(h.copy_(t, non_blocking=True))
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensors
+
+    def result(self) -> StepResult:
+        if self.done is not None:
+            return self.done
+        if self.event is not None:
+            self.event.synchronize()
+        out = [SampledToken(s.request_id, 0) for s in self.work]
+        if self.want:
+            chosen, top_ids, top_lp = (t.tolist() for t in self.host[1:])
+            for j, i in enumerate(self.want):
+                k = self.work[i].num_logprobs
+                out[i].logprob = float(chosen[j])
+                out[i].top_logprobs = dict(zip(top_ids[j][:k], top_lp[j][:k], strict=True))
+        if self.host:
+            for o, t in zip(out, self.host[0].tolist(), strict=True):
+                o.token_id = t
+        return StepResult(self.rank, out, self.expert_counts)
 
 
 class ModelRunner:
@@ -100,22 +149,33 @@ class ModelRunner:
     def _samples_here(self) -> bool:
         return not self.layout.is_tp or self.rank == 0
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
+        return self.finish(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> PendingStep:
+        """Queue the step on the device and return at once (on GPU: no host sync on the
+        decode-graph path); ``finish`` waits for its tokens. A token id ``INFLIGHT`` in a
+        sequence's input is the token the previous launch sampled for it, read on the device
+        (the engine schedules step N+1 before step N's tokens reach the host)."""
         if step.layer_modes is not None and len(set(step.layer_modes)) > 1:
             assert step.layer_modes == self.layer_modes, "layer modes out of step"
-            return self._execute_mixed(step)
+            return PendingStep(self.rank, done=self._execute_mixed(step))
         assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
         bucket = self._graph_bucket(step)
         if bucket:
-            logits = self.graphs.run(self.layout, step.seqs, bucket)
+            fill = self._inflight_rows(step.seqs)
+            logits = self.graphs.run(self.layout, step.seqs, bucket, fill)
             if not self._samples_here() or not step.seqs:
-                return StepResult(self.rank, [])
+                return PendingStep(self.rank)
             keep = [i for i, s in enumerate(step.seqs) if s.sample]
             if len(keep) < len(step.seqs):
-                logits = logits[torch.tensor(keep, device=self.device)]
-            return StepResult(self.rank, self._sample(logits, step.seqs))
+                logits = logits[self._h2d(keep)]
+            return self._sample(logits, step.seqs)
         input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
+        fill = self._inflight_rows(step.seqs)
+        if fill is not None:
+            input_ids.index_copy_(0, fill[0], self._last_tokens[fill[1]])
         t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
         expert_ids: list[torch.Tensor] | None = [] if step.record_experts else None
         hidden = self.forward(
@@ -133,10 +193,33 @@ class ModelRunner:
         )
         counts = self._expert_counts(step.seqs, expert_ids) if expert_ids else None
         if not self._samples_here() or not sample_rows:
-            return StepResult(self.rank, [], counts)
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = (hidden[rows] @ self.weights.lm_head.t()).float()
-        return StepResult(self.rank, self._sample(logits, step.seqs), counts)
+            return PendingStep(self.rank, expert_counts=counts)
+        logits = (hidden[self._h2d(sample_rows)] @ self.weights.lm_head.t()).float()
+        pending = self._sample(logits, step.seqs)
+        pending.expert_counts = counts
+        return pending
+
+    def finish(self, pending: PendingStep) -> StepResult:
+        """Wait for a launched step's tokens and bring them to the host."""
+        return pending.result()
+
+    def _h2d(self, data: list, dtype=torch.long) -> torch.Tensor:
+        """A host list on this device without a stream sync (pinned staging on GPU)."""
+        if self.device.type == "cpu":
+            return torch.tensor(data, dtype=dtype)
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+    def _inflight_rows(self, seqs: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat input rows, rows of the last launch's tokens) of the ``INFLIGHT`` inputs."""
+        dst, src, start = [], [], 0
+        for s in seqs:
+            if s.token_ids[-1] == INFLIGHT:
+                dst.append(start + len(s.token_ids) - 1)
+                src.append(self._last_rows[s.request_id])
+            start += len(s.token_ids)
+        if not dst:
+            return None
+        return self._h2d(dst), self._h2d(src)
 
     def _graph_bucket(self, step: StepInput) -> int:
         """The captured batch size this step replays, or 0 to run eagerly. Every rank derives
@@ -191,7 +274,7 @@ class ModelRunner:
         if (rep == "tp" and rank != 0) or not rows:
             return StepResult(rank, [])
         logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
-        return StepResult(rank, self._sample(logits, sampled))
+        return self._sample(logits, sampled).result()
 
     def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:
         """request_id -> (B, num_moe_layers, E) int64 numpy counts of this step's top-k picks,
@@ -260,39 +343,34 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions, meta, sample_rows
 
-    def _sample(self, logits, seqs: list[SeqWork]) -> list[SampledToken]:
-        """Sample one token for each sequence with ``sample`` set; logits (n_sample, V)."""
+    def _sample(self, logits, seqs: list[SeqWork]) -> PendingStep:
+        """Sample one token for each sequence with ``sample`` set (logits (n_sample, V)) on the
+        device; the tokens stay there as the next launch's ``INFLIGHT`` inputs."""
         work = [s for s in seqs if s.sample]
-        dev = self.device
         for i, s in enumerate(work):
             if s.banned_token_ids:
-                logits[i, s.banned_token_ids] = float("-inf")
+                logits[i].index_fill_(0, self._h2d(s.banned_token_ids), float("-inf"))
+        all_greedy = all(s.temperature == 0 for s in work)
         st = SamplingTensors(
-            temperature=torch.tensor([s.temperature for s in work], device=dev),
-            top_k=torch.tensor([s.top_k for s in work], dtype=torch.long, device=dev),
-            top_p=torch.tensor([s.top_p for s in work], device=dev),
-            min_p=torch.tensor([s.min_p for s in work], device=dev),
-            seeds=torch.tensor([s.seed for s in work], dtype=torch.long, device=dev),
-            steps=torch.tensor([s.output_index for s in work], dtype=torch.long, device=dev),
+            temperature=self._h2d([s.temperature for s in work], torch.float32),
+            top_k=self._h2d([s.top_k for s in work]),
+            top_p=self._h2d([s.top_p for s in work], torch.float32),
+            min_p=self._h2d([s.min_p for s in work], torch.float32),
+            seeds=self._h2d([s.seed for s in work]),
+            steps=self._h2d([s.output_index for s in work]),
             need_filter=any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in work),
-            all_greedy=all(s.temperature == 0 for s in work),
-        )
+            all_greedy=all_greedy,
+        ) if not all_greedy else SamplingTensors(*(None,) * 6, False, True)
         tokens = sample(logits, st)
-        out = [SampledToken(s.request_id, 0) for s in work]
+        self._last_tokens = tokens
+        self._last_rows = {s.request_id: i for i, s in enumerate(work)}
         want = [i for i, s in enumerate(work) if s.num_logprobs >= 0]
+        lps = None
         if want:
             n = max(work[i].num_logprobs for i in want)
-            rows_t = torch.tensor(want, device=dev)
-            chosen, top_ids, top_lp = logprobs_of(logits[rows_t], tokens[rows_t], n)
-            for j, i in enumerate(want):
-                k = work[i].num_logprobs
-                out[i].logprob = float(chosen[j])
-                out[i].top_logprobs = dict(
-                    zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist(), strict=True)
-                )
-        for o, t in zip(out, tokens.tolist(), strict=True):
-            o.token_id = t
-        return out
+            rows_t = self._h2d(want)
+            lps = (want, *logprobs_of(logits[rows_t], tokens[rows_t], n))
+        return PendingStep(self.rank, work, tokens, lps)
 
     # ------------------------------------------------------------------ disaggregation
     def _token_slots(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:

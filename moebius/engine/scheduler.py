@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 from moebius.config import EngineConfig
 from moebius.core import Request, RequestStatus
-from moebius.engine.messages import KVMove, SampledToken, SeqWork, StepInput, SwitchInput
+from moebius.engine.messages import (
+    INFLIGHT,
+    KVMove,
+    SampledToken,
+    SeqWork,
+    StepInput,
+    SwitchInput,
+)
 from moebius.kv.block_manager import BlockManager
 
 log = logging.getLogger("moebius")
@@ -26,6 +33,8 @@ class ScheduledBatch:
     items: list[tuple[Request, int]]  # (request, tokens computed this step)
     inputs: list[StepInput]  # one per rank
     num_preempted: int = 0
+    # overlapped scheduling: ``launched`` advanced the counts already; which items sample
+    sampling: list[bool] | None = None
 
     @property
     def empty(self) -> bool:
@@ -152,8 +161,10 @@ class Scheduler:
         for req in list(self.running):
             if req.status != RequestStatus.RUNNING:
                 continue
+            if req.num_inflight and self._ends_with_inflight(req):
+                continue  # its token in flight is its last: nothing more to compute
             b = self._bucket(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budgets[b])
+            n = min(req.num_tokens + req.num_inflight - req.num_computed_tokens, budgets[b])
             if n <= 0:
                 continue
             while not self._fits(req, req.num_computed_tokens + n):
@@ -180,6 +191,8 @@ class Scheduler:
             budgets[b] -= n
         while self.waiting and not preempted and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if req.num_inflight:  # preempted with a token in flight: admitted once it lands
+                break
             mid_switch = self.transition is not None  # one of the two views is EP: an owner
             req.owner_rank = self._choose_owner(req) if ep or mid_switch else -1
             b = self._bucket(req)
@@ -241,13 +254,24 @@ class Scheduler:
         modes = list(self.transition.modes)
         return [StepInput(self.layout, works, counts, layer_modes=modes)] * self.world_size
 
+    def _ends_with_inflight(self, req: Request) -> bool:
+        """Whether the token ``req`` has in flight will stop it by length (max_tokens or the
+        context), so it needs no further step."""
+        p = req.params
+        num_out = len(req.output_token_ids) + req.num_inflight
+        return (p.max_tokens is not None and num_out >= p.max_tokens) or (
+            req.num_tokens + req.num_inflight >= self.cfg.context_len
+        )
+
     def _work(self, req: Request, n: int) -> SeqWork:
         start = req.num_computed_tokens
-        tokens = req.token_slice(start, start + n)
+        tokens = req.token_slice(start, min(start + n, req.num_tokens))
+        tokens += [INFLIGHT] * (start + n - req.num_tokens)  # the runner reads it on the device
         p = req.params
-        do_sample = start + n == req.num_tokens
+        num_out = len(req.output_token_ids) + req.num_inflight
+        do_sample = start + n == req.num_tokens + req.num_inflight
         banned: list[int] = []
-        if do_sample and len(req.output_token_ids) < p.min_tokens:
+        if do_sample and num_out < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
         return SeqWork(
             request_id=req.request_id,
@@ -260,7 +284,7 @@ class Scheduler:
             top_p=p.top_p,
             min_p=p.min_p,
             seed=req.seed,
-            output_index=len(req.output_token_ids),
+            output_index=num_out,
             num_logprobs=-1 if p.logprobs is None else p.logprobs,
             banned_token_ids=banned,
         )
@@ -294,11 +318,12 @@ class Scheduler:
         """Register ``req``'s blocks that became full of computed tokens for prefix caching.
         The sequence is concatenated only when there is such a block (not every step)."""
         mgr = self.manager(req)
-        if mgr.caching and req.num_computed_tokens // mgr.block_size > len(req.block_hashes):
+        known = min(req.num_computed_tokens, req.num_tokens)  # not the tokens in flight
+        if mgr.caching and known // mgr.block_size > len(req.block_hashes):
             mgr.commit_full_blocks(
                 req.block_ids,
                 req.all_token_ids,
-                req.num_computed_tokens,
+                known,
                 req.block_hashes,
                 req.block_meta,
             )
@@ -309,15 +334,32 @@ class Scheduler:
             self.commit_blocks(req)
 
     # ------------------------------------------------------------------ results
-    def update(self, batch: ScheduledBatch, tokens: dict[str, SampledToken]) -> list[Request]:
-        """Advance computed counts, append sampled tokens; returns requests with a new token."""
-        out = []
+    def launched(self, batch: ScheduledBatch) -> None:
+        """Overlapped scheduling: ``batch`` is on the device, and the next ``schedule()`` comes
+        before its tokens. Count its tokens as computed and its samples as in flight now."""
+        batch.sampling = []
         for req, n in batch.items:
-            if req.status != RequestStatus.RUNNING:
-                continue
             req.num_computed_tokens += n
-            if self.transition is None:  # nothing registers mid-switch: progressive.begin
-                self.commit_blocks(req)
+            samples = req.num_computed_tokens == req.num_tokens + req.num_inflight
+            req.num_inflight += samples
+            batch.sampling.append(samples)
+
+    def update(self, batch: ScheduledBatch, tokens: dict[str, SampledToken]) -> list[Request]:
+        """Advance computed counts, append sampled tokens; returns requests with a new token.
+        After ``launched``: a token in flight lands even on a request preempted meanwhile (it
+        is recomputed with it); one that finished meanwhile drops it."""
+        out = []
+        for i, (req, n) in enumerate(batch.items):
+            if batch.sampling is not None:
+                req.num_inflight -= batch.sampling[i]
+                if req.status == RequestStatus.FINISHED:
+                    continue
+            elif req.status != RequestStatus.RUNNING:
+                continue
+            else:
+                req.num_computed_tokens += n
+            if self.transition is None and req.status == RequestStatus.RUNNING:
+                self.commit_blocks(req)  # nothing registers mid-switch: progressive.begin
             tok = tokens.get(req.request_id)
             if tok is None:
                 continue

@@ -109,6 +109,13 @@ class LocalExecutor:
     def step(self, inputs: list[StepInput]) -> list[StepResult]:
         return [self.runner.execute(inputs[0])]
 
+    def launch(self, inputs: list[StepInput]):
+        """Queue a step on the device; ``finish`` waits for its tokens (overlapped steps)."""
+        return self.runner.launch(inputs[0])
+
+    def finish(self, pending) -> list[StepResult]:
+        return [self.runner.finish(pending)]
+
     def switch(self, switch: SwitchInput) -> list[SwitchResult]:
         return [self.runner.reshard(switch)]
 
