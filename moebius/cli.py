@@ -45,7 +45,7 @@ def engine_args(p: argparse.ArgumentParser) -> None:
         "--async-scheduling",
         choices=["auto", "on", "off"],
         default="auto",
-        help="schedule the next step while the device runs this one (auto: on for one CUDA rank)",
+        help="schedule the next step while the device runs this one (auto: on for CUDA)",
     )
     p.add_argument(
         "--ep-exchange",

@@ -421,7 +421,7 @@ class EngineConfig:
     switch_schedule: tuple[tuple[int, str], ...] = ()  # (engine step, layout) pairs
     enforce_eager: bool = False
     # schedule step N+1 while step N runs on the device (its tokens stay there as N+1's
-    # inputs): None = on for one CUDA rank (docs/async-scheduling.md)
+    # inputs): None = on for CUDA (docs/async-scheduling.md)
     async_scheduling: bool | None = None
     dist_backend: str | None = None  # None: nccl on cuda, gloo on cpu
     master_port: int = 0  # 0: pick a free port
@@ -469,9 +469,7 @@ class EngineConfig:
 
     @property
     def overlap_steps(self) -> bool:
-        """Whether the engine overlaps scheduling with the device (one rank only for now)."""
-        if self.ranks > 1:
-            return False
+        """Whether the engine overlaps scheduling with the device."""
         return self.device == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     @property

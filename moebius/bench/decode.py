@@ -244,7 +244,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
-                    help="overlap the host with the device (auto: on for one CUDA rank)")
+                    help="overlap the host with the device (auto: on for CUDA)")
     ap.add_argument("--prefill", nargs="*", default=[], help="shapes like 1x2048 16x512")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -12,10 +12,12 @@ import torch
 
 
 def _graph(runner, batch: int):
-    graphs = runner.graphs
-    if graphs is None or not graphs.bucket(runner.layout, batch):
+    """The graph a decode step of ``batch`` sequences replays (EP: a rank's even share)."""
+    graphs, layout = runner.graphs, runner.layout
+    n = batch if layout.is_tp else -(-batch // runner.comm.world_size)
+    if graphs is None or not graphs.bucket(layout, n):
         return None
-    return graphs.graphs[(runner.layout.mode, graphs.bucket(runner.layout, batch))][0]
+    return graphs.graphs[(layout.mode, graphs.bucket(layout, n))][0]
 
 
 def graph_replay_seconds(runner, batch: int, reps: int = 20) -> float | None:

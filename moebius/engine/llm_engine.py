@@ -116,7 +116,8 @@ class LLMEngine:
         self._overlap = (
             cfg.overlap_steps and self.supports_overlap and hasattr(self.executor, "launch")
         )
-        self._inflight = None  # (batch, pending step) launched and not yet applied
+        self._inflight = None  # (batch, pending step, launch time) not yet applied
+        self._last_landing = 0.0
         self.policy: SwitchPolicy = ManualPolicy()
         if cfg.policy == "auto" and cfg.ranks > 1:
             from moebius.engine.policy import AutoPolicy
@@ -255,14 +256,21 @@ class LLMEngine:
             transition=s.transition and (s.transition.target, s.transition.share_done),
         )
 
-    def _maybe_switch(self) -> None:
-        target = self.switch_schedule.pop(self.step_count, None)
+    def _maybe_switch(self, land=None) -> list[RequestOutput]:
+        """Switch (or move a progressive switch on) when the schedule, ``switch()`` or the
+        policy asks; ``land`` first lands a step in flight (overlapped steps) and its outputs
+        are returned."""
+        target = None
+        for step in sorted(k for k in self.switch_schedule if k <= self.step_count):
+            target = self.switch_schedule.pop(step)  # overlapped: a step may land past k
         with self._lock:
             if self._pending_switch:
                 target, self._pending_switch = self._pending_switch, None
         tr = self.scheduler.transition
         if target is None and self.cfg.ranks > 1 and not isinstance(self.policy, ManualPolicy):
             target = self.policy.decide(self.snapshot())
+        moves = tr is not None or (target and target != self.layout and self.cfg.ranks > 1)
+        landed = land() if moves and land is not None else []
         if tr is not None:  # a progressive switch in flight: reverse it, or go on
             if target and target != tr.target:
                 with self._lock:
@@ -271,8 +279,9 @@ class LLMEngine:
                     "progressive switch reversed at step %d: back to %s", self.step_count, tr.target
                 )
             self._do_switch(tr.target)
-        elif target and target != self.layout and self.cfg.ranks > 1:
+        elif moves:
             self._do_switch(target)
+        return landed
 
     def _do_switch(self, target: str) -> SwitchRecord | None:
         """All layers at once, or (``progressive_layers``) the next few of a progressive
@@ -364,15 +373,32 @@ class LLMEngine:
         next step's decode inputs are the in-flight step's tokens, read on the device. A
         request that stops on EOS or a stop string has one extra token computed and dropped;
         one stopping by length is never scheduled past it (``Scheduler.launched``)."""
+        # a switch lands the step in flight first (the reshard must not race it)
+        outs = self._maybe_switch(land=self._land) if self.cfg.ranks > 1 else []
         with self._lock:
             batch = self.scheduler.schedule()
             if not batch.empty:
                 self.scheduler.launched(batch)
-        launched = None if batch.empty else (batch, self.executor.launch(batch.inputs))
-        landed, self._inflight = self._inflight, launched
-        if landed is None:
-            return self._collect([])
-        return self._apply(landed[0], self.executor.finish(landed[1]))
+        t = time.perf_counter()
+        if not batch.empty:
+            pending = self.executor.launch(batch.inputs)
+        outs += self._land()
+        if not batch.empty:
+            self._inflight = (batch, pending, t)
+        return outs or self._collect([])
+
+    def _land(self) -> list[RequestOutput]:
+        """Wait for the step in flight, if any, and apply it; its outputs."""
+        if self._inflight is None:
+            return []
+        (batch, pending, t_launch), self._inflight = self._inflight, None
+        results = self.executor.finish(pending)
+        now = time.perf_counter()
+        # the device time it took: from its launch or the previous landing, the later
+        self.policy.observe_step(batch.inputs[0].layout, len(batch.items),
+                                 now - max(t_launch, self._last_landing))
+        self._last_landing = now
+        return self._apply(batch, results)
 
     def _apply(self, batch, results) -> list[RequestOutput]:
         self._on_step_results(batch, results)

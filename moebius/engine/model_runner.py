@@ -7,6 +7,7 @@ Tensors begin here: the scheduler above speaks only ids and lists.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -104,6 +105,7 @@ class ModelRunner:
             cfg.layout if comm.world_size > 1 else "tp", comm.rank, comm.world_size
         )
         self.layer_modes = [self.layout.mode] * cfg.model.num_layers  # differ mid-switch
+        self.inflight: deque[PendingStep] = deque()  # launched by a rank process, not finished
         t0 = time.perf_counter()
         self.weights = load_weights(
             self.model, cfg.model_dir, self.layout, self.dtype, self.device, seed=cfg.seed
@@ -146,7 +148,10 @@ class ModelRunner:
                 self.graphs.capture(Layout(mode, self.rank, n))
 
     # ------------------------------------------------------------------ step
-    def _samples_here(self) -> bool:
+    def _reports_here(self) -> bool:
+        """Under TP every rank samples the same tokens (identical logits: NCCL's all-reduce
+        gives every rank the same bits, the sampler's noise is a function of the request);
+        rank 0 reports them, the others keep theirs as the next step's in-flight inputs."""
         return not self.layout.is_tp or self.rank == 0
 
     def execute(self, step: StepInput) -> StepResult:
@@ -166,7 +171,7 @@ class ModelRunner:
         if bucket:
             fill = self._inflight_rows(step.seqs)
             logits = self.graphs.run(self.layout, step.seqs, bucket, fill)
-            if not self._samples_here() or not step.seqs:
+            if not step.seqs:
                 return PendingStep(self.rank)
             keep = [i for i, s in enumerate(step.seqs) if s.sample]
             if len(keep) < len(step.seqs):
@@ -192,7 +197,7 @@ class ModelRunner:
             expert_ids,
         )
         counts = self._expert_counts(step.seqs, expert_ids) if expert_ids else None
-        if not self._samples_here() or not sample_rows:
+        if not sample_rows:
             return PendingStep(self.rank, expert_counts=counts)
         logits = (hidden[self._h2d(sample_rows)] @ self.weights.lm_head.t()).float()
         pending = self._sample(logits, step.seqs)
@@ -274,14 +279,14 @@ class ModelRunner:
         if (rep == "tp" and rank != 0) or not rows:
             return StepResult(rank, [])
         logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
-        return self._sample(logits, sampled).result()
+        return self._sample(logits, sampled, report=True).result()
 
     def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:
         """request_id -> (B, num_moe_layers, E) int64 numpy counts of this step's top-k picks,
         split at KV-block boundaries: row j counts the tokens of block start_pos // block_size
         + j (so the prefix cache can keep each block's counts). Under TP every rank routes
         every token: rank 0 alone reports."""
-        if not self._samples_here():
+        if not self._reports_here():
             return None
         ids = torch.stack(expert_ids).cpu()  # (num_moe_layers, T, k)
         num_layers, num_experts = ids.shape[0], self.model.num_experts
@@ -343,7 +348,7 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions, meta, sample_rows
 
-    def _sample(self, logits, seqs: list[SeqWork]) -> PendingStep:
+    def _sample(self, logits, seqs: list[SeqWork], report: bool | None = None) -> PendingStep:
         """Sample one token for each sequence with ``sample`` set (logits (n_sample, V)) on the
         device; the tokens stay there as the next launch's ``INFLIGHT`` inputs."""
         work = [s for s in seqs if s.sample]
@@ -370,6 +375,8 @@ class ModelRunner:
             n = max(work[i].num_logprobs for i in want)
             rows_t = self._h2d(want)
             lps = (want, *logprobs_of(logits[rows_t], tokens[rows_t], n))
+        if not (self._reports_here() if report is None else report):
+            return PendingStep(self.rank)
         return PendingStep(self.rank, work, tokens, lps)
 
     # ------------------------------------------------------------------ disaggregation

@@ -60,6 +60,11 @@ def serve(runner, kind: str, payload):
     """Run one engine message on this rank's runner."""
     if kind == "step":
         return runner.execute(payload)
+    if kind == "launch":  # overlapped steps: no reply; "finish" answers for the oldest launch
+        runner.inflight.append(runner.launch(payload))
+        return None
+    if kind == "finish":
+        return runner.finish(runner.inflight.popleft())
     if kind == "switch":
         return runner.reshard(payload)
     if kind == "memory":
@@ -84,7 +89,9 @@ def worker_loop(cfg: EngineConfig, rank: int, world_size: int, conn) -> None:
             kind, payload = conn.recv()
             if kind == "shutdown":
                 break
-            conn.send(("ok", serve(runner, kind, payload)))
+            out = serve(runner, kind, payload)
+            if kind != "launch":
+                conn.send(("ok", out))
     except (EOFError, KeyboardInterrupt):
         pass
     except BaseException:
@@ -218,7 +225,7 @@ class ProcessExecutor:
                     raise WorkerError(f"rank {i} died (exit code {code})")
         return out
 
-    def _broadcast(self, kind: str, payloads: list) -> list:
+    def _send(self, kind: str, payloads: list) -> None:
         if not self.procs:
             raise WorkerError("the engine's workers are stopped (an earlier failure or shutdown)")
         for conn, payload in zip(self.conns, payloads, strict=True):
@@ -227,7 +234,18 @@ class ProcessExecutor:
             except (BrokenPipeError, OSError) as e:
                 self.shutdown()
                 raise WorkerError(f"a worker is gone: {e}") from e
+
+    def _broadcast(self, kind: str, payloads: list) -> list:
+        self._send(kind, payloads)
         return self._gather()
+
+    def launch(self, inputs: list[StepInput]) -> None:
+        """Queue a step on every rank without waiting (overlapped steps); each rank launches
+        it and keeps it; ``finish`` answers for the oldest launch (pipes keep the order)."""
+        self._send("launch", inputs)
+
+    def finish(self, pending=None) -> list[StepResult]:
+        return self._broadcast("finish", [None] * len(self.conns))
 
     def step(self, inputs: list[StepInput]) -> list[StepResult]:
         return self._broadcast("step", inputs)

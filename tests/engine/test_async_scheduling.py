@@ -91,8 +91,37 @@ def test_cuda_default_and_cpu_default():
     m = preset("qwen3-30b-a3b", num_hidden_layers=1)
     assert EngineConfig(model=m, device="cuda").overlap_steps
     assert not EngineConfig(model=m, device="cpu").overlap_steps
-    assert not EngineConfig(model=m, device="cuda", ranks=2).overlap_steps
+    assert EngineConfig(model=m, device="cuda", ranks=2).overlap_steps
     assert not EngineConfig(model=m, device="cuda", async_scheduling=False).overlap_steps
+
+
+@pytest.mark.parametrize("kw", [
+    {"layout": "tp", "switch_schedule": ((3, "ep"), (7, "tp"), (11, "ep"))},
+    {"layout": "ep", "num_kv_blocks": 24, "block_size": 4, "enable_prefix_caching": False},
+    {"layout": "tp", "switch_schedule": ((2, "ep"),), "progressive_layers": 1},
+])
+def test_overlapped_steps_on_two_ranks(qwen_dir, kw):
+    """Two gloo ranks: launches queue on the rank processes (pipes keep the order); under TP
+    every rank samples its own copy of the tokens; switches land the step in flight first."""
+    with LLM(qwen_dir, ranks=2, async_scheduling=False, **kw) as sync:
+        params = mixed_params(sync)
+        prompts = [PROMPT_SET[i % len(PROMPT_SET)] for i in range(len(params))]
+        want = outputs(sync, prompts, params)
+        sync_switches = len(sync.engine.switches)
+    with LLM(qwen_dir, ranks=2, async_scheduling=True, **kw) as overlapped:
+        assert overlapped.engine._overlap
+        got = outputs(overlapped, prompts, params)
+        # the switches fall a step apart, so a step's batch meets a layout at another time:
+        # tokens equal, logprobs to float32 rounding (TP's all-reduce vs EP's whole experts)
+        assert [g[:4] for g in got] == [w[:4] for w in want]
+        for g, w in zip(got, want, strict=True):
+            for dg, dw in zip(g[4] or [], w[4] or [], strict=True):
+                assert dg.keys() == dw.keys()
+                assert all(abs(dg[k] - dw[k]) < 1e-4 for k in dg)
+        assert len(overlapped.engine.switches) == sync_switches
+        assert overlapped.engine._inflight is None
+        if "num_kv_blocks" in kw:
+            assert overlapped.engine.scheduler.num_preemptions > 0
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
