@@ -102,6 +102,11 @@ OTHER_FILES = {
     "results/decode_h200_session3_pdl_off.json": "the final call with MOEBIUS_PDL=0 (A/B)",
     "results/decode_h200_session3_call2_pdl_on.json": "an earlier call of session 3 (A/B)",
     "results/decode_h200_session3_call2_pdl_off.json": "an earlier call of session 3 (A/B)",
+    # session 5: overlapped scheduling hides the host (a step is max(gpu, host), not the sum
+    # the cost model prices); the synchronous rows repeat session 3's within noise
+    "results/decode_h200_session5_async_off.json": "session 5, synchronous (A/B)",
+    "results/decode_h200_session5_async_on.json": "session 5, overlapped steps (A/B)",
+    "results/decode_h200_session5_call1_async_off.json": "session 5, an earlier call (A/B)",
 }
 
 
