@@ -1,15 +1,20 @@
 """Messages between the engine (scheduler) and the workers: small dataclasses, pickled over a
 pipe to worker processes. The scheduler sends each rank only the sequences it computes.
+
+A step's sequences cross the pipe by columns (one list per ``SeqWork`` field) and are rebuilt
+as slotted objects: at 2,048 sequences a step's message took 2.9 ms to pickle and 4.3 ms to
+unpickle one object at a time, 1.8 and 1.8 ms by columns (the 2-core CPU machine, the ranks'
+GC setting).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 INFLIGHT = -1  # an input token the previous launch sampled, still on the device
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqWork:
     """One sequence's share of a step on one rank."""
 
@@ -43,6 +48,18 @@ class StepInput:
     # progressive switch: layer i runs in layer_modes[i]; every rank gets every sequence and
     # ``layout`` names the view of ``block_ids`` (``alt_block_ids`` is the other one)
     layer_modes: list[str] | None = None
+
+    def __reduce__(self):
+        cols = tuple([getattr(s, f) for s in self.seqs] for f in _SEQ_FIELDS)
+        return _step_input, (self.layout, cols, self.num_tokens_per_rank, self.record_experts,
+                             self.decode_only, self.layer_modes)
+
+
+_SEQ_FIELDS = [f.name for f in fields(SeqWork)]
+
+
+def _step_input(layout, cols, *rest) -> StepInput:
+    return StepInput(layout, [SeqWork(*row) for row in zip(*cols)], *rest)
 
 
 @dataclass
