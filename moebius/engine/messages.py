@@ -59,7 +59,7 @@ _SEQ_FIELDS = [f.name for f in fields(SeqWork)]
 
 
 def _step_input(layout, cols, *rest) -> StepInput:
-    return StepInput(layout, [SeqWork(*row) for row in zip(*cols)], *rest)
+    return StepInput(layout, [SeqWork(*row) for row in zip(*cols, strict=True)], *rest)
 
 
 @dataclass
