@@ -118,6 +118,7 @@ class LLMEngine:
         )
         self._inflight = None  # (batch, pending step, launch time) not yet applied
         self._last_landing = 0.0
+        self._finished_seen = 0  # scheduler.num_finished at the last scan for unreported groups
         self.policy: SwitchPolicy = ManualPolicy()
         if cfg.policy == "auto" and cfg.ranks > 1:
             from moebius.engine.policy import AutoPolicy
@@ -423,9 +424,11 @@ class LLMEngine:
             group = touched[gid] = self.groups[gid]
             if not group.final_only or req.params.stop or req.is_finished:
                 self._detokenize(group, req)
-        for gid, group in self.groups.items():  # aborted or finished without a new token
-            if gid not in touched and all(c.is_finished for c in group.children):
-                touched[gid] = group
+        if self.scheduler.num_finished != self._finished_seen:  # some finished: any unreported
+            self._finished_seen = self.scheduler.num_finished  # without a new token (aborts)?
+            for gid, group in self.groups.items():
+                if gid not in touched and all(c.is_finished for c in group.children):
+                    touched[gid] = group
         outs = []
         for gid, group in touched.items():
             if group.reported:

@@ -51,6 +51,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.managers = self._make_managers(self.layout)
         self.num_preemptions = 0
+        self.num_finished = 0  # requests finished so far (the engine rescans groups on change)
         self.transition = None  # a progressive switch in flight (engine/progressive.py)
         self.num_admitted_mid_switch = 0
 
@@ -110,6 +111,7 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
+        self.num_finished += 1
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -166,6 +168,12 @@ class Scheduler:
             b = self._bucket(req)
             n = min(req.num_tokens + req.num_inflight - req.num_computed_tokens, budgets[b])
             if n <= 0:
+                continue
+            if self.transition is None and self.manager(req).blocks_needed(
+                req.num_computed_tokens + n
+            ) <= len(req.block_ids):  # its table holds the step already (most decode steps)
+                items.append((req, n))
+                budgets[b] -= n
                 continue
             while not self._fits(req, req.num_computed_tokens + n):
                 # the latest admitted of this bucket: never one already scheduled this step,
@@ -273,21 +281,12 @@ class Scheduler:
         banned: list[int] = []
         if do_sample and num_out < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
-        return SeqWork(
-            request_id=req.request_id,
-            token_ids=tokens,
-            start_pos=start,
-            block_ids=list(req.block_ids),
-            sample=do_sample,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            seed=req.seed,
-            output_index=num_out,
-            num_logprobs=-1 if p.logprobs is None else p.logprobs,
-            banned_token_ids=banned,
-        )
+        # positional (SeqWork's field order): this runs for every sequence of every step.
+        # block_ids is copied: an abort from another thread may clear the request's table
+        # before a rank's message is pickled
+        return SeqWork(req.request_id, tokens, start, list(req.block_ids), do_sample,
+                       p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
+                       -1 if p.logprobs is None else p.logprobs, banned)
 
     eos_ids: tuple[int, ...] = ()
     record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)
