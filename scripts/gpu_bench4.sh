@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # On one lent GPU (session 3): every GPU test (PDL on, the default on Hopper), decode steps
 # with programmatic dependent launch off and on, prefill, DeepSeek-V2-Lite shapes. $OUT.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-quiet() { grep -v "Warn\|warn\|softmax\|Inductor\|Cut an\|^ *$"; }
-T0=$SECONDS; lap() { echo "[$1: $((SECONDS - T0)) s]"; }
-date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+source "$(dirname "$0")/gpu_common.sh"
 python3 -m pytest -q -p no:logging tests/model/test_gpu_kernels.py 2>&1 \
   | grep -E "passed|failed|Error|assert " | head; lap "gpu tests"
 B="1 4 8 16 32 64 128 256"

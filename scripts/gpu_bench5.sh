@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # On one lent GPU (session 5): the overlapped-scheduling tests and the GPU kernel tests, then
 # decode steps with async scheduling off and on (Qwen3-30B-A3B shapes, random bf16). $OUT.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-quiet() { grep -v "Warn\|warn\|softmax\|Inductor\|Cut an\|^ *$"; }
-T0=$SECONDS; lap() { echo "[$1: $((SECONDS - T0)) s]"; }
-date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+source "$(dirname "$0")/gpu_common.sh"
 B=${B:-1 4 8 16 32 64 128 256}
 for mode in ${MODES:-off on}; do
   timeout ${BENCH_TIMEOUT:-200} python3 -m moebius.bench.decode --preset qwen3-30b-a3b --batches $B \

@@ -2,14 +2,9 @@
 # On two lent GPUs of one host (nvidia-h200-x2, session 4): the two-GPU tests, then TP2 vs EP2
 # decode (the crossover), switch times at KV fill 0/50/90%, steps through a switch, and
 # DeepSeek-V2-Lite's TP2 vs EP2 sweep. Sections by $PARTS (default: tests qwen deepseek). $OUT.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_common.sh"
 PARTS=${PARTS:-tests qwen deepseek}
-quiet() { grep -v "Warn\|warn\|softmax\|Inductor\|Cut an\|^ *$\|TCPStore\|frame #\|Exception raised\|should dump"; }
-T0=$SECONDS; lap() { echo "[$1: $((SECONDS - T0)) s]"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
-date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 if has tests; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:logging ${TESTS:-tests/parallel/test_gpu_multirank.py} \
     ${EXTRA_TESTS:-} 2>&1 | grep -E "passed|failed|Error|error|assert |^E " | head -30; lap "2-gpu tests"

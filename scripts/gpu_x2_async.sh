@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # Session 5 on nvidia-h200-x2: overlapped scheduling on two ranks. The 2-GPU tests (overlap on
 # by default on CUDA), then TP2 and EP2 decode with async scheduling off and on. $OUT.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$SECONDS; lap() { echo "[$1: $((SECONDS - T0)) s]"; }
-quiet() { grep -v "Warn\|warn\|softmax\|Inductor\|Cut an\|^ *$\|TCPStore\|frame #\|Exception raised\|should dump"; }
-date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+source "$(dirname "$0")/gpu_common.sh"
 for mode in ${MODES:-off on}; do
   timeout ${MR_TIMEOUT:-200} python3 -m moebius.bench.multirank --ranks 2 --preset qwen3-30b-a3b \
     --layouts ${LAYOUTS:-tp ep} --batches ${BATCHES:-1 16 64 256} --async-scheduling $mode \
