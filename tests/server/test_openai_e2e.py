@@ -1,5 +1,5 @@
-"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint) driven by the
-official ``openai`` client: outputs equal the offline API's, 64 streams survive two live layout
+"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped steps
+as on a GPU) driven by the official ``openai`` client: outputs equal the offline API's, 64 streams survive two live layout
 switches token for token, fuzzed bodies never cause a 500, a disconnect aborts its request,
 SIGTERM drains and exits 0. Plus in-process checks of the queue bound and of engine failure."""
 
@@ -61,6 +61,8 @@ def server(qwen_dir, tmp_path_factory):
         ADMIN_KEY,
         "--max-model-len",
         str(MAX_MODEL_LEN),
+        "--async-scheduling",  # as on a GPU: steps overlap, outputs land a step late
+        "on",
     ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
