@@ -1,7 +1,8 @@
-"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped steps
-as on a GPU) driven by the official ``openai`` client: outputs equal the offline API's, 64 streams survive two live layout
-switches token for token, fuzzed bodies never cause a 500, a disconnect aborts its request,
-SIGTERM drains and exits 0. Plus in-process checks of the queue bound and of engine failure."""
+"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped
+steps as on a GPU) driven by the official ``openai`` client: outputs equal the offline API's, 64
+streams survive two live layout switches token for token, fuzzed bodies never cause a 500, a
+disconnect aborts its request, SIGTERM drains and exits 0. Plus in-process checks of the queue
+bound and of engine failure."""
 
 from __future__ import annotations
 
