@@ -14,6 +14,19 @@ import time
 
 from moebius.config import EngineConfig, ModelConfig
 
+_ASYNC = {"auto": None, "on": True, "off": False}
+
+
+def async_scheduling_arg(p: argparse.ArgumentParser) -> None:
+    """``--async-scheduling auto|on|off``; ``async_scheduling(args)`` reads it."""
+    p.add_argument("--async-scheduling", choices=list(_ASYNC), default="auto",
+                   help="schedule the next step while the device runs this one (auto: on for CUDA)")
+
+
+def async_scheduling(args) -> bool | None:
+    """``EngineConfig.async_scheduling`` from ``--async-scheduling`` (None: the device decides)."""
+    return _ASYNC[args.async_scheduling]
+
 
 def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, default=1, help="ranks (one process per GPU or CPU worker)")
@@ -41,12 +54,7 @@ def engine_args(p: argparse.ArgumentParser) -> None:
         help="move this many layers per decode step at a switch (0: all at once)",
     )
     p.add_argument("--switch-schedule", default="", help="switch at engine steps, e.g. '5:ep,9:tp'")
-    p.add_argument(
-        "--async-scheduling",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="schedule the next step while the device runs this one (auto: on for CUDA)",
-    )
+    async_scheduling_arg(p)
     p.add_argument(
         "--ep-exchange",
         choices=["allgather", "alltoall"],
@@ -87,7 +95,7 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         switch_schedule=parse_schedule(args.switch_schedule),
         progressive_layers=args.progressive_layers,
         ep_exchange=args.ep_exchange,
-        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        async_scheduling=async_scheduling(args),
     )
 
 

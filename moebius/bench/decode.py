@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from moebius import cli
 from moebius.config import EngineConfig, ModelConfig, preset
 from moebius.core import SamplingParams
 from moebius.engine.llm_engine import LLMEngine
@@ -94,6 +95,7 @@ def run(
     seed: int = 0,
     device: str = "cuda",
     async_scheduling: bool | None = None,
+    kernel_tables=(),
 ) -> list[dict]:
     max_batch = max(batches)
     ctx = prompt_len + warmup + decode_steps + 2
@@ -146,6 +148,11 @@ def run(
             if device == "cuda"
             else None
         )
+        if device == "cuda" and B in kernel_tables:
+            table = engine.executor.call("moebius.bench.gpu_timing:graph_kernel_table", B)[0]
+            print(f"b{B}: kernels of one graph replay")
+            for k in table or []:
+                print(f"  {k['us']:8.1f} us {k['launches']:6.0f}x  {k['kernel']}")
         floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
         # bw counts read + write traffic of a copy; a step's bytes are read once each
         floor_s = (floor["weights"] + floor["kv"]) / bw
@@ -243,19 +250,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
-                    help="overlap the host with the device (auto: on for CUDA)")
+    cli.async_scheduling_arg(ap)
     ap.add_argument("--prefill", nargs="*", default=[], help="shapes like 1x2048 16x512")
+    ap.add_argument("--kernel-tables", type=int, nargs="*", default=[],
+                    help="print the graph's kernels at these batches")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     over = {"num_hidden_layers": args.layers} if args.layers else {}
     model = preset(args.preset, **over)
     rows = []
     if args.batches:
-        overlap = {"auto": None, "on": True, "off": False}[args.async_scheduling]
+        overlap = cli.async_scheduling(args)
         rows = run(
             model, args.batches, args.prompt_len, args.steps, args.warmup, device=args.device,
-            async_scheduling=overlap,
+            async_scheduling=overlap, kernel_tables=args.kernel_tables,
         )
     shapes = [tuple(map(int, s.split("x"))) for s in args.prefill]
     prefill = run_prefill(model, shapes) if shapes else []

@@ -15,9 +15,8 @@ def _graph(runner, batch: int):
     """The graph a decode step of ``batch`` sequences replays (EP: a rank's even share)."""
     graphs, layout = runner.graphs, runner.layout
     n = batch if layout.is_tp else -(-batch // runner.comm.world_size)
-    if graphs is None or not graphs.bucket(layout, n):
-        return None
-    return graphs.graphs[(layout.mode, graphs.bucket(layout, n))][0]
+    bucket = graphs.bucket(layout, n) if graphs is not None else 0
+    return graphs.graphs[(layout.mode, bucket)][0] if bucket else None
 
 
 def graph_replay_seconds(runner, batch: int, reps: int = 20) -> float | None:

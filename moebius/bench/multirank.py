@@ -21,6 +21,7 @@ import random
 import statistics
 import time
 
+from moebius import cli
 from moebius.config import EngineConfig, ModelConfig, preset
 from moebius.core import SamplingParams
 from moebius.engine.llm_engine import LLMEngine
@@ -195,8 +196,7 @@ def main() -> None:
     ap.add_argument("--kernel-tables", type=int, nargs="*", default=[],
                     help="batches at which to print rank 0's kernels of one graph replay")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
-                    help="overlap the host with the device (auto: on for CUDA)")
+    cli.async_scheduling_arg(ap)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
@@ -213,7 +213,7 @@ def main() -> None:
         max_model_len=min(max(4096, args.switch_prompt_len + 64), model.max_position_embeddings),
         enable_prefix_caching=False,
         ep_exchange=args.ep_exchange, enforce_eager=args.enforce_eager,
-        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        async_scheduling=cli.async_scheduling(args),
     )
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)

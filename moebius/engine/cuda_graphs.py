@@ -101,11 +101,11 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n)
 
     @torch.inference_mode()
-    def run(self, layout: Layout, seqs: list[SeqWork], B: int, inflight=None) -> torch.Tensor:
-        """Logits (n, V) float32 of n <= B decode sequences, replaying bucket B (ranks > 1:
-        the bucket of the largest rank's batch; n may be 0). ``inflight``: (rows, rows of the
-        runner's last sampled tokens) whose input is that token, still on the device. Inputs
-        travel through pinned memory: nothing here waits for the step before."""
+    def stage(self, layout: Layout, seqs: list[SeqWork], B: int) -> torch.Tensor:
+        """Copy n <= B decode sequences' inputs into bucket B's static buffers (ranks > 1: the
+        bucket of the largest rank's batch; n may be 0) and return the token-id buffer, whose
+        ``INFLIGHT`` rows the caller fills on the device. Inputs travel through pinned memory:
+        nothing here waits for the step before."""
         n = len(seqs)
         bs = self.runner.cfg.block_size
         pad = self.runner.kv.pad_block(layout)
@@ -131,10 +131,12 @@ class DecodeGraphs:
             self.slots[:n].copy_(host[2], non_blocking=True)
             self.ctx[:n].copy_(host[3], non_blocking=True)
             self.tables[:n, :width].copy_(tables, non_blocking=True)
-            if inflight is not None:
-                self.ids.index_copy_(0, inflight[0], self.runner._last_tokens[inflight[1]])
         if n < B:
             self._pad(layout, n, B)
+        return self.ids
+
+    def replay(self, layout: Layout, B: int, n: int) -> torch.Tensor:
+        """Replay bucket B over the staged inputs: logits (n, V) float32 of its n sequences."""
         graph, logits = self.graphs[(layout.mode, B)]
         graph.replay()
         return logits[:n]

@@ -169,8 +169,9 @@ class ModelRunner:
         assert step.layout == self.layout.mode or self.comm.world_size == 1, "layout mismatch"
         bucket = self._graph_bucket(step)
         if bucket:
-            fill = self._inflight_rows(step.seqs)
-            logits = self.graphs.run(self.layout, step.seqs, bucket, fill)
+            ids = self.graphs.stage(self.layout, step.seqs, bucket)
+            self._fill_inflight(ids, step.seqs)
+            logits = self.graphs.replay(self.layout, bucket, len(step.seqs))
             if not step.seqs:
                 return PendingStep(self.rank)
             keep = [i for i, s in enumerate(step.seqs) if s.sample]
@@ -178,9 +179,7 @@ class ModelRunner:
                 logits = logits[self._h2d(keep)]
             return self._sample(logits, step.seqs)
         input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
-        fill = self._inflight_rows(step.seqs)
-        if fill is not None:
-            input_ids.index_copy_(0, fill[0], self._last_tokens[fill[1]])
+        self._fill_inflight(input_ids, step.seqs)
         t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
         expert_ids: list[torch.Tensor] | None = [] if step.record_experts else None
         hidden = self.forward(
@@ -214,17 +213,17 @@ class ModelRunner:
             return torch.tensor(data, dtype=dtype)
         return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
-    def _inflight_rows(self, seqs: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(flat input rows, rows of the last launch's tokens) of the ``INFLIGHT`` inputs."""
+    def _fill_inflight(self, input_ids: torch.Tensor, seqs: list[SeqWork]) -> None:
+        """Write into the flat ``input_ids`` of ``seqs``, on the device, the token the last
+        launch sampled for each ``INFLIGHT`` input (no wait on that launch)."""
         dst, src, start = [], [], 0
         for s in seqs:
             if s.token_ids[-1] == INFLIGHT:
                 dst.append(start + len(s.token_ids) - 1)
                 src.append(self._last_rows[s.request_id])
             start += len(s.token_ids)
-        if not dst:
-            return None
-        return self._h2d(dst), self._h2d(src)
+        if dst:
+            input_ids.index_copy_(0, self._h2d(dst), self._last_tokens[self._h2d(src)])
 
     def _graph_bucket(self, step: StepInput) -> int:
         """The captured batch size this step replays, or 0 to run eagerly. Every rank derives
