@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from moebius.config import ModelConfig
 from moebius.model.attention import AttentionMeta, paged_attention, write_kv
-from moebius.model.moe import dense_mlp, moe_forward, route, routes_fused
-from moebius.model.ops import Rotary, add_rms_norm, add_rms_norm_route, rms_norm
+from moebius.model.moe import dense_mlp, moe_forward, norm_and_route, route, routes_fused
+from moebius.model.ops import Rotary, add_rms_norm, rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
@@ -84,15 +84,15 @@ def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, l
     if lw.router is None:
         x, h = add_rms_norm(x, h, lw.post_norm, eps)
         return x, dense_mlp(h, lw.dense, layout, comm)
-    logits = None
-    if routes_fused(x, comm):  # the router GEMM in the norm's launch
-        x, h, logits = add_rms_norm_route(x, h, lw.post_norm, eps, lw.router)
+    routed = None
+    if routes_fused(x, comm):  # router, top-k and the experts' alignment in the norm's launch
+        x, h, routed = norm_and_route(x, h, lw.post_norm, eps, lw.router, cfg)
     else:
         x, h = add_rms_norm(x, h, lw.post_norm, eps)
     w13, w2t = weights.experts.view(lw.moe_index)
     if expert_ids is not None:  # recomputes the small router GEMM, only when asked
         expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
-    return x, moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max, logits)
+    return x, moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max, routed)
 
 
 def forward(

@@ -24,11 +24,12 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
         MAX_PAIRS,
         ROUTE_FUSED_TOKENS,
         experts_fused,
-        route_experts_fused,
+        experts_routed,
         route_topk,
     )
+    from moebius.model.triton_norm import add_rms_norm_route
 except ImportError:  # pragma: no cover - depends on the install
-    experts_fused = route_topk = None
+    experts_fused = route_topk = add_rms_norm_route = None
 
 # CUDA bf16 expert kernels: "auto" (fused Triton up to MAX_PAIRS token-piece pairs, which is
 # decode; grouped GEMM for prefill-sized batches) or "grouped" (benchmarks, debugging).
@@ -123,25 +124,30 @@ def run_experts(x, pieces, weights, w13, w2t, reduce: bool = True):
 
 
 def routes_fused(x, comm: Comm) -> bool:
-    """One rank and a few bf16 CUDA tokens: the router GEMM rides in the norm before the
-    block (ops.add_rms_norm_route) and top-k in the experts' alignment (route_experts_fused)."""
+    """One rank and a few bf16 CUDA tokens: the router GEMM, top-k and the experts'
+    alignment ride in the norm before the block (``norm_and_route``)."""
     return (comm.world_size == 1 and experts_fused is not None and x.is_cuda
             and x.dtype == torch.bfloat16 and MOE_KERNEL != "grouped"
             and 0 < x.shape[0] <= ROUTE_FUSED_TOKENS)
 
 
+def norm_and_route(x, parts, weight, eps: float, router, cfg):
+    """Where ``routes_fused``: ``ops.add_rms_norm`` and the routing of the normed rows in one
+    launch: (residual, normed rows, a ``triton_moe.Routed`` for ``moe_forward``)."""
+    return add_rms_norm_route(x, parts, weight, eps, router, cfg.top_k, cfg.norm_topk_prob)
+
+
 def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens_max: int,
-                logits=None):
+                routed=None):
     """MoE block output for this rank's tokens ``x`` (T, H).
 
     TP: every rank holds every token and a 1/N slice of every expert: partial sums, all-reduce.
     EP: ranks hold different tokens and whole experts: ``ep_experts`` moves tokens to the
     experts' ranks and the outputs back. One rank: (T, H) or the unsummed (T, K, H) rows.
-    ``logits``: the router's output, given when ``routes_fused`` and the norm before computed
-    it; top-k then happens in the experts' alignment program.
+    ``routed``: the routing ``norm_and_route`` computed in the norm before (``routes_fused``).
     """
-    if logits is not None:
-        return route_experts_fused(x, logits, cfg.top_k, cfg.norm_topk_prob, w13, w2t)
+    if routed is not None:
+        return experts_routed(x, routed, w13, w2t)
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
     if comm.world_size == 1:
         return run_experts(x, ids, weights, w13, w2t, reduce=False)

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model import triton_norm
@@ -75,14 +74,6 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
     if parts is not None:
         x = x + (parts if parts.dim() == 2 else parts.sum(1))
     return x, rms_norm(x, weight, eps)
-
-
-def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor):
-    """``add_rms_norm`` and the router logits of its normed rows (T, E): one launch on CUDA."""
-    if x.is_cuda and triton_norm is not None:
-        return triton_norm.add_rms_norm_route(x, parts, weight, eps, router)
-    x, h = add_rms_norm(x, parts, weight, eps)
-    return x, h, F.linear(h, router)
 
 
 @fused_on_cuda

@@ -12,9 +12,11 @@
    summing each token's K pieces in one program was 2.3× slower at batch 1 on H200: its GEMV
    tiles read the weights far below bandwidth.)
 
-At one rank and a few tokens, ``route_experts_fused`` puts the softmax/top-k of the router
-logits into the alignment program (``_route_align_kernel``): each small launch costs ~3 µs
-on H200 whatever it does, so at batch 1 that is 3 µs of a ~75 µs layer.
+At one rank and a few tokens, the router GEMM, the softmax/top-k and the alignment all run in
+the residual add + norm's launch (``triton_norm.add_rms_norm_route``: the program that
+finishes the last logits routes every token and aligns, see triton_arrive.py), and
+``experts_routed`` runs the two GEMMs on that plan: each small launch costs ~3 µs on H200
+whatever it does, a few % of a ~60 µs batch-1 layer.
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
 sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at
@@ -216,24 +218,22 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
     return _run(x, plan, K, weights, w13, w2t, tiles, reduce)
 
 
-def route_experts_fused(x, logits, top_k: int, renormalize: bool, w13, w2t):
-    """One rank's whole MoE block after the router GEMM, for a few tokens (T ≤
-    ROUTE_FUSED_TOKENS): softmax/top-k and the alignment in one launch, then the two expert
-    GEMMs. Returns the (T, K, H) weighted expert rows, unsummed (as ``reduce=False``)."""
-    T, E = logits.shape
-    M = T * top_k
-    assert 0 < T <= ROUTE_FUSED_TOKENS and M <= MAX_PAIRS and w13.shape[0] == E
-    ids = torch.empty(T, top_k, dtype=torch.long, device=x.device)
-    weights = torch.empty(T, top_k, dtype=x.dtype, device=x.device)
-    plan = _Plan(M, E, x.device)
-    _route_align_kernel[(1,)](
-        logits, ids, weights, T, E, logits.stride(0), plan.sorted_rows, plan.block_piece,
-        plan.cursor, K=top_k, K_PAD=triton.next_power_of_2(top_k),
-        E_PAD=triton.next_power_of_2(E), T_PAD=max(2, triton.next_power_of_2(T)),
-        RENORM=renormalize, **plan.consts(), num_warps=8,
-        **launch_kw(),
-    )
-    return _run(x, plan, top_k, weights, w13, w2t, None, False)
+class Routed:
+    """One rank's routing of T tokens, computed in the norm's launch: router ``logits``
+    (T, E), top-k ``ids`` (T, K), ``weights`` (T, K) and the alignment ``plan`` of the T·K
+    pairs over every expert."""
+
+    def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev) -> None:
+        self.logits = torch.empty(T, num_experts, dtype=dtype, device=dev)
+        self.ids = torch.empty(T, top_k, dtype=torch.long, device=dev)
+        self.weights = torch.empty(T, top_k, dtype=dtype, device=dev)
+        self.plan = _Plan(T * top_k, num_experts, dev)
+
+
+def experts_routed(x, routed: Routed, w13, w2t):
+    """The two expert GEMMs of tokens ``x`` on a ``Routed`` plan: the (T, K, H) weighted
+    rows, unsummed (as ``reduce=False``)."""
+    return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, None, False)
 
 
 def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
@@ -263,12 +263,15 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
 
 @triton.jit
 def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t."""
+               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
+               CACHE: tl.constexpr):
+    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t.
+    CACHE: the logits' load cache modifier (".cg" when other programs of the launch wrote them)."""
     offs_e = tl.arange(0, E_PAD)
     tmask = offs_t < T
     x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
-                mask=tmask[:, None] & (offs_e[None, :] < E), other=float("-inf")).to(tl.float32)
+                mask=tmask[:, None] & (offs_e[None, :] < E), other=float("-inf"),
+                cache_modifier=CACHE).to(tl.float32)
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
@@ -294,21 +297,7 @@ def _topk_kernel(logits, ids, weights, T, E, stride_lt, K: tl.constexpr, K_PAD: 
                  E_PAD: tl.constexpr, BT: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM)
-
-
-@triton.jit
-def _route_align_kernel(logits, ids, weights, T, E, stride_lt, sorted_rows, block_piece, cursor,
-                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                        T_PAD: tl.constexpr, RENORM: tl.constexpr, P: tl.constexpr,
-                        P_PAD: tl.constexpr, M_PAD: tl.constexpr, BM: tl.constexpr,
-                        NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Top-k of every token, then the alignment of its (token, expert) pairs: one program."""
-    pdl_wait(PDL)
-    _topk_rows(logits, ids, weights, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K, K_PAD,
-               E_PAD, RENORM)
-    tl.debug_barrier()  # the ids just stored are read back as one flat vector
-    _align(ids, T * K, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
+    _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM, "")
 
 
 def route_topk(logits, top_k: int, renormalize: bool, dtype):

@@ -9,9 +9,12 @@ Rounding follows the eager bf16 ops it replaces (ops.add_rms_norm's reference): 
 summed in float32 and rounded, added to x and rounded (that is the new residual), then the
 norm in float32, rounded, times the weight, rounded.
 
-Before an MoE block of a few tokens at one rank, the router GEMM rides in the same launch
+Before an MoE block of a few tokens at one rank, the whole routing rides in the same launch
 (``add_rms_norm_route``): programs (token, BE experts) each redo the token's add + norm (a
-few KB, from L2) and compute BE router logits; at batch 1 the router alone was a ~4 µs launch.
+few KB, from L2) and compute BE router logits; the program that stores the last logits
+(triton_arrive.py) then takes every token's softmax/top-k and aligns the (token, expert)
+pairs for the experts' GEMMs (triton_moe.py). At batch 1 the router GEMM and the top-k +
+alignment were ~3-4 µs launches each.
 
 The parts may also come as the grouped experts' output rows in expert order with each
 token's row index and routing weight (``ops.ExpertRows``, prefill at one rank): the gather
@@ -27,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_arrive import arrival_counters, last_to_arrive
+from moebius.model.triton_moe import ROUTE_FUSED_TOKENS, Routed, _align, _topk_rows
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
@@ -75,11 +80,15 @@ def _add_rms_norm_kernel(X, Parts, Index, RowW, W, Xout, Out, H, R, eps, stride_
 
 
 @triton.jit
-def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logits, H, R, E, eps,
+def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logits, Counter,
+                               Ids, RouteW, SortedRows, BlockPiece, Cursor, T, H, R, E, eps,
                                stride_xt, stride_pt, stride_pr, stride_xo, stride_ot, stride_re,
                                stride_lt, HAS_PARTS: tl.constexpr, GATHER: tl.constexpr,
                                R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BE: tl.constexpr,
-                               PDL: tl.constexpr):
+                               K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                               T_PAD: tl.constexpr, RENORM: tl.constexpr, P: tl.constexpr,
+                               P_PAD: tl.constexpr, M_PAD: tl.constexpr, BM: tl.constexpr,
+                               NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
@@ -94,9 +103,15 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
                       BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
+    if last_to_arrive(Counter, T * tl.num_programs(1)):  # every logit is stored: route
+        _topk_rows(Logits, Ids, RouteW, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K, K_PAD,
+                   E_PAD, RENORM, ".cg")
+        tl.debug_barrier()  # the ids just stored are read back as one flat vector
+        _align(Ids, T * K, SortedRows, BlockPiece, Cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS,
+               CHUNK)
 
 
-def _launch(x, parts, weight, eps, router=None):
+def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
     T, H = x.shape
     out = torch.empty_like(x)
     gather = parts is not None and not isinstance(parts, torch.Tensor)  # ops.ExpertRows
@@ -110,10 +125,9 @@ def _launch(x, parts, weight, eps, router=None):
         parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
         R = parts.shape[1]
     xout = x if parts is None else torch.empty_like(x)
-    logits = None if router is None else torch.empty(T, router.shape[0], dtype=x.dtype,
-                                                     device=x.device)
+    routed = None if router is None else Routed(T, top_k, router.shape[0], x.dtype, x.device)
     if T == 0:
-        return xout, out, logits
+        return xout, out, routed
     assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
     src = parts if parts is not None else x
     r_pad = triton.next_power_of_2(max(R, 1))
@@ -136,12 +150,18 @@ def _launch(x, parts, weight, eps, router=None):
     else:
         E, be = router.shape[0], 8
         assert router.stride(1) == 1
+        logits = routed.logits
+        counter = arrival_counters(x.device, "norm_route", 1)
+        plan = routed.plan
         _add_rms_norm_route_kernel[(T, triton.cdiv(E, be))](
-            *args, router, logits, H, R, E, eps, *strides, router.stride(0), logits.stride(0),
-            **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
-            **launch_kw(),
+            *args, router, logits, counter, routed.ids, routed.weights, plan.sorted_rows,
+            plan.block_piece, plan.cursor, T, H, R, E, eps, *strides, router.stride(0),
+            logits.stride(0), **flags, BE=be, K=top_k, K_PAD=triton.next_power_of_2(top_k),
+            E_PAD=triton.next_power_of_2(E), T_PAD=max(2, triton.next_power_of_2(T)),
+            RENORM=renormalize, **plan.consts(),
+            num_warps=min(16, max(8, block * max(r_pad, be) // 2048)), **launch_kw(),
         )
-    return xout, out, logits
+    return xout, out, routed
 
 
 def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
@@ -150,6 +170,9 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
     return _launch(x, parts, weight, eps)[:2]
 
 
-def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor):
-    """``add_rms_norm`` plus the router logits of the normed rows, (T, E) in x's dtype."""
-    return _launch(x, parts, weight, eps, router)
+def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor, top_k: int,
+                       renormalize: bool):
+    """``add_rms_norm`` plus the routing of the normed rows (T ≤ ROUTE_FUSED_TOKENS, every
+    expert on this rank): a ``triton_moe.Routed`` (top-k ids, weights, the experts' plan)."""
+    assert 0 < top_k and x.shape[0] <= ROUTE_FUSED_TOKENS
+    return _launch(x, parts, weight, eps, router, top_k, renormalize)

@@ -179,6 +179,8 @@ def test_triton_paged_decode_matches_reference(dtype, B, nh, kvh, ctx_max):
     width = (ctx_max + bs - 1) // bs
     tables = torch.randperm(NB, device="cuda", generator=g)[: B * width].view(B, width)
     out = paged_decode_attention(q, k, v, tables, lens, d**-0.5, ctx_max)
+    # the last split of a head merges them: a second call finds the counters reset
+    assert torch.equal(out, paged_decode_attention(q, k, v, tables, lens, d**-0.5, ctx_max))
     meta = AttentionMeta(
         torch.zeros(0, dtype=torch.long, device="cuda"),
         torch.arange(B, device="cuda"),
@@ -319,54 +321,47 @@ def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
         assert rel(xo, ref_x) < 1e-6
 
 
-@pytest.mark.parametrize("T,E,K,renorm", [(1, 128, 8, True), (3, 128, 8, True), (16, 128, 8, True),
-                                          (7, 8, 2, True), (4, 60, 4, False)])
-def test_route_and_align_in_one_launch(T, E, K, renorm):
-    """Top-k inside the alignment program gives the rows that top-k then experts give (the
-    same function, bit for bit), close to the float64 reference; in a graph too."""
-    from moebius.model.triton_moe import experts_fused, route_experts_fused, route_topk
-
-    H, c = 512, 128
-    g = torch.Generator(device="cuda").manual_seed(T * 13 + E)
-    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-    logits = torch.randn(T, E, device="cuda", generator=g).bfloat16()
-    w13 = (torch.randn(E, 2 * c, H, device="cuda", generator=g) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, c, H, device="cuda", generator=g) * c**-0.5).bfloat16()
-    ids, wts = route_topk(logits, K, renorm, x.dtype)
-    want = experts_fused(x, ids, wts, w13, w2, reduce=False)
-    assert want.shape == (T, K, H)
-    assert torch.equal(want.sum(1), experts_fused(x, ids, wts, w13, w2))
-    out = route_experts_fused(x, logits, K, renorm, w13, w2)
-    assert torch.equal(out, want)
-    ref = experts_reference(x.double(), ids, wts.double(), w13.double(), w2.double())
-    assert rel(out.sum(1), ref) < 1e-2
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = route_experts_fused(x, logits, K, renorm, w13, w2)
-    for seed in range(3):
-        g.manual_seed(200 + seed)
-        logits.copy_(torch.randn(T, E, device="cuda", generator=g))
-        graph.replay()
-        ids, wts = route_topk(logits, K, renorm, x.dtype)
-        assert torch.equal(replayed, experts_fused(x, ids, wts, w13, w2, reduce=False))
-
-
-@pytest.mark.parametrize("T,R,E", [(1, 8, 128), (16, 8, 128), (5, 1, 8), (2, 0, 60)])
-def test_add_rms_norm_with_router_in_the_same_launch(T, R, E):
-    """The norm's outputs are those of add_rms_norm bit for bit; the logits those of the
-    router GEMM on them up to bf16 output rounding."""
+@pytest.mark.parametrize("T,R,E,K,renorm", [(1, 8, 128, 8, True), (3, 8, 128, 8, True),
+                                            (16, 8, 128, 8, True), (7, 1, 8, 2, True),
+                                            (4, 0, 60, 4, False)])
+def test_norm_routes_and_aligns_in_one_launch(T, R, E, K, renorm):
+    """The add + norm + router + top-k + alignment launch (its last program routes): the
+    norm's outputs are add_rms_norm's bit for bit, the logits the router GEMM's up to bf16
+    rounding, top-k and the experts' rows those of the separate kernels on those logits bit for
+    bit, close to the float64 reference; replayed in a graph on fresh inputs too."""
     from moebius.model import triton_norm
+    from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
 
-    H = 2048
-    g = torch.Generator(device="cuda").manual_seed(T + R + E)
+    H, c = 2048, 128
+    g = torch.Generator(device="cuda").manual_seed(T * 13 + E + R)
     x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
     w = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).bfloat16()
     router = (torch.randn(E, H, device="cuda", generator=g) * H**-0.5).bfloat16()
     parts = None if R == 0 else torch.randn(T, R, H, device="cuda", generator=g).bfloat16()
-    xo, out = triton_norm.add_rms_norm(x, parts, w, 1e-6)
-    xo2, out2, logits = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router)
-    assert torch.equal(xo, xo2) and torch.equal(out, out2)
-    assert rel(logits, out.double() @ router.double().T) < 1e-2
+    w13 = (torch.randn(E, 2 * c, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, c, H, device="cuda", generator=g) * c**-0.5).bfloat16()
+
+    def check(xo2, out2, routed):
+        xo, out = triton_norm.add_rms_norm(x, parts, w, 1e-6)
+        assert torch.equal(xo, xo2) and torch.equal(out, out2)
+        assert rel(routed.logits, out.double() @ router.double().T) < 1e-2
+        ids, wts = route_topk(routed.logits, K, renorm, x.dtype)
+        assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
+        rows = experts_routed(out, routed, w13, w2)
+        assert torch.equal(rows, experts_fused(out, ids, wts, w13, w2, reduce=False))
+        ref = experts_reference(out.double(), ids, wts.double(), w13.double(), w2.double())
+        assert rel(rows.sum(1), ref) < 1e-2
+
+    for _ in range(2):  # the arrival counter is back to zero after each launch
+        check(*triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm)
+    for seed in range(3):
+        g.manual_seed(200 + seed)
+        x.copy_(torch.randn(T, H, device="cuda", generator=g))
+        graph.replay()
+        check(*replayed)
 
 
 @pytest.mark.parametrize("T,P,K", [(300, 128, 8), (2048, 128, 8), (77, 8, 2)])
