@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moebius.config import ModelConfig
 from moebius.model.attention import AttentionMeta, paged_attention, write_kv
 from moebius.model.moe import dense_mlp, moe_forward, norm_and_route, route, routes_fused
-from moebius.model.ops import Rotary, add_rms_norm, rms_norm
+from moebius.model.ops import Rotary, add_rms_norm, project, rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
@@ -45,12 +45,12 @@ def attention_block(
     v_w = lw.v_proj[kvh.start * d : kvh.stop * d]
     T = x.shape[0]
     if lw.qkv_proj is not None and len(qh) == cfg.num_heads and len(kvh) == cfg.num_kv_heads:
-        q, k, v = F.linear(x, lw.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
+        q, k, v = project(x, lw.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
         q, k, v = q.view(T, len(qh), d), k.view(T, len(kvh), d), v.view(T, len(kvh), d)
     else:  # a TP shard: this rank's head slices of the three views
-        q = F.linear(x, q_w).view(T, len(qh), d)
-        k = F.linear(x, k_w).view(T, len(kvh), d)
-        v = F.linear(x, v_w).view(T, len(kvh), d)
+        q = project(x, q_w).view(T, len(qh), d)
+        k = project(x, k_w).view(T, len(kvh), d)
+        v = project(x, v_w).view(T, len(kvh), d)
     k_cache, v_cache = kv_cache
     if q.is_cuda and triton_qk is not None and triton_qk.supported(d):  # one launch for all
         q = triton_qk.qk_norm_rope_write(q, k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
@@ -64,7 +64,7 @@ def attention_block(
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
     o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
-    out = F.linear(o.reshape(T, -1), o_w)
+    out = project(o.reshape(T, -1), o_w)
     return comm.all_reduce(out) if layout.is_tp else out
 
 

@@ -1,5 +1,5 @@
-"""Small elementwise pieces of the decoder: RMSNorm, rotary embeddings (Hugging Face's
-rotate-half convention), SiLU-gated products.
+"""Small pieces of the decoder: RMSNorm, rotary embeddings (Hugging Face's rotate-half
+convention), SiLU-gated products, the projection of a few decode tokens.
 
 Shape legend: T tokens, nh heads, d head dim, H hidden.
 """
@@ -11,11 +11,12 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model import triton_norm
+    from moebius.model import triton_gemv, triton_norm
 except ImportError:  # pragma: no cover - depends on the install
-    triton_norm = None
+    triton_gemv = triton_norm = None
 
 # On CUDA, small elementwise chains are fused by torch.compile (one Triton kernel instead of
 # 5-10 eager launches each); MOEBIUS_COMPILE=0 turns it off. CPU always runs them eagerly.
@@ -74,6 +75,14 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
     if parts is not None:
         x = x + (parts if parts.dim() == 2 else parts.sum(1))
     return x, rms_norm(x, weight, eps)
+
+
+def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (T, K) @ w (N, K)ᵀ: a few bf16 CUDA tokens through the GEMV that reads its weights
+    before waiting on the kernel before (model/triton_gemv.py), otherwise ``F.linear``."""
+    if triton_gemv is not None and triton_gemv.usable(x, w):
+        return triton_gemv.gemv(x, w)
+    return F.linear(x, w)
 
 
 @fused_on_cuda
