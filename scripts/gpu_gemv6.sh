@@ -14,10 +14,10 @@ bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env
     | grep -v '^{' | grep -v "^engine up\|^ *batch" | sed "s/^/[$1] /" | tail -${TAIL:-25}
   lap "$1"
 }
-if [ -n "${BASE:-}" ]; then (cd "$BASE" && PYTHONPATH=$PWD bench base "${B:-1 4}" "${KT:-1}" ""); fi
-MOEBIUS_GEMV=0 bench nogemv "${B:-1 4}" "${KT:-1}" ""
 bench gemv "${B:-1 4}" "${KT:-1}" ""
-MOEBIUS_GEMV_SLAB=32768 bench gemv32k 1 "" ""
+if [ -n "${BASE:-}" ]; then (cd "$BASE" && PYTHONPATH=$PWD bench base "${B:-1 4}" "${KT:-1}" ""); fi
+MOEBIUS_GEMV=0 bench nogemv "${B:-1 4}" "" ""
+[ -n "${SLAB32K:-}" ] && MOEBIUS_GEMV_SLAB=32768 bench gemv32k 1 "" ""
 if [ -n "${LADDER:-}" ]; then
   TAIL=20 BENCH_TIMEOUT=240 bench ladder "$LADDER" "" "${PREFILL:-1x2048 16x512}"
 fi
