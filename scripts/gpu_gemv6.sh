@@ -5,7 +5,7 @@
 # issue-4 ladder and prefill with the defaults. $OUT gets the JSON.
 source "$(dirname "$0")/gpu_common.sh"
 if [ -n "${TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:logging $TESTS 2>&1 \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:logging $TESTS ${TESTK:+-k "$TESTK"} 2>&1 \
     | grep -E "passed|failed|Error|error|assert |^E " | head -30; lap tests
 fi
 bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env passes through
