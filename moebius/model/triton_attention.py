@@ -1,9 +1,10 @@
 """Paged decode attention in Triton: one program per (sequence, KV head, context split) reads
 that sequence's pages straight from the pool through its block table (no gather copy), for all
-query heads of the KV head's group at once, with an online softmax. The program of a (sequence,
-KV head) that finishes last merges its splits in the same launch (triton_arrive.py; a second
-merge launch cost ~3 µs a layer at batch 1); with one split the result is stored directly.
-Shapes are fixed by the batch, so it runs inside CUDA graphs.
+query heads of the KV head's group at once, with an online softmax; a second small kernel
+merges the splits. With ``triton_arrive.ENABLED`` the program of a (sequence, KV head) that
+finishes last merges its splits in the same launch instead (a merge launch costs ~3 µs a layer
+at batch 1), and with one split the result is stored directly. Shapes are fixed by the batch,
+so it runs inside CUDA graphs.
 
 Shape legend: B sequences, nh query heads, kvh KV heads, G = nh/kvh, d head dim, bs block size,
 S context splits (each a multiple of TILE tokens), SC splits merged per load.
@@ -15,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model import triton_arrive
 from moebius.model.triton_arrive import arrival_counters, last_to_arrive
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
@@ -55,6 +57,7 @@ def _decode_split_kernel(
     SPLIT_LEN: tl.constexpr,
     S: tl.constexpr,
     SC: tl.constexpr,
+    MERGE: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -100,23 +103,27 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     empty = start >= ctx
-    if S == 1:  # the whole context in this program: no merge
+    if MERGE and S == 1:  # the whole context in this program: no merge
         out = acc / l_sum[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=gmask[:, None])
     else:
         out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
+        written = gmask  # the merge kernel reads every split
+        if MERGE:  # the merge below reads only those holding context
+            written = gmask & ~empty
         tl.store(
             Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
             out,
-            mask=gmask[:, None] & ~empty,
+            mask=written[:, None],
         )
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=gmask & ~empty)
-        if last_to_arrive(Counter + b * tl.num_programs(1) + h, S):
-            _merge_splits(Mid, Lse, O, b, heads, gmask, tl.cdiv(ctx, SPLIT_LEN), stride_mb,
-                          stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-                          GROUP_PAD, D, SC)
+        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=written)
+        if MERGE:
+            if last_to_arrive(Counter + b * tl.num_programs(1) + h, S):
+                _merge_splits(Mid, Lse, O, b, heads, gmask, tl.cdiv(ctx, SPLIT_LEN), stride_mb,
+                              stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
+                              stride_oh, GROUP_PAD, D, SC)
 
 
 @triton.jit
@@ -149,6 +156,43 @@ def _merge_splits(Mid, Lse, O, b, heads, gmask, n_splits, stride_mb, stride_mh, 
              out.to(O.dtype.element_ty), mask=gmask[:, None])
 
 
+@triton.jit
+def _merge_kernel(
+    Mid,
+    Lse,
+    O,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_wait(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D)
+    smask = offs_s < S
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.where(smask, tl.exp(lse - mx), 0.0)
+    w = w / tl.sum(w, 0)
+    mid = tl.load(
+        Mid + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=smask[:, None],
+        other=0.0,
+    )
+    out = tl.sum(mid * w[:, None], 0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+
 def num_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
     """Enough programs to fill the GPU at small batches, at least TILE tokens per split."""
     want = max(1, 264 // max(batch * num_kv_heads, 1))
@@ -165,8 +209,9 @@ def paged_decode_attention(
     splits = num_splits(B, kvh, max_context)
     split_len = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE
     out = torch.empty_like(q)
-    mid = lse = out  # one split: the program stores the output itself
-    if splits > 1:
+    merge = triton_arrive.ENABLED
+    mid = lse = out  # one split merged here: the program stores the output itself
+    if splits > 1 or not merge:
         mid = torch.empty(B, nh, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, nh, splits, dtype=torch.float32, device=q.device)
     counter = arrival_counters(q.device, "paged_decode", B * kvh)
@@ -183,7 +228,14 @@ def paged_decode_attention(
         SPLIT_LEN=split_len,
         S=splits,
         SC=MERGE_CHUNK,
+        MERGE=merge,
         IEEE=q.dtype == torch.float32,
         **launch_kw(),
     )
+    if not merge:
+        _merge_kernel[(B, nh)](
+            mid, lse, out, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
+            lse.stride(1), out.stride(0), out.stride(1), S=splits,
+            S_PAD=max(2, triton.next_power_of_2(splits)), D=d, **launch_kw(),
+        )
     return out

@@ -12,11 +12,11 @@
    summing each token's K pieces in one program was 2.3× slower at batch 1 on H200: its GEMV
    tiles read the weights far below bandwidth.)
 
-At one rank and a few tokens, the router GEMM, the softmax/top-k and the alignment all run in
-the residual add + norm's launch (``triton_norm.add_rms_norm_route``: the program that
-finishes the last logits routes every token and aligns, see triton_arrive.py), and
-``experts_routed`` runs the two GEMMs on that plan: each small launch costs ~3 µs on H200
-whatever it does, a few % of a ~60 µs batch-1 layer.
+At one rank and a few tokens, the router GEMM rides in the residual add + norm's launch and
+the softmax/top-k in the alignment program (``route_align``), or, with
+``triton_arrive.ENABLED``, all of it in the norm's launch (the program that stores the last
+logits routes every token and aligns); ``experts_routed`` runs the two GEMMs on that plan.
+Each small launch costs ~3 µs on H200 whatever it does, a few % of a ~60 µs batch-1 layer.
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
 sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at
@@ -298,6 +298,33 @@ def _topk_kernel(logits, ids, weights, T, E, stride_lt, K: tl.constexpr, K_PAD: 
     pdl_wait(PDL)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM, "")
+
+
+@triton.jit
+def _route_align_kernel(logits, ids, weights, T, E, stride_lt, sorted_rows, block_piece, cursor,
+                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                        T_PAD: tl.constexpr, RENORM: tl.constexpr, P: tl.constexpr,
+                        P_PAD: tl.constexpr, M_PAD: tl.constexpr, BM: tl.constexpr,
+                        NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Top-k of every token, then the alignment of its (token, expert) pairs: one program."""
+    pdl_wait(PDL)
+    _topk_rows(logits, ids, weights, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K, K_PAD,
+               E_PAD, RENORM, "")
+    tl.debug_barrier()  # the ids just stored are read back as one flat vector
+    _align(ids, T * K, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
+
+
+def route_align(routed: Routed, renormalize: bool) -> None:
+    """Fill ``routed``'s ids, weights and plan from its logits, in one launch."""
+    T, E = routed.logits.shape
+    K, plan = routed.ids.shape[1], routed.plan
+    _route_align_kernel[(1,)](
+        routed.logits, routed.ids, routed.weights, T, E, routed.logits.stride(0),
+        plan.sorted_rows, plan.block_piece, plan.cursor, K=K,
+        K_PAD=triton.next_power_of_2(K), E_PAD=triton.next_power_of_2(E),
+        T_PAD=max(2, triton.next_power_of_2(T)), RENORM=renormalize, **plan.consts(),
+        num_warps=8, **launch_kw(),
+    )
 
 
 def route_topk(logits, top_k: int, renormalize: bool, dtype):

@@ -13,6 +13,27 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(params=[False, True], ids=["separate", "arrive"])
+def arrive(request, monkeypatch):
+    """Both ways of combining split results: separate launches (the default) and the last
+    program's follow-up (``MOEBIUS_ARRIVE=1``, model/triton_arrive.py)."""
+    from moebius.model import triton_arrive
+
+    monkeypatch.setattr(triton_arrive, "ENABLED", request.param)
+    return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["default", "session6"])
+def session6_kernels(request, monkeypatch):
+    """The engine with the session-6 kernels off (the default) and on (arrival counters and
+    the weight-prefetching GEMV: ``MOEBIUS_ARRIVE=1 MOEBIUS_GEMV=1``)."""
+    from moebius.model import triton_arrive, triton_gemv
+
+    monkeypatch.setattr(triton_arrive, "ENABLED", request.param)
+    monkeypatch.setattr(triton_gemv, "ENABLED", request.param)
+    return request.param
+
+
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -149,7 +170,7 @@ def test_triton_paged_prefill_matches_reference(dtype, nh, kvh):
         assert err < (1e-4 if dtype == torch.float32 else 1e-2), (c, err)
 
 
-def test_engine_on_cuda_matches_cpu(qwen_dir):
+def test_engine_on_cuda_matches_cpu(qwen_dir, session6_kernels):
     from moebius import LLM, SamplingParams
     from tests.conftest import PROMPTS
 
@@ -166,7 +187,7 @@ def test_engine_on_cuda_matches_cpu(qwen_dir):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,nh,kvh,ctx_max", [(1, 32, 4, 700), (7, 16, 2, 130), (64, 4, 4, 33)])
-def test_triton_paged_decode_matches_reference(dtype, B, nh, kvh, ctx_max):
+def test_triton_paged_decode_matches_reference(dtype, B, nh, kvh, ctx_max, arrive):
     from moebius.model.attention import AttentionMeta, paged_attention
     from moebius.model.triton_attention import paged_decode_attention
 
@@ -201,7 +222,7 @@ def test_triton_paged_decode_matches_reference(dtype, B, nh, kvh, ctx_max):
     assert err < (1e-4 if dtype == torch.float32 else 1e-2), err
 
 
-def test_cuda_graphs_match_eager(qwen_dir):
+def test_cuda_graphs_match_eager(qwen_dir, session6_kernels):
     from moebius import LLM, SamplingParams
     from tests.conftest import PROMPTS
 
@@ -324,11 +345,12 @@ def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
 @pytest.mark.parametrize("T,R,E,K,renorm", [(1, 8, 128, 8, True), (3, 8, 128, 8, True),
                                             (16, 8, 128, 8, True), (7, 1, 8, 2, True),
                                             (4, 0, 60, 4, False)])
-def test_norm_routes_and_aligns_in_one_launch(T, R, E, K, renorm):
-    """The add + norm + router + top-k + alignment launch (its last program routes): the
-    norm's outputs are add_rms_norm's bit for bit, the logits the router GEMM's up to bf16
-    rounding, top-k and the experts' rows those of the separate kernels on those logits bit for
-    bit, close to the float64 reference; replayed in a graph on fresh inputs too."""
+def test_norm_routes_and_aligns_in_one_launch(T, R, E, K, renorm, arrive):
+    """The add + norm + router launch, then top-k + alignment (in one more launch, or in the
+    norm's last program): the norm's outputs are add_rms_norm's bit for bit, the logits the
+    router GEMM's up to bf16 rounding, top-k and the experts' rows those of the separate
+    kernels on those logits bit for bit, close to the float64 reference; replayed in a graph
+    on fresh inputs too."""
     from moebius.model import triton_norm
     from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
 
@@ -352,7 +374,7 @@ def test_norm_routes_and_aligns_in_one_launch(T, R, E, K, renorm):
         ref = experts_reference(out.double(), ids, wts.double(), w13.double(), w2.double())
         assert rel(rows.sum(1), ref) < 1e-2
 
-    for _ in range(2):  # the arrival counter is back to zero after each launch
+    for _ in range(2):  # arrive: the counter is back to zero after each launch
         check(*triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -390,11 +412,12 @@ def test_grouped_expert_rows_summed_in_the_norm(T, P, K):
 
 
 @pytest.mark.parametrize("T,N,K", [(1, 5120, 2048), (4, 2048, 4096), (3, 640, 2048), (2, 100, 300)])
-def test_gemv_matches_reference(T, N, K):
+def test_gemv_matches_reference(T, N, K, monkeypatch):
     """The weight-prefetching GEMV of a few tokens against float64, on a row slice and a
     column slice of a weight (TP head slices), eager and replayed in a graph."""
     from moebius.model import triton_gemv
 
+    monkeypatch.setattr(triton_gemv, "ENABLED", True)
     g = torch.Generator(device="cuda").manual_seed(T * 7 + N)
     x = torch.randn(T, K, device="cuda", generator=g).bfloat16()
     whole = (torch.randn(N + 8, K + 64, device="cuda", generator=g) * K**-0.5).bfloat16()
