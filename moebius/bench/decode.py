@@ -19,6 +19,7 @@ import time
 import torch
 
 from moebius import cli
+from moebius.bench.gpu_timing import print_kernel_table
 from moebius.config import EngineConfig, ModelConfig, preset
 from moebius.core import SamplingParams
 from moebius.engine.llm_engine import LLMEngine
@@ -150,9 +151,7 @@ def run(
         )
         if device == "cuda" and B in kernel_tables:
             table = engine.executor.call("moebius.bench.gpu_timing:graph_kernel_table", B)[0]
-            print(f"b{B}: kernels of one graph replay")
-            for k in table or []:
-                print(f"  {k['us']:8.1f} us {k['launches']:6.0f}x  {k['kernel']}")
+            print_kernel_table(table, f"b{B}: kernels of one graph replay")
         floor = step_floor_bytes(model, B, prompt_len + warmup + decode_steps // 2)
         # bw counts read + write traffic of a copy; a step's bytes are read once each
         floor_s = (floor["weights"] + floor["kv"]) / bw

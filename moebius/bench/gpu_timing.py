@@ -58,3 +58,10 @@ def graph_kernel_table(runner, batch: int, reps: int = 5, top: int = 15) -> list
         r[1] += ev.time_range.elapsed_us()
     out = [{"kernel": k, "launches": n / reps, "us": us / reps} for k, (n, us) in rows.items()]
     return sorted(out, key=lambda r: -r["us"])[:top]
+
+
+def print_kernel_table(table: list[dict] | None, title: str) -> None:
+    """``graph_kernel_table``'s rows, one line each, under ``title``."""
+    print(title)
+    for k in table or []:
+        print(f"  {k['us']:8.1f} us {k['launches']:6.0f}x  {k['kernel']}")

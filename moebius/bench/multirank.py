@@ -22,6 +22,7 @@ import statistics
 import time
 
 from moebius import cli
+from moebius.bench.gpu_timing import print_kernel_table
 from moebius.config import EngineConfig, ModelConfig, preset
 from moebius.core import SamplingParams
 from moebius.engine.llm_engine import LLMEngine
@@ -81,9 +82,7 @@ def decode_sweep(engine, layouts, batches, prompt_len, steps, warmup, rng,
                          "host_ms": gpu_s and (step - gpu_s) * 1e3})
             if table:
                 rows[-1]["kernels_rank0"] = table
-                print(f"{layout} b{B}: rank 0's kernels, one replay")
-                for k in table:
-                    print(f"  {k['us']:8.1f} us {k['launches']:6.0f}x  {k['kernel']}")
+                print_kernel_table(table, f"{layout} b{B}: rank 0's kernels, one replay")
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -192,7 +192,6 @@ def _merge_kernel(
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-
 def num_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
     """Enough programs to fill the GPU at small batches, at least TILE tokens per split."""
     want = max(1, 264 // max(batch * num_kv_heads, 1))
@@ -214,7 +213,7 @@ def paged_decode_attention(
     if splits > 1 or not merge:
         mid = torch.empty(B, nh, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, nh, splits, dtype=torch.float32, device=q.device)
-    counter = arrival_counters(q.device, "paged_decode", B * kvh)
+    counter = arrival_counters(q.device, "paged_decode", B * kvh) if merge else out
     _decode_split_kernel[(B, kvh, splits)](
         q, k_cache, v_cache, mid, lse, out, counter, block_tables, ctx_lens, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

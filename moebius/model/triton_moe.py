@@ -219,7 +219,7 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
 
 
 class Routed:
-    """One rank's routing of T tokens, computed in the norm's launch: router ``logits``
+    """One rank's routing of T tokens, computed with the norm before the block: router ``logits``
     (T, E), top-k ``ids`` (T, K), ``weights`` (T, K) and the alignment ``plan`` of the T·K
     pairs over every expert."""
 
@@ -233,6 +233,7 @@ class Routed:
 def experts_routed(x, routed: Routed, w13, w2t):
     """The two expert GEMMs of tokens ``x`` on a ``Routed`` plan: the (T, K, H) weighted
     rows, unsummed (as ``reduce=False``)."""
+    assert routed.plan.M <= MAX_PAIRS and w13.shape[0] == routed.plan.P
     return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, None, False)
 
 

@@ -153,18 +153,17 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
     else:
         E, be = router.shape[0], 8
         assert router.stride(1) == 1
-        logits = routed.logits
-        counter = arrival_counters(x.device, "norm_route", 1)
-        plan = routed.plan
+        logits, plan, here = routed.logits, routed.plan, triton_arrive.ENABLED
+        counter = arrival_counters(x.device, "norm_route", 1) if here else logits
         _add_rms_norm_route_kernel[(T, triton.cdiv(E, be))](
             *args, router, logits, counter, routed.ids, routed.weights, plan.sorted_rows,
             plan.block_piece, plan.cursor, T, H, R, E, eps, *strides, router.stride(0),
             logits.stride(0), **flags, BE=be, K=top_k, K_PAD=triton.next_power_of_2(top_k),
             E_PAD=triton.next_power_of_2(E), T_PAD=max(2, triton.next_power_of_2(T)),
-            RENORM=renormalize, **plan.consts(), ROUTE=triton_arrive.ENABLED,
+            RENORM=renormalize, **plan.consts(), ROUTE=here,
             num_warps=min(16, max(8, block * max(r_pad, be) // 2048)), **launch_kw(),
         )
-        if not triton_arrive.ENABLED:
+        if not here:
             route_align(routed, renormalize)
     return xout, out, routed
 
