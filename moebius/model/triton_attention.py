@@ -1,13 +1,17 @@
 """Paged decode attention in Triton: one program per (sequence, KV head, context split) reads
 that sequence's pages straight from the pool through its block table (no gather copy), for all
 query heads of the KV head's group at once, with an online softmax; a second small kernel
-merges the splits. With ``triton_arrive.ENABLED`` the program of a (sequence, KV head) that
-finishes last merges its splits in the same launch instead (a merge launch costs ~3 µs a layer
-at batch 1), and with one split the result is stored directly. Shapes are fixed by the batch,
-so it runs inside CUDA graphs.
+merges the splits. With one split (from 34 sequences up at Qwen3's 4 KV heads) the split
+kernel stores the output itself and no merge is launched. Shapes are fixed by the batch, so it
+runs inside CUDA graphs.
+
+Measured and dropped (session 7, H100): the last split program of a (sequence, KV head)
+merging the splits in the same launch (arrival counters, with the router's top-k and alignment
+likewise folded into the norm's launch): batch 1 3.66 -> 3.63 ms, batch 4 unchanged, within
+run-to-run spread (PDL already hides a launch's ramp); code in git history, commit dd91000.
 
 Shape legend: B sequences, nh query heads, kvh KV heads, G = nh/kvh, d head dim, bs block size,
-S context splits (each a multiple of TILE tokens), SC splits merged per load.
+S context splits (each a multiple of TILE tokens).
 """
 
 from __future__ import annotations
@@ -16,12 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model import triton_arrive
-from moebius.model.triton_arrive import arrival_counters, last_to_arrive
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 TILE = 64  # tokens per inner iteration
-MERGE_CHUNK = 4  # splits per load in the merge
 
 
 @triton.jit
@@ -32,7 +33,6 @@ def _decode_split_kernel(
     Mid,
     Lse,
     O,
-    Counter,
     tables,
     ctx_lens,
     scale,
@@ -56,8 +56,6 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,
     SPLIT_LEN: tl.constexpr,
     S: tl.constexpr,
-    SC: tl.constexpr,
-    MERGE: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -102,58 +100,20 @@ def _decode_split_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    empty = start >= ctx
-    if MERGE and S == 1:  # the whole context in this program: no merge
-        out = acc / l_sum[:, None]
+    if S == 1:  # the whole context in this program: no merge (an empty pad row stores 0)
+        out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=gmask[:, None])
     else:
+        empty = start >= ctx
         out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
-        written = gmask  # the merge kernel reads every split
-        if MERGE:  # the merge below reads only those holding context
-            written = gmask & ~empty
         tl.store(
             Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
             out,
-            mask=written[:, None],
+            mask=gmask[:, None],
         )
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=written)
-        if MERGE:
-            if last_to_arrive(Counter + b * tl.num_programs(1) + h, S):
-                _merge_splits(Mid, Lse, O, b, heads, gmask, tl.cdiv(ctx, SPLIT_LEN), stride_mb,
-                              stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
-                              stride_oh, GROUP_PAD, D, SC)
-
-
-@triton.jit
-def _merge_splits(Mid, Lse, O, b, heads, gmask, n_splits, stride_mb, stride_mh, stride_ms,
-                  stride_lb, stride_lh, stride_ob, stride_oh, GROUP_PAD: tl.constexpr,
-                  D: tl.constexpr, SC: tl.constexpr):
-    """Sequence b's output for ``heads`` from its first ``n_splits`` splits (those holding
-    context), SC splits a load, by their log-sum-exps; split order fixes the rounding."""
-    offs_d = tl.arange(0, D)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_sum = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    for s0 in range(0, n_splits, SC):
-        offs_s = s0 + tl.arange(0, SC)
-        mask = gmask[:, None] & (offs_s < n_splits)[None, :]
-        lse = tl.load(Lse + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :],
-                      mask=mask, other=float("-inf"), cache_modifier=".cg")
-        mid = tl.load(Mid + b * stride_mb + heads[:, None, None] * stride_mh
-                      + offs_s[None, :, None] * stride_ms + offs_d[None, None, :],
-                      mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded heads: all -inf
-        alpha = tl.exp(m - m_ref)
-        w = tl.exp(lse - m_ref[:, None])
-        l_sum = l_sum * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None] + tl.sum(mid * w[:, :, None], 1)
-        m = m_new
-    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=gmask[:, None])
+        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
 
 
 @triton.jit
@@ -208,14 +168,12 @@ def paged_decode_attention(
     splits = num_splits(B, kvh, max_context)
     split_len = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE
     out = torch.empty_like(q)
-    merge = triton_arrive.ENABLED
-    mid = lse = out  # one split merged here: the program stores the output itself
-    if splits > 1 or not merge:
+    mid = lse = out  # one split: the split kernel stores the output itself
+    if splits > 1:
         mid = torch.empty(B, nh, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, nh, splits, dtype=torch.float32, device=q.device)
-    counter = arrival_counters(q.device, "paged_decode", B * kvh) if merge else out
     _decode_split_kernel[(B, kvh, splits)](
-        q, k_cache, v_cache, mid, lse, out, counter, block_tables, ctx_lens, scale,
+        q, k_cache, v_cache, mid, lse, out, block_tables, ctx_lens, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
@@ -226,12 +184,10 @@ def paged_decode_attention(
         TILE_N=TILE,
         SPLIT_LEN=split_len,
         S=splits,
-        SC=MERGE_CHUNK,
-        MERGE=merge,
         IEEE=q.dtype == torch.float32,
         **launch_kw(),
     )
-    if not merge:
+    if splits > 1:
         _merge_kernel[(B, nh)](
             mid, lse, out, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), S=splits,

@@ -1,4 +1,4 @@
-"""Projections of a few decode tokens (GEMV) whose weights are read before the kernel waits.
+"""Projections of one decode token (GEMV) whose weights are read before the kernel waits.
 
 At batch 1 a projection is latency-bound: cuBLAS reads q/k/v (21 MB) in ~8 µs and o (17 MB)
 in ~8.6 µs on H200, 1.6-2.2x the bytes' floor, and each cuBLAS launch breaks the chain of
@@ -9,7 +9,12 @@ slab during those kernels' latency-bound tails; after the wait only the few acti
 (from L2) and the dot remain. (Session 3 prefetched into L2 with the next launch held back
 until after the wait, and lost: the prefetches were evicted; registers are not.)
 
-Shape legend: T tokens (<= MAX_TOKENS), K input features, N outputs, BN rows a program.
+Measured on H100 (session 7, BENCHMARKS.md): batch-1 step 3.63 -> 3.41 ms (-6%) with q/k/v
+and o through this kernel, in three repeats; at 2 tokens it ties cuBLAS, at 3 and 4 it loses
+(6.19 -> 6.35, 7.17 -> 7.44 ms), so only one token takes it. Slabs of 8K-16K elements and 4-8
+warps tie; 32K loses.
+
+Shape legend: T tokens, K input features, N outputs, BN rows a program.
 """
 
 from __future__ import annotations
@@ -22,14 +27,13 @@ import triton.language as tl
 
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
-MAX_TOKENS = 4  # above this the per-token dots cost more than cuBLAS's tiles
+MAX_TOKENS = 1  # more tokens: cuBLAS (2 tie, 3 and 4 lose; above)
 # Weight elements a program holds, and its warps: 16,384 over 8 warps takes ~110 registers a
 # thread (sm_90 resource usage; 32,768 over 4 warps spilled), two programs an SM.
 SLAB = int(os.environ.get("MOEBIUS_GEMV_SLAB", 16384))
 WARPS = int(os.environ.get("MOEBIUS_GEMV_WARPS", 8))
-# Off by default (MOEBIUS_GEMV=1 turns it on): written in session 6, checked under Triton's
-# interpreter and compiled for sm_90, but no GPU was lent to time it against cuBLAS.
-ENABLED = os.environ.get("MOEBIUS_GEMV", "0") == "1"
+# MOEBIUS_GEMV=0: cuBLAS for every projection (the A/B of the figures above)
+ENABLED = os.environ.get("MOEBIUS_GEMV", "1") == "1"
 
 
 @triton.jit

@@ -13,9 +13,8 @@
    tiles read the weights far below bandwidth.)
 
 At one rank and a few tokens, the router GEMM rides in the residual add + norm's launch and
-the softmax/top-k in the alignment program (``route_align``), or, with
-``triton_arrive.ENABLED``, all of it in the norm's launch (the program that stores the last
-logits routes every token and aligns); ``experts_routed`` runs the two GEMMs on that plan.
+the softmax/top-k in the alignment program (``route_align``); ``experts_routed`` runs the two
+GEMMs on that plan.
 Each small launch costs ~3 µs on H200 whatever it does, a few % of a ~60 µs batch-1 layer.
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
@@ -264,15 +263,12 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
 
 @triton.jit
 def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
-               CACHE: tl.constexpr):
-    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t.
-    CACHE: the logits' load cache modifier (".cg" when other programs of the launch wrote them)."""
+               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t."""
     offs_e = tl.arange(0, E_PAD)
     tmask = offs_t < T
     x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
-                mask=tmask[:, None] & (offs_e[None, :] < E), other=float("-inf"),
-                cache_modifier=CACHE).to(tl.float32)
+                mask=tmask[:, None] & (offs_e[None, :] < E), other=float("-inf")).to(tl.float32)
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
@@ -298,7 +294,7 @@ def _topk_kernel(logits, ids, weights, T, E, stride_lt, K: tl.constexpr, K_PAD: 
                  E_PAD: tl.constexpr, BT: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM, "")
+    _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM)
 
 
 @triton.jit
@@ -310,7 +306,7 @@ def _route_align_kernel(logits, ids, weights, T, E, stride_lt, sorted_rows, bloc
     """Top-k of every token, then the alignment of its (token, expert) pairs: one program."""
     pdl_wait(PDL)
     _topk_rows(logits, ids, weights, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K, K_PAD,
-               E_PAD, RENORM, "")
+               E_PAD, RENORM)
     tl.debug_barrier()  # the ids just stored are read back as one flat vector
     _align(ids, T * K, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
 

@@ -12,9 +12,9 @@ norm in float32, rounded, times the weight, rounded.
 Before an MoE block of a few tokens at one rank, the router GEMM rides in the same launch
 (``add_rms_norm_route``): programs (token, BE experts) each redo the token's add + norm (a
 few KB, from L2) and compute BE router logits; at batch 1 the router alone was a ~4 µs launch.
-Top-k and the experts' alignment follow in one more launch (``triton_moe.route_align``), or,
-with ``triton_arrive.ENABLED``, in this one: the program that stores the last logits routes
-every token and aligns the (token, expert) pairs.
+Top-k and the experts' alignment follow in one more launch (``triton_moe.route_align``); doing
+them in this launch's last program (arrival counters) was measured no faster and dropped
+(session 7; see triton_attention.py).
 
 The parts may also come as the grouped experts' output rows in expert order with each
 token's row index and routing weight (``ops.ExpertRows``, prefill at one rank): the gather
@@ -30,9 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model import triton_arrive
-from moebius.model.triton_arrive import arrival_counters, last_to_arrive
-from moebius.model.triton_moe import ROUTE_FUSED_TOKENS, Routed, _align, _topk_rows, route_align
+from moebius.model.triton_moe import ROUTE_FUSED_TOKENS, Routed, route_align
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
@@ -81,15 +79,10 @@ def _add_rms_norm_kernel(X, Parts, Index, RowW, W, Xout, Out, H, R, eps, stride_
 
 
 @triton.jit
-def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logits, Counter,
-                               Ids, RouteW, SortedRows, BlockPiece, Cursor, T, H, R, E, eps,
+def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logits, H, R, E, eps,
                                stride_xt, stride_pt, stride_pr, stride_xo, stride_ot, stride_re,
                                stride_lt, HAS_PARTS: tl.constexpr, GATHER: tl.constexpr,
                                R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BE: tl.constexpr,
-                               K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                               T_PAD: tl.constexpr, RENORM: tl.constexpr, P: tl.constexpr,
-                               P_PAD: tl.constexpr, M_PAD: tl.constexpr, BM: tl.constexpr,
-                               NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr, ROUTE: tl.constexpr,
                                PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
@@ -105,13 +98,6 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
                       BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
-    if ROUTE:
-        if last_to_arrive(Counter, T * tl.num_programs(1)):  # every logit is stored: route
-            _topk_rows(Logits, Ids, RouteW, T, E, stride_lt, tl.arange(0, T_PAD), T_PAD, K,
-                       K_PAD, E_PAD, RENORM, ".cg")
-            tl.debug_barrier()  # the ids just stored are read back as one flat vector
-            _align(Ids, T * K, SortedRows, BlockPiece, Cursor, P, P_PAD, M_PAD, BM,
-                   NUM_BLOCKS, CHUNK)
 
 
 def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
@@ -153,18 +139,13 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
     else:
         E, be = router.shape[0], 8
         assert router.stride(1) == 1
-        logits, plan, here = routed.logits, routed.plan, triton_arrive.ENABLED
-        counter = arrival_counters(x.device, "norm_route", 1) if here else logits
+        logits = routed.logits
         _add_rms_norm_route_kernel[(T, triton.cdiv(E, be))](
-            *args, router, logits, counter, routed.ids, routed.weights, plan.sorted_rows,
-            plan.block_piece, plan.cursor, T, H, R, E, eps, *strides, router.stride(0),
-            logits.stride(0), **flags, BE=be, K=top_k, K_PAD=triton.next_power_of_2(top_k),
-            E_PAD=triton.next_power_of_2(E), T_PAD=max(2, triton.next_power_of_2(T)),
-            RENORM=renormalize, **plan.consts(), ROUTE=here,
-            num_warps=min(16, max(8, block * max(r_pad, be) // 2048)), **launch_kw(),
+            *args, router, logits, H, R, E, eps, *strides, router.stride(0), logits.stride(0),
+            **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
+            **launch_kw(),
         )
-        if not here:
-            route_align(routed, renormalize)
+        route_align(routed, renormalize)
     return xout, out, routed
 
 
