@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from moebius.engine.messages import SeqWork
@@ -19,6 +20,18 @@ from moebius.parallel.layout import Layout
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 MAX_GRAPH_BATCH = 2048
+
+
+def padded_table(rows: list[list[int]], width: int, pad: int, pinned: bool) -> torch.Tensor:
+    """Block tables (len(rows), width) int64, each row padded with ``pad``, in pinned memory
+    when asked (the caller's copy is non-blocking). Built through numpy: 2,048 rows of up to
+    63 blocks took 7.4 ms by ``torch.tensor`` on padded lists and take 1.9 ms here, of up to
+    255 blocks 29.9 and 6.6 ms (the 2-core CPU machine), every decode step on every rank."""
+    table = np.full((len(rows), width), pad, dtype=np.int64)
+    for row, blocks in zip(table, rows, strict=True):
+        row[: len(blocks)] = blocks
+    out = torch.from_numpy(table)
+    return out.pin_memory() if pinned else out
 
 
 class DecodeGraphs:
@@ -121,10 +134,7 @@ class DecodeGraphs:
         if n:
             width = max(len(s.block_ids) for s in seqs)
             pinned = self.runner.device.type == "cuda"
-            tables = torch.tensor(
-                [s.block_ids + [pad] * (width - len(s.block_ids)) for s in seqs],
-                dtype=torch.long, pin_memory=pinned,
-            )
+            tables = padded_table([s.block_ids for s in seqs], width, pad, pinned)
             host = torch.tensor([ids, pos, slots, ctx], dtype=torch.long, pin_memory=pinned)
             self.ids[:n].copy_(host[0], non_blocking=True)
             self.pos[:n].copy_(host[1], non_blocking=True)

@@ -12,6 +12,7 @@ from collections import deque
 import torch
 
 from moebius.config import EngineConfig
+from moebius.engine.cuda_graphs import padded_table
 from moebius.engine.messages import (
     INFLIGHT,
     SampledToken,
@@ -336,9 +337,7 @@ class ModelRunner:
         meta = AttentionMeta(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode_token_idx=torch.tensor(dec_idx, dtype=torch.long, device=dev),
-            decode_block_tables=torch.tensor(
-                [t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev
-            ).view(len(dec_tables), width),
+            decode_block_tables=padded_table(dec_tables, width, 0, pinned=False).to(dev),
             decode_ctx_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
             prefills=prefills,
             decode_max_context=max(dec_lens, default=0),
