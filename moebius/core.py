@@ -7,7 +7,9 @@ No torch.distributed and no tensors here.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -130,6 +132,11 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - p]
 
     @property
+    def token_view(self) -> _TokenView:
+        """``all_token_ids`` for slicing, without concatenating the whole sequence."""
+        return _TokenView(self)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
@@ -142,6 +149,20 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
 
+class _TokenView:
+    """A request's prompt + output tokens, sliced ``[start:stop]`` through ``token_slice``
+    (what the prefix cache reads of a block that became full, once every block_size steps)."""
+
+    __slots__ = ("_req",)
+
+    def __init__(self, req: Request) -> None:
+        self._req = req
+
+    def __getitem__(self, s: slice) -> list[int]:
+        assert s.step is None and 0 <= s.start <= s.stop
+        return self._req.token_slice(s.start, min(s.stop, self._req.num_tokens))
+
+
 @dataclass
 class Logprob:
     logprob: float
@@ -149,13 +170,48 @@ class Logprob:
     decoded_token: str | None = None
 
 
+class Prefix(Sequence):
+    """The first ``len`` items of a list that only grows by appends, read-only: a streaming
+    step's output reports a request's tokens (and logprobs) so far without copying them, which
+    made each step's host time grow with every token generated (BENCHMARKS.md, session 7)."""
+
+    __slots__ = ("_items", "_len")
+
+    def __init__(self, items: list) -> None:
+        self._items, self._len = items, len(items)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._len)
+            if step == 1:
+                return self._items[start:stop]
+            return [self._items[j] for j in range(start, stop, step)]
+        if not -self._len <= i < self._len:
+            raise IndexError("Prefix index out of range")
+        return self._items[i % self._len]
+
+    def __iter__(self):
+        return itertools.islice(self._items, self._len)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass
 class CompletionOutput:
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: Sequence[int]  # a list once finished; while streaming, a ``Prefix``
     cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None
+    logprobs: Sequence[dict[int, Logprob]] | None  # likewise
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None
 

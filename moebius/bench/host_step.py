@@ -5,6 +5,8 @@ runner's input building and sampling are not in it (``profile_step --host`` cove
 CUDA).
 
     python -m moebius.bench.host_step --batches 1 16 64 256 --steps 50
+    python -m moebius.bench.host_step --batches 256 --steps 4000 --segments 4  # growth with
+        # the tokens generated: ms/step over each quarter of the run, streamed outputs
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def _answer_at_once(inputs):
     return [StepResult(0, [SampledToken(s.request_id, 7) for s in inputs[0].seqs if s.sample])]
 
 
-def host_ms(batch: int, prompt_len: int, steps: int) -> float:
-    """Mean ms of ``steps`` decode steps of ``batch`` requests with a null executor (the mean:
-    garbage collections land in a few steps, which a median would hide)."""
+def host_ms(batch: int, prompt_len: int, steps: int, segments: int = 1) -> list[float]:
+    """Mean ms of ``steps`` decode steps of ``batch`` requests with a null executor, over each
+    of ``segments`` equal parts of the run (the mean: garbage collections land in a few
+    steps, which a median would hide). Every step reports every request (as streaming does)."""
     model = preset("qwen3-30b-a3b", **TINY)
     engine = random_batch_engine(
         model, batch, prompt_len=prompt_len, max_tokens=steps + 20, device="cpu",
@@ -43,12 +46,14 @@ def host_ms(batch: int, prompt_len: int, steps: int) -> float:
     engine.executor.step = _answer_at_once
     for _ in range(5):
         engine.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    ms = (time.perf_counter() - t) / steps * 1e3
+    per, out = steps // segments, []
+    for _ in range(segments):
+        t = time.perf_counter()
+        for _ in range(per):
+            engine.step()
+        out.append((time.perf_counter() - t) / per * 1e3)
     engine.shutdown()
-    return ms
+    return out
 
 
 def main() -> None:
@@ -56,9 +61,21 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--segments", type=int, default=1,
+                    help="report ms/step over each of N parts of one run (tuned GC only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.segments > 1:
+        rows = [{"batch": B, "segment_ms": host_ms(B, args.prompt_len, args.steps, args.segments)}
+                for B in args.batches]
+        for r in rows:
+            print(f"batch {r['batch']:4d}: ms/step by segment "
+                  + " ".join(f"{m:.2f}" for m in r["segment_ms"]))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     python_default, tuned = gc.get_threshold(), gc_tuning.GEN0
     rows = []
     for B in args.batches:
@@ -66,7 +83,7 @@ def main() -> None:
         for name, gen0 in (("tuned", tuned), ("python_default", 0)):
             gc.set_threshold(*python_default)  # the engine applies gc_tuning.GEN0 itself
             gc_tuning.GEN0 = gen0
-            row[f"{name}_ms"] = sorted(host_ms(B, args.prompt_len, args.steps)
+            row[f"{name}_ms"] = sorted(host_ms(B, args.prompt_len, args.steps)[0]
                                        for _ in range(3))[1]
         gc_tuning.GEN0 = tuned
         rows.append(row)

@@ -16,6 +16,7 @@ from moebius.config import ConfigError, EngineConfig
 from moebius.core import (
     CompletionOutput,
     Logprob,
+    Prefix,
     Request,
     RequestOutput,
     SamplingParams,
@@ -473,13 +474,13 @@ class LLMEngine:
                 for d, t in new:
                     done.append({k: Logprob(v) for k, v in d.items()})
                     group.cum_logprobs[i] += d[t]
-                lps = list(done)  # this output's own list: later steps append to ``done``
+                lps = list(done) if c.is_finished else Prefix(done)  # later steps append
                 cum = group.cum_logprobs[i] if done else None
             comps.append(
                 CompletionOutput(
                     i,
                     group.texts[i],
-                    list(c.output_token_ids),
+                    list(c.output_token_ids) if c.is_finished else Prefix(c.output_token_ids),
                     cum,
                     lps,
                     c.finish_reason,

@@ -314,14 +314,14 @@ class Scheduler:
         return True
 
     def commit_blocks(self, req: Request) -> None:
-        """Register ``req``'s blocks that became full of computed tokens for prefix caching.
-        The sequence is concatenated only when there is such a block (not every step)."""
+        """Register ``req``'s blocks that became full of computed tokens for prefix caching
+        (reading only those blocks' tokens, not the whole sequence)."""
         mgr = self.manager(req)
         known = min(req.num_computed_tokens, req.num_tokens)  # not the tokens in flight
         if mgr.caching and known // mgr.block_size > len(req.block_hashes):
             mgr.commit_full_blocks(
                 req.block_ids,
-                req.all_token_ids,
+                req.token_view,
                 known,
                 req.block_hashes,
                 req.block_meta,

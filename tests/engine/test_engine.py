@@ -132,6 +132,22 @@ def test_streamed_logprobs_match_the_final_output(llm):
             assert c.logprobs == f.logprobs[:n] and c.token_ids == f.token_ids[:n]
 
 
+def test_prefix_reads_like_the_list_it_was_then():
+    """A streamed output's tokens: a view of the request's growing list, fixed at its length
+    when reported (no copy a step)."""
+    from moebius.core import Prefix
+
+    items = [5, 6, 7]
+    view = Prefix(items)
+    items += [8, 9]
+    assert len(view) == 3 and list(view) == [5, 6, 7] and view == [5, 6, 7] and view != [5, 6]
+    assert view[-1] == 7 and view[1:] == [6, 7] and view[::-1] == [7, 6, 5]
+    assert view[:10] == items[:3]
+    with pytest.raises(IndexError):
+        view[3]
+    assert repr(view) == "[5, 6, 7]" and 8 not in view
+
+
 def test_chat_template(llm):
     out = llm.chat([{"role": "user", "content": "Hello"}], GREEDY)[0]
     rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
