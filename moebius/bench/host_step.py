@@ -7,6 +7,8 @@ CUDA).
     python -m moebius.bench.host_step --batches 1 16 64 256 --steps 50
     python -m moebius.bench.host_step --batches 256 --steps 4000 --segments 4  # growth with
         # the tokens generated: ms/step over each quarter of the run, streamed outputs
+    python -m moebius.bench.host_step --message 2048 --blocks 64  # a rank's decode message:
+        # pickle + unpickle with whole block tables and with the blocks appended since
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import pickle
+import random
+import statistics
 import time
 
 import torch
@@ -21,7 +26,7 @@ import torch
 from moebius.bench.decode import random_batch_engine
 from moebius.config import preset
 from moebius.engine import gc_tuning
-from moebius.engine.messages import SampledToken, StepResult
+from moebius.engine.messages import SampledToken, SeqWork, StepInput, StepResult
 
 # a one-layer model of tiny shapes: the prefill is cheap, the host work is the same
 TINY = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
@@ -56,6 +61,32 @@ def host_ms(batch: int, prompt_len: int, steps: int, segments: int = 1) -> list[
     return out
 
 
+def message_ms(num_seqs: int, max_blocks: int, delta: bool) -> dict:
+    """Median ms to pickle and unpickle one rank's decode ``StepInput`` of ``num_seqs``
+    sequences holding max_blocks/4 to max_blocks blocks (block size 16), with whole tables or
+    with the blocks appended since the step before (one block a sequence every 16 steps)."""
+    rng = random.Random(0)
+    seqs = []
+    for i in range(num_seqs):
+        blocks = [rng.randrange(1 << 20) for _ in range(rng.randrange(max_blocks // 4, max_blocks))]
+        pos = (len(blocks) - 1) * 16 + rng.randrange(16)
+        tail = blocks[-1:] if pos % 16 == 0 else []
+        seqs.append(SeqWork(f"req-{i}", [rng.randrange(1000)], pos, tail if delta else blocks,
+                            True, 0.0, 0, 1.0, 0.0, i, pos, -1, [], -1, None,
+                            len(blocks) - len(tail) if delta else 0))
+    msg = StepInput("tp", seqs, [num_seqs], decode_only=True)
+    dumps, loads = [], []
+    for _ in range(9):
+        t = time.perf_counter()
+        data = pickle.dumps(msg, 5)
+        dumps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pickle.loads(data)
+        loads.append(time.perf_counter() - t)
+    return {"pickle_ms": statistics.median(dumps) * 1e3,
+            "unpickle_ms": statistics.median(loads) * 1e3, "bytes": len(data)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -63,9 +94,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--segments", type=int, default=1,
                     help="report ms/step over each of N parts of one run (tuned GC only)")
+    ap.add_argument("--message", type=int, default=0,
+                    help="time a decode message of this many sequences instead")
+    ap.add_argument("--blocks", type=int, default=64, help="with --message: most blocks a table")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.message:
+        rows = [{"tables": name, **message_ms(args.message, args.blocks, delta)}
+                for name, delta in (("whole", False), ("appended", True))]
+        for r in rows:
+            print(f"{args.message} sequences, {r['tables']} tables: pickle {r['pickle_ms']:.2f} "
+                  f"ms, unpickle {r['unpickle_ms']:.2f} ms, {r['bytes'] / 1e6:.3f} MB")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.segments > 1:
         rows = [{"batch": B, "segment_ms": host_ms(B, args.prompt_len, args.steps, args.segments)}
                 for B in args.batches]

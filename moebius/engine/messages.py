@@ -4,7 +4,9 @@ pipe to worker processes. The scheduler sends each rank only the sequences it co
 A step's sequences cross the pipe by columns (one list per ``SeqWork`` field) and are rebuilt
 as slotted objects: at 2,048 sequences a step's message took 2.9 ms to pickle and 4.3 ms to
 unpickle one object at a time, 1.8 and 1.8 ms by columns (the 2-core CPU machine, the ranks'
-GC setting).
+GC setting). A sequence that was in the rank's step before with the same table carries only
+the blocks appended since (``blocks_from``): a table grows by one block every block_size
+steps, and sending whole tables made messages grow with every sequence's context.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ class SeqWork:
     request_id: str
     token_ids: list[int]  # tokens whose KV this step computes
     start_pos: int  # position of token_ids[0]
-    block_ids: list[int]  # the whole block table in the current layout's view
+    # the block table in the current layout's view from index ``blocks_from`` on (0: whole);
+    # the rank keeps the first ``blocks_from`` from the step before (ModelRunner._full_tables)
+    block_ids: list[int]
     sample: bool  # sample a token after this chunk (the prompt is complete)
     # sampling (read only when sample is True)
     temperature: float = 0.0
@@ -35,6 +39,7 @@ class SeqWork:
     # during a progressive switch: the EP owner, and the table in the other layout's view
     owner: int = -1
     alt_block_ids: list[int] | None = None
+    blocks_from: int = 0
 
 
 @dataclass

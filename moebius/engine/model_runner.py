@@ -107,6 +107,7 @@ class ModelRunner:
         )
         self.layer_modes = [self.layout.mode] * cfg.model.num_layers  # differ mid-switch
         self.inflight: deque[PendingStep] = deque()  # launched by a rank process, not finished
+        self._tables: dict[str, list[int]] = {}  # request id -> block table, last step's seqs
         t0 = time.perf_counter()
         self.weights = load_weights(
             self.model, cfg.model_dir, self.layout, self.dtype, self.device, seed=cfg.seed
@@ -164,6 +165,7 @@ class ModelRunner:
         decode-graph path); ``finish`` waits for its tokens. A token id ``INFLIGHT`` in a
         sequence's input is the token the previous launch sampled for it, read on the device
         (the engine schedules step N+1 before step N's tokens reach the host)."""
+        self._full_tables(step.seqs)
         if step.layer_modes is not None and len(set(step.layer_modes)) > 1:
             assert step.layer_modes == self.layer_modes, "layer modes out of step"
             return PendingStep(self.rank, done=self._execute_mixed(step))
@@ -203,6 +205,24 @@ class ModelRunner:
         pending = self._sample(logits, step.seqs)
         pending.expert_counts = counts
         return pending
+
+    def _full_tables(self, seqs: list[SeqWork]) -> None:
+        """Complete each sequence's block table in place: one that carries only the blocks
+        appended since the step before (``blocks_from`` > 0) gets the first ``blocks_from``
+        from this rank's copy of that step's table. Keeps this step's tables for the next."""
+        tables = {}
+        for s in seqs:
+            if s.blocks_from:
+                held = self._tables.get(s.request_id)
+                if held is None or len(held) != s.blocks_from:
+                    raise RuntimeError(
+                        f"rank {self.rank}: {s.request_id} sent {s.blocks_from} blocks as known, "
+                        f"this rank holds {None if held is None else len(held)}"
+                    )
+                held += s.block_ids
+                s.block_ids, s.blocks_from = held, 0
+            tables[s.request_id] = s.block_ids
+        self._tables = tables
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step's tokens and bring them to the host."""

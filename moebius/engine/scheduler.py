@@ -54,6 +54,9 @@ class Scheduler:
         self.num_finished = 0  # requests finished so far (the engine rescans groups on change)
         self.transition = None  # a progressive switch in flight (engine/progressive.py)
         self.num_admitted_mid_switch = 0
+        # request id -> (its table list, the length sent) for the requests of the last step's
+        # inputs: the ranks that got them hold that prefix (see ``_work``)
+        self._tables_sent: dict[str, tuple[list[int], int]] = {}
 
     def _make_managers(self, layout: str) -> list[BlockManager]:
         count = self.world_size if layout == "ep" else 1
@@ -238,8 +241,9 @@ class Scheduler:
         if self.transition is not None:
             return self._mixed_inputs(items)
         per_rank: list[list[SeqWork]] = [[] for _ in range(self.world_size)]
+        sent, self._tables_sent = self._tables_sent, {}
         for req, n in items:
-            work = self._work(req, n)
+            work = self._work(req, n, sent.get(req.request_id))
             if self.layout == "ep":
                 per_rank[req.owner_rank].append(work)
             else:
@@ -254,8 +258,9 @@ class Scheduler:
         """Mid-switch: every rank gets every sequence (its TP layers need them all), with the
         EP owner and both views' tables."""
         works, counts = [], [0] * self.world_size
+        self._tables_sent = {}  # whole tables this step and the next
         for req, n in items:
-            w = self._work(req, n)
+            w = self._work(req, n, None)
             w.owner, w.alt_block_ids = req.owner_rank, list(req.alt_block_ids)
             works.append(w)
             counts[req.owner_rank] += n
@@ -271,7 +276,10 @@ class Scheduler:
             req.num_tokens + req.num_inflight >= self.cfg.context_len
         )
 
-    def _work(self, req: Request, n: int) -> SeqWork:
+    def _work(self, req: Request, n: int, sent: tuple[list[int], int] | None) -> SeqWork:
+        """``req``'s share of the step; ``sent``: its table and the length the same ranks got
+        in the step before (then only the blocks appended since are sent). A table that was
+        replaced (admission, preemption, a switch) is another list object: sent whole."""
         start = req.num_computed_tokens
         tokens = req.token_slice(start, min(start + n, req.num_tokens))
         tokens += [INFLIGHT] * (start + n - req.num_tokens)  # the runner reads it on the device
@@ -281,12 +289,17 @@ class Scheduler:
         banned: list[int] = []
         if do_sample and num_out < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+        table = req.block_ids
+        num_blocks = len(table)
+        since = sent[1] if sent is not None and sent[0] is table and sent[1] <= num_blocks else 0
+        if self.transition is None:
+            self._tables_sent[req.request_id] = (table, num_blocks)
         # positional (SeqWork's field order): this runs for every sequence of every step.
-        # block_ids is copied: an abort from another thread may clear the request's table
-        # before a rank's message is pickled
-        return SeqWork(req.request_id, tokens, start, list(req.block_ids), do_sample,
+        # The table is sliced (a copy): an abort from another thread may clear the request's
+        # table before a rank's message is pickled
+        return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
-                       -1 if p.logprobs is None else p.logprobs, banned)
+                       -1 if p.logprobs is None else p.logprobs, banned, -1, None, since)
 
     eos_ids: tuple[int, ...] = ()
     record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)

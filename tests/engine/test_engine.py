@@ -132,6 +132,38 @@ def test_streamed_logprobs_match_the_final_output(llm):
             assert c.logprobs == f.logprobs[:n] and c.token_ids == f.token_ids[:n]
 
 
+def test_steps_send_only_the_blocks_appended_since(qwen_dir, monkeypatch):
+    """A decoding sequence's message carries only the block-table entries appended since its
+    step before; the runner's completed table is the scheduler's, and the tokens are those of
+    whole tables sent every step."""
+    from moebius.engine import scheduler as sched_mod
+    from moebius.engine.model_runner import ModelRunner
+
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with LLM(qwen_dir, block_size=4, async_scheduling=False) as llm:
+        ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+        eng, sent_from, original = llm.engine, [], ModelRunner._full_tables
+
+        def check(runner, seqs):
+            sent_from.extend((s.blocks_from, len(s.block_ids)) for s in seqs)
+            original(runner, seqs)
+            for s in seqs:
+                assert s.block_ids == eng.requests[s.request_id].block_ids
+
+        monkeypatch.setattr(ModelRunner, "_full_tables", check)
+        got = toks(llm.generate(ids, sp))
+        monkeypatch.undo()
+        deltas = [n for since, n in sent_from if since]
+        assert len(deltas) > len(sent_from) // 2 and max(deltas) <= 1  # a block a step at most
+
+        def whole(self, req, n, sent):  # every table sent whole
+            return work(self, req, n, None)
+
+        work = sched_mod.Scheduler._work
+        monkeypatch.setattr(sched_mod.Scheduler, "_work", whole)
+        assert toks(llm.generate(ids, sp)) == got
+
+
 def test_prefix_reads_like_the_list_it_was_then():
     """A streamed output's tokens: a view of the request's growing list, fixed at its length
     when reported (no copy a step)."""
