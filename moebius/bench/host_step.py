@@ -87,6 +87,12 @@ def message_ms(num_seqs: int, max_blocks: int, delta: bool) -> dict:
             "unpickle_ms": statistics.median(loads) * 1e3, "bytes": len(data)}
 
 
+def _write(rows: list[dict], path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -106,20 +112,14 @@ def main() -> None:
         for r in rows:
             print(f"{args.message} sequences, {r['tables']} tables: pickle {r['pickle_ms']:.2f} "
                   f"ms, unpickle {r['unpickle_ms']:.2f} ms, {r['bytes'] / 1e6:.3f} MB")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1)
-        return
+        return _write(rows, args.out)
     if args.segments > 1:
         rows = [{"batch": B, "segment_ms": host_ms(B, args.prompt_len, args.steps, args.segments)}
                 for B in args.batches]
         for r in rows:
             print(f"batch {r['batch']:4d}: ms/step by segment "
                   + " ".join(f"{m:.2f}" for m in r["segment_ms"]))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1)
-        return
+        return _write(rows, args.out)
     python_default, tuned = gc.get_threshold(), gc_tuning.GEN0
     rows = []
     for B in args.batches:
@@ -133,9 +133,7 @@ def main() -> None:
         rows.append(row)
         print(f"batch {B:4d}: engine host {row['tuned_ms']:.2f} ms/step "
               f"(with Python's GC threshold: {row['python_default_ms']:.2f})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    _write(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,8 @@ class Scheduler:
         sent, self._tables_sent = self._tables_sent, {}
         for req, n in items:
             work = self._work(req, n, sent.get(req.request_id))
+            self._tables_sent[req.request_id] = (req.block_ids,
+                                                 work.blocks_from + len(work.block_ids))
             if self.layout == "ep":
                 per_rank[req.owner_rank].append(work)
             else:
@@ -292,8 +294,6 @@ class Scheduler:
         table = req.block_ids
         num_blocks = len(table)
         since = sent[1] if sent is not None and sent[0] is table and sent[1] <= num_blocks else 0
-        if self.transition is None:
-            self._tables_sent[req.request_id] = (table, num_blocks)
         # positional (SeqWork's field order): this runs for every sequence of every step.
         # The table is sliced (a copy): an abort from another thread may clear the request's
         # table before a rank's message is pickled

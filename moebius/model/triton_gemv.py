@@ -33,7 +33,7 @@ MAX_TOKENS = 1  # more tokens: cuBLAS (2 tie, 3 and 4 lose; above)
 SLAB = int(os.environ.get("MOEBIUS_GEMV_SLAB", 16384))
 WARPS = int(os.environ.get("MOEBIUS_GEMV_WARPS", 8))
 # MOEBIUS_GEMV=0: cuBLAS for every projection (the A/B of the figures above)
-ENABLED = os.environ.get("MOEBIUS_GEMV", "1") == "1"
+ENABLED = os.environ.get("MOEBIUS_GEMV", "1") != "0"
 
 
 @triton.jit

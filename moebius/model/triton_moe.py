@@ -14,8 +14,8 @@
 
 At one rank and a few tokens, the router GEMM rides in the residual add + norm's launch and
 the softmax/top-k in the alignment program (``route_align``); ``experts_routed`` runs the two
-GEMMs on that plan.
-Each small launch costs ~3 µs on H200 whatever it does, a few % of a ~60 µs batch-1 layer.
+GEMMs on that plan. Each small launch costs ~3 µs on H200 whatever it does, a few % of a ~60
+µs batch-1 layer.
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
 sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at

@@ -335,10 +335,9 @@ def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
                                             (4, 0, 60, 4, False)])
 def test_norm_routes_then_aligns(T, R, E, K, renorm):
     """The add + norm + router launch, then top-k + alignment in one more launch: the norm's
-    outputs are add_rms_norm's bit for bit, the logits the
-    router GEMM's up to bf16 rounding, top-k and the experts' rows those of the separate
-    kernels on those logits bit for bit, close to the float64 reference; replayed in a graph
-    on fresh inputs too."""
+    outputs are add_rms_norm's bit for bit, the logits the router GEMM's up to bf16 rounding,
+    top-k and the experts' rows those of the separate kernels on those logits bit for bit,
+    close to the float64 reference; replayed in a graph on fresh inputs too."""
     from moebius.model import triton_norm
     from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
 
