@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# On one lent GPU: the GPU kernel tests (TESTS, TESTK: pytest -k), then decode steps (Qwen3-30B-A3B
-# shapes, random bf16, overlapped) at batches B with the defaults and with MOEBIUS_GEMV=0
-# (cuBLAS for one-token projections), kernel tables at KT, and the older tree in BASE if given;
-# then, with LADDER set, the issue-4 ladder and prefill (PREFILL) with the defaults. $OUT gets
-# the JSON. Session 7 (H100): `TESTS=tests/model/test_gpu_kernels.py LADDER="8 32 128 256"`
-# ran in 190 s.
+# On one lent GPU: the GPU kernel tests (TESTS, TESTK: pytest -k), the command in EXTRA (a kernel
+# bench), then decode steps (Qwen3-30B-A3B shapes, random bf16, overlapped) at batches B with
+# the defaults and with the environment in AB (default MOEBIUS_MOE_ONE=0: the experts of one
+# token in three launches), kernel tables at KT, and the older tree in BASE if given; then,
+# with LADDER set, the issue-4 ladder and prefill (PREFILL) with the defaults. $OUT gets the
+# JSON. Session 7 (H100): `TESTS=tests/model/test_gpu_kernels.py LADDER="8 32 128 256"` ran in
+# 190 s.
 source "$(dirname "$0")/gpu_common.sh"
 if [ -n "${TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:logging $TESTS ${TESTK:+-k "$TESTK"} 2>&1 \
@@ -16,8 +17,11 @@ bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env
     | grep -v '^{' | grep -v "^engine up\|^ *batch" | sed "s/^/[$1] /" | tail -${TAIL:-25}
   lap "$1"
 }
+if [ -n "${EXTRA:-}" ]; then
+  timeout ${EXTRA_TIMEOUT:-200} bash -c "$EXTRA" 2>&1 | quiet | tail -${EXTRA_TAIL:-30}; lap extra
+fi
 bench default "${B:-1 2 4}" "${KT:-1}" ""
-MOEBIUS_GEMV=0 bench cublas "${B:-1 2 4}" "${KT:-1}" ""
+(export ${AB:-MOEBIUS_MOE_ONE=0}; bench ab "${B:-1 2 4}" "${KT:-1}" "")
 if [ -n "${BASE:-}" ]; then (cd "$BASE" && PYTHONPATH=$PWD bench base "${B:-1 2 4}" "" ""); fi
 if [ -n "${LADDER:-}" ]; then
   TAIL=20 BENCH_TIMEOUT=${LADDER_TIMEOUT:-240} bench ladder "$LADDER" "" "${PREFILL:-1x2048 16x512}"

@@ -100,7 +100,7 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
 
 
-def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
+def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False, aligned=True):
     T, H = x.shape
     out = torch.empty_like(x)
     gather = parts is not None and not isinstance(parts, torch.Tensor)  # ops.ExpertRows
@@ -114,7 +114,8 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
         parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
         R = parts.shape[1]
     xout = x if parts is None else torch.empty_like(x)
-    routed = None if router is None else Routed(T, top_k, router.shape[0], x.dtype, x.device)
+    routed = None if router is None else Routed(T, top_k, router.shape[0], x.dtype, x.device,
+                                                renormalize, aligned)
     if T == 0:
         return xout, out, routed
     assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
@@ -145,7 +146,8 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
             **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
             **launch_kw(),
         )
-        route_align(routed, renormalize)
+        if aligned:
+            route_align(routed)
     return xout, out, routed
 
 
@@ -156,8 +158,9 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
 
 
 def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor, top_k: int,
-                       renormalize: bool):
+                       renormalize: bool, aligned: bool = True):
     """``add_rms_norm`` plus the routing of the normed rows (T ≤ ROUTE_FUSED_TOKENS, every
-    expert on this rank): a ``triton_moe.Routed`` (top-k ids, weights, the experts' plan)."""
+    expert on this rank): a ``triton_moe.Routed`` (top-k ids, weights, the experts' plan;
+    ``aligned=False``: the logits only, for triton_moe_one, whose launch does the top-k)."""
     assert 0 < top_k and x.shape[0] <= ROUTE_FUSED_TOKENS
-    return _launch(x, parts, weight, eps, router, top_k, renormalize)
+    return _launch(x, parts, weight, eps, router, top_k, renormalize, aligned)

@@ -418,3 +418,68 @@ def test_gemv_matches_reference(T, N, K, monkeypatch):
         x.copy_(torch.randn(T, K, device="cuda", generator=g))
         graph.replay()
         assert torch.equal(replayed, triton_gemv.gemv(x, w))
+
+
+@pytest.mark.parametrize("mode", ["1", "split"])
+@pytest.mark.parametrize("E,K,H,c,renorm", [(128, 8, 2048, 768, True), (60, 4, 512, 96, False),
+                                            (8, 2, 64, 32, True)])
+def test_one_token_experts_match_reference(mode, E, K, H, c, renorm, monkeypatch):
+    """One token's top-k and experts in one persistent launch (a grid barrier between gate/up
+    and down) and as two launches: the top-k of route_topk bit for bit, the rows those of the
+    three-launch path up to rounding, close to float64; replayed in a graph on fresh logits
+    (the barrier's counters carry over between replays), every output row written."""
+    from moebius.model import triton_moe_one
+    from moebius.model.triton_moe import experts_fused, route_topk
+
+    monkeypatch.setattr(triton_moe_one, "MODE", mode)
+    assert triton_moe_one.one_launch(1, H, c, torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(E + K + H)
+    x = torch.randn(1, H, device="cuda", generator=g).bfloat16()
+    logits = torch.randn(1, E, device="cuda", generator=g).bfloat16()
+    w13 = (torch.randn(E, 2 * c, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, c, H, device="cuda", generator=g) * c**-0.5).bfloat16()
+    ids = torch.full((1, K), -1, dtype=torch.long, device="cuda")
+    wts = torch.full((1, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+
+    def check(rows):
+        want_ids, want_w = route_topk(logits, K, renorm, torch.bfloat16)
+        assert torch.equal(ids, want_ids) and torch.equal(wts, want_w)
+        assert torch.isfinite(rows).all()
+        three = experts_fused(x, want_ids, want_w, w13, w2, reduce=False)
+        assert rel(rows, three) < 1e-2
+        ref = experts_reference(x.double(), want_ids, want_w.double(), w13.double(),
+                                w2.double())
+        assert 1e-4 < rel(rows.sum(1), ref) < 1e-2
+
+    check(triton_moe_one.experts_one(x, logits, ids, wts, w13, w2, renorm))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = triton_moe_one.experts_one(x, logits, ids, wts, w13, w2, renorm)
+    for _ in range(3):
+        logits.copy_(torch.randn(1, E, device="cuda", generator=g))
+        x.copy_(torch.randn(1, H, device="cuda", generator=g))
+        replayed.fill_(float("nan"))
+        graph.replay()
+        check(replayed)
+
+
+@pytest.mark.parametrize("mode", ["1", "split"])
+def test_engine_batch_one_matches_three_launch_experts(qwen_dir, mode, monkeypatch):
+    """Single-sequence bf16 decode in CUDA graphs with the one-token experts launch: the greedy
+    tokens of the three-launch experts, log-probs close."""
+    from moebius import LLM, SamplingParams
+    from moebius.model import triton_moe_one
+    from tests.conftest import PROMPTS
+
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=256)
+    outs = {}
+    for m in ("0", mode):
+        monkeypatch.setattr(triton_moe_one, "MODE", m)
+        with LLM(qwen_dir, **kw) as llm:
+            outs[m] = [llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0]
+                       for p in PROMPTS[:3]]
+    for x, y in zip(outs["0"], outs[mode], strict=True):
+        assert x.token_ids == y.token_ids
+        for lx, ly, t in zip(x.logprobs, y.logprobs, x.token_ids, strict=True):
+            assert abs(lx[t].logprob - ly[t].logprob) < 2e-2
