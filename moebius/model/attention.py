@@ -11,16 +11,22 @@ NB blocks, bs block size, S gathered context length.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model.triton_attention import FreshKV
     from moebius.model.triton_attention import paged_decode_attention as _triton_decode
     from moebius.model.triton_prefill import PrefillPlan, paged_prefill_attention
 except ImportError:  # pragma: no cover - depends on the install
-    _triton_decode = None
+    _triton_decode = FreshKV = None
+
+# MOEBIUS_QK_FOLD=0: decode steps norm, rotate and write q/k/v in a launch of their own
+# (triton_qk.py) instead of inside the attention's split kernel (the A/B of that fold).
+FOLD_QK = os.environ.get("MOEBIUS_QK_FOLD", "1") != "0"
 
 
 @dataclass
@@ -51,14 +57,30 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> torch.Tensor:
-    """q (T, nh, d) -> (T, nh, d), keys and values already written."""
+def _decode_only(q, meta: AttentionMeta) -> bool:
+    """Every token a decode token, on CUDA with Triton (every graph-replayed step): the batch
+    is the decode kernel's input, in order."""
+    return (q.is_cuda and _triton_decode is not None and not meta.prefills
+            and meta.decode_token_idx.numel() == q.shape[0])
+
+
+def folds_qk(q, meta: AttentionMeta) -> bool:
+    """Whether ``paged_attention`` takes this step's q/k/v as projected (``fresh``): the q/k
+    norm, rotary and KV write then run inside the decode kernel, one launch fewer a layer."""
+    d = q.shape[-1]
+    return FOLD_QK and _decode_only(q, meta) and d >= 16 and d & (d - 1) == 0
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float,
+                    fresh=None) -> torch.Tensor:
+    """q (T, nh, d) -> (T, nh, d), keys and values already written; or, where ``folds_qk``,
+    a ``FreshKV`` of the step's keys and values, normed, rotated and written here (q too)."""
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     triton_ok = q.is_cuda and _triton_decode is not None
-    if triton_ok and not meta.prefills and meta.decode_token_idx.numel() == q.shape[0]:
-        # decode only (every graph-replayed step): the batch is the kernel's input, in order
+    if _decode_only(q, meta):
         return _triton_decode(q, k_cache, v_cache, meta.decode_block_tables,
-                              meta.decode_ctx_lens, scale, meta.decode_max_context)
+                              meta.decode_ctx_lens, scale, meta.decode_max_context, fresh)
+    assert fresh is None
     out = torch.empty_like(q)
     if meta.decode_token_idx.numel() and triton_ok:
         out[meta.decode_token_idx] = _triton_decode(

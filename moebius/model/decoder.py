@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from moebius.config import ModelConfig
-from moebius.model.attention import AttentionMeta, paged_attention, write_kv
+from moebius.model.attention import (
+    AttentionMeta,
+    FreshKV,
+    folds_qk,
+    paged_attention,
+    write_kv,
+)
 from moebius.model.moe import dense_mlp, moe_forward, norm_and_route, route, routes_fused
 from moebius.model.ops import Rotary, add_rms_norm, project, rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
@@ -52,6 +58,11 @@ def attention_block(
         k = project(x, k_w).view(T, len(kvh), d)
         v = project(x, v_w).view(T, len(kvh), d)
     k_cache, v_cache = kv_cache
+    if folds_qk(q, meta):  # norm, rotary and the KV write inside the decode attention kernel
+        fresh = FreshKV(k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps, rotary.cos, rotary.sin,
+                        positions, meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5, fresh=fresh)
+        return _o_proj(o, lw, qh, d, T, layout, comm)
     if q.is_cuda and triton_qk is not None and triton_qk.supported(d):  # one launch for all
         q = triton_qk.qk_norm_rope_write(q, k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
                                          rotary.cos, rotary.sin, positions, k_cache, v_cache,
@@ -63,8 +74,12 @@ def attention_block(
         q, k = rotary.apply(q, positions), rotary.apply(k, positions)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
-    o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
-    out = project(o.reshape(T, -1), o_w)
+    return _o_proj(o, lw, qh, d, T, layout, comm)
+
+
+def _o_proj(o, lw: LayerWeights, qh: range, d: int, T: int, layout: Layout, comm: Comm):
+    """The output projection of this rank's heads, all-reduced under TP."""
+    out = project(o.reshape(T, -1), lw.o_proj[:, qh.start * d : qh.stop * d])
     return comm.all_reduce(out) if layout.is_tp else out
 
 

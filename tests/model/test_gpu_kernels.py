@@ -305,6 +305,41 @@ def test_fused_qk_norm_rope_write_matches_reference(dtype, norm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,nh,kvh,ctx_max,norm", [(1, 32, 4, 700, True), (7, 16, 2, 130, False),
+                                                   (64, 32, 4, 33, True)])
+def test_decode_attention_folds_qk_norm_rope_write(dtype, B, nh, kvh, ctx_max, norm):
+    """q/k norm, rotary and the KV write inside the decode kernel (FreshKV, split and single
+    split): the output and both caches bit for bit those of triton_qk's launch followed by the
+    plain decode kernel, on q/k/v views of one qkv output."""
+    from moebius.model.ops import Rotary
+    from moebius.model.triton_attention import FreshKV, paged_decode_attention
+    from moebius.model.triton_qk import qk_norm_rope_write
+
+    g = torch.Generator(device="cuda").manual_seed(B + nh)
+    d, bs, NB = 128, 16, 400
+    caches = [torch.randn(NB, bs, kvh, d, device="cuda", generator=g, dtype=dtype)
+              for _ in range(2)]
+    qkv = torch.randn(B, (nh + 2 * kvh) * d, device="cuda", generator=g, dtype=dtype)
+    q, k, v = qkv.split([nh * d, kvh * d, kvh * d], -1)
+    q, k, v = q.view(B, nh, d), k.view(B, kvh, d), v.view(B, kvh, d)
+    lens = torch.randint(1, ctx_max + 1, (B,), device="cuda", generator=g)
+    width = (ctx_max + bs - 1) // bs
+    tables = torch.randperm(NB, device="cuda", generator=g)[: B * width].view(B, width)
+    pos = lens - 1
+    slots = tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    qn = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype) if norm else None
+    kn = (torch.rand(d, device="cuda", generator=g) + 0.5).to(dtype) if norm else None
+    rot = Rotary(d, 1e6, 4096, "cuda")
+    k1, v1, k2, v2 = (c.clone() for c in caches + caches)
+    qr = qk_norm_rope_write(q, k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, k1, v1, slots)
+    want = paged_decode_attention(qr, k1, v1, tables, lens, d**-0.5, ctx_max)
+    fresh = FreshKV(k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, slots)
+    out = paged_decode_attention(q, k2, v2, tables, lens, d**-0.5, ctx_max, fresh)
+    assert torch.equal(out, want)
+    assert torch.equal(k2, k1) and torch.equal(v2, v1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,R,H", [(1, 0, 2048), (1, 1, 2048), (5, 8, 2048), (300, 8, 7168),
                                    (3, 2, 100)])
 def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
