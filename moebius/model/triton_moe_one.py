@@ -46,6 +46,8 @@ BH = int(os.environ.get("MOEBIUS_MOE_ONE_BH", 64))
 CK = int(os.environ.get("MOEBIUS_MOE_ONE_CK", 128))
 WARPS = int(os.environ.get("MOEBIUS_MOE_ONE_WARPS", 8))
 PER_SM = int(os.environ.get("MOEBIUS_MOE_ONE_PER_SM", 2))
+# "rank": top-k by counting each expert's rank (up to 128 experts); "argmax": K rounds of argmax
+TOPK = os.environ.get("MOEBIUS_MOE_ONE_TOPK", "rank")
 
 
 @triton.jit
@@ -74,17 +76,50 @@ def _pick(vec, cols, k):
 
 
 @triton.jit
+def _topk_by_rank(Logits, E, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                  RENORM: tl.constexpr, CH: tl.constexpr):
+    """``triton_moe.topk_values`` of one row with fewer reductions: each expert's rank (how many
+    come before it: a higher probability, or an equal one at a lower index), CH experts at a
+    time against all, and the K picks among them at once. Same ids and weights."""
+    offs_e = tl.arange(0, E_PAD)
+    x = tl.load(Logits + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
+    mx = tl.max(x, 0)
+    total = tl.sum(tl.exp(x - mx), 0)
+    p = tl.where(offs_e < E, tl.exp(x - mx) / total, -1.0)  # padding ranks last
+    cols = tl.arange(0, K_PAD)
+    ids = tl.zeros([K_PAD], tl.int32)
+    w = tl.zeros([K_PAD], tl.float32)
+    for i0 in tl.static_range(0, E_PAD, CH):
+        offs_i = i0 + tl.arange(0, CH)
+        xi = tl.load(Logits + offs_i, mask=offs_i < E, other=float("-inf")).to(tl.float32)
+        pi = tl.where(offs_i < E, tl.exp(xi - mx) / total, -1.0)  # the same values as p's
+        before = (p[None, :] > pi[:, None]) | ((p[None, :] == pi[:, None])
+                                               & (offs_e[None, :] < offs_i[:, None]))
+        rank = tl.sum(before.to(tl.int32), 1)  # (CH,)
+        hit = (rank[None, :] == cols[:, None]) & (cols[:, None] < K)  # (K_PAD, CH)
+        ids += tl.sum(tl.where(hit, offs_i[None, :], 0), 1)
+        w += tl.sum(tl.where(hit, pi[None, :], 0.0), 1)
+    if RENORM:
+        w = w / tl.sum(w, 0)
+    return ids.to(tl.int64), w
+
+
+@triton.jit
 def _one_token_kernel(X, Logits, Ids, Wts, W13, W2T, Act, Y, Bar, H, C, E, stride_ve,
                       stride_vc, stride_yk, K: tl.constexpr, K_PAD: tl.constexpr,
                       E_PAD: tl.constexpr, RENORM: tl.constexpr, NPROG: tl.constexpr,
                       BR: tl.constexpr, BLOCK_H: tl.constexpr, BH: tl.constexpr,
-                      CK: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr):
+                      CK: tl.constexpr, TOPK_RANK: tl.constexpr, PHASE: tl.constexpr,
+                      PDL: tl.constexpr):
     pid = tl.program_id(0)
     pdl_wait(PDL)
-    rows2 = tl.arange(0, 2)  # the token, and a masked row (Triton's smallest 2-D tile)
-    ids2, wts2 = topk_values(Logits, 1, E, 0, rows2, 2, K, K_PAD, E_PAD, RENORM)
-    ids = tl.sum(tl.where(rows2[:, None] == 0, ids2, 0), 0)
-    wts = tl.sum(tl.where(rows2[:, None] == 0, wts2, 0.0), 0)
+    if TOPK_RANK:
+        ids, wts = _topk_by_rank(Logits, E, K, K_PAD, E_PAD, RENORM, 32)
+    else:
+        rows2 = tl.arange(0, 2)  # the token, and a masked row (Triton's smallest 2-D tile)
+        ids2, wts2 = topk_values(Logits, 1, E, 0, rows2, 2, K, K_PAD, E_PAD, RENORM)
+        ids = tl.sum(tl.where(rows2[:, None] == 0, ids2, 0), 0)
+        wts = tl.sum(tl.where(rows2[:, None] == 0, wts2, 0.0), 0)
     wts = wts.to(Y.dtype.element_ty).to(tl.float32)  # stored in the model dtype, as top-k's
     cols = tl.arange(0, K_PAD)
     if pid == 0 and PHASE != 2:
@@ -163,7 +198,8 @@ def experts_one(x, logits, ids, weights, w13, w2t, renormalize: bool):
     act = torch.empty(K, c, dtype=x.dtype, device=x.device)
     y = torch.empty(1, K, H, dtype=x.dtype, device=x.device)
     consts = dict(K=K, K_PAD=triton.next_power_of_2(K), E_PAD=triton.next_power_of_2(E),
-                  RENORM=renormalize, BR=BR, BLOCK_H=triton.next_power_of_2(H), BH=BH, CK=CK)
+                  RENORM=renormalize, BR=BR, BLOCK_H=triton.next_power_of_2(H), BH=BH, CK=CK,
+                  TOPK_RANK=TOPK == "rank" and E <= 128)
     args = (x, logits, ids, weights, w13, w2t, act, y)
     tail = (H, c, E, w2t.stride(0), w2t.stride(1), y.stride(1))
     if MODE == "split" or not x.is_cuda:
