@@ -25,9 +25,9 @@ from moebius.model.moe import experts_reference
 from moebius.model.triton_barrier import barrier_counters, grid_barrier
 from moebius.model.triton_moe import Routed, experts_routed, route_align, route_topk
 
-# (BR, BH, CK, warps, programs an SM)
-CONFIGS = [(2, 64, 128, 8, 2), (2, 32, 256, 8, 2), (4, 64, 256, 8, 1), (4, 64, 256, 16, 1),
-           (2, 64, 128, 8, 1)]
+# (BR, BH, CK, warps, programs an SM, top-k)
+CONFIGS = [(2, 64, 128, 8, 2, "rank"), (2, 64, 128, 8, 2, "argmax"), (2, 32, 256, 8, 2, "rank"),
+           (4, 64, 256, 8, 1, "rank"), (2, 64, 128, 8, 1, "rank")]
 
 
 @triton.jit
@@ -71,8 +71,9 @@ def graph_ms(fn, calls: int, reps: int = 30) -> float:
     return sorted(times)[reps // 2] / calls
 
 
-def set_config(br, bh, ck, warps, per_sm, mode="1"):
-    one.BR, one.BH, one.CK, one.WARPS, one.PER_SM, one.MODE = br, bh, ck, warps, per_sm, mode
+def set_config(br, bh, ck, warps, per_sm, topk, mode="1"):
+    one.BR, one.BH, one.CK, one.WARPS, one.PER_SM = br, bh, ck, warps, per_sm
+    one.TOPK, one.MODE = topk, mode
 
 
 def main() -> None:
