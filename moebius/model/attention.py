@@ -24,9 +24,9 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
 except ImportError:  # pragma: no cover - depends on the install
     _triton_decode = FreshKV = None
 
-# MOEBIUS_QK_FOLD=0: decode steps norm, rotate and write q/k/v in a launch of their own
-# (triton_qk.py) instead of inside the attention's split kernel (the A/B of that fold).
-FOLD_QK = os.environ.get("MOEBIUS_QK_FOLD", "1") != "0"
+# MOEBIUS_QK_FOLD=1: decode steps norm, rotate and write q/k/v inside the attention's split
+# kernel instead of in a launch of their own (triton_qk.py); off until a GPU run has timed it.
+FOLD_QK = os.environ.get("MOEBIUS_QK_FOLD", "0") == "1"
 
 
 @dataclass

@@ -22,7 +22,8 @@ GEMM's outputs, the activation rounded, the routing weight applied to the rounde
 
 ``PHASE`` 1 then 2 runs the halves as two launches: for Triton's interpreter (programs run one
 after another, so a spin barrier never returns there) and for the A/B of the barrier
-(``MOEBIUS_MOE_ONE=split``). ``MOEBIUS_MOE_ONE=0``: the three launches of triton_moe.
+(``MOEBIUS_MOE_ONE=split``). ``MOEBIUS_MOE_ONE=1`` turns the one launch on; off (the three
+launches of triton_moe) until a GPU run has timed it.
 
 Shape legend: K top-k, E experts, P pieces, H hidden, c intermediate width, BR gate/up rows a
 unit, BH down columns a unit, CK down rows a chunk.
@@ -40,7 +41,8 @@ from moebius.model.triton_barrier import barrier_counters, grid_barrier, residen
 from moebius.model.triton_moe import topk_values
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
-MODE = os.environ.get("MOEBIUS_MOE_ONE", "1")  # "1" one launch, "split" two, "0" off
+# "1" one launch, "split" two, "0" off (the default until a GPU run has timed it: decisions.md)
+MODE = os.environ.get("MOEBIUS_MOE_ONE", "0")
 BR = int(os.environ.get("MOEBIUS_MOE_ONE_BR", 2))
 BH = int(os.environ.get("MOEBIUS_MOE_ONE_BH", 64))
 CK = int(os.environ.get("MOEBIUS_MOE_ONE_CK", 128))
