@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from moebius.bench.decode import copy_bandwidth
+from moebius.bench.gpu_timing import median_replay_seconds
 from moebius.config import preset
 from moebius.model import triton_moe_one as one
 from moebius.model.moe import experts_reference
@@ -60,15 +61,7 @@ def graph_ms(fn, calls: int, reps: int = 30) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2] / calls
+    return median_replay_seconds(g, reps) * 1e3 / calls
 
 
 def set_config(br, bh, ck, warps, per_sm, topk, mode="1"):
