@@ -1,0 +1,106 @@
+"""Triton kernels run by Triton's interpreter on the CPU (float32), against the reference ops.
+
+Run as ``TRITON_INTERPRET=1 python tests/model/interpreter_checks.py NAME`` (the variable must
+be set before the kernels are defined, so test_triton_interpreter.py starts a process a
+check). The GPU tests (test_gpu_kernels.py) check the same kernels compiled, in bf16 too; these
+catch a broken kernel on machines without a GPU. The interpreter runs programs one after
+another, so kernels with a grid barrier run in their two-launch mode here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from moebius.model.attention import write_kv
+from moebius.model.moe import _route_torch, experts_reference
+from moebius.model.ops import Rotary, rms_norm
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def one_token_experts() -> None:
+    """triton_moe_one: top-k (both variants) and the experts against the reference."""
+    from moebius.model import triton_moe_one
+
+    g = torch.Generator().manual_seed(0)
+    for E, K, H, c, renorm in [(16, 4, 128, 128, True), (8, 2, 256, 96, False),
+                               (128, 8, 128, 64, True)]:
+        x = torch.randn(1, H, generator=g)
+        router = torch.randn(E, H, generator=g) * H**-0.5
+        w13 = torch.randn(E, 2 * c, H, generator=g) * H**-0.5
+        w2 = torch.randn(E, c, H, generator=g) * c**-0.5
+        want_ids, want_w = _route_torch(x, router, K, renorm)
+        ref = experts_reference(x.double(), want_ids, want_w.double(), w13.double(),
+                                w2.double())
+        for topk in ("rank", "argmax"):
+            triton_moe_one.TOPK = topk
+            ids = torch.full((1, K), -1, dtype=torch.long)
+            wts = torch.full((1, K), float("nan"))
+            rows = triton_moe_one.experts_one(x, x @ router.T, ids, wts, w13, w2, renorm)
+            assert torch.equal(ids, want_ids), (topk, ids, want_ids)
+            assert rel(wts, want_w) < 1e-6 and rel(rows.sum(1), ref) < 1e-5
+    logits = torch.tensor([[1.0, 3, 3, 0, 2, 3, 1, 1, 0, 0, 5, 5, 0, 0, 0, 1]])  # ties
+    x, w13, w2 = torch.randn(1, 64), torch.randn(16, 64, 64), torch.randn(16, 32, 64)
+    for topk in ("rank", "argmax"):
+        triton_moe_one.TOPK = topk
+        ids, wts = torch.empty(1, 4, dtype=torch.long), torch.empty(1, 4)
+        triton_moe_one.experts_one(x, logits, ids, wts, w13, w2, True)
+        assert ids.tolist() == [[10, 11, 1, 2]], (topk, ids)  # equal ones: lowest index first
+
+
+def qk_norm_rope_write() -> None:
+    """triton_qk against rms_norm, Rotary and write_kv."""
+    from moebius.model.triton_qk import qk_norm_rope_write
+
+    d, nh, kvh, T = 32, 4, 2, 3
+    q, k, v = torch.randn(T, nh, d), torch.randn(T, kvh, d), torch.randn(T, kvh, d)
+    qn, kn = 1 + 0.1 * torch.randn(d), 1 + 0.1 * torch.randn(d)
+    rot = Rotary(d, 1e6, 512, "cpu")
+    pos, slots = torch.tensor([5, 100, 7]), torch.tensor([3, 40, 17])
+    kc, vc = torch.zeros(8, 16, kvh, d), torch.zeros(8, 16, kvh, d)
+    out = qk_norm_rope_write(q, k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, kc, vc, slots)
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv(kr, vr, rot.apply(rms_norm(k, kn, 1e-6), pos), v, slots)
+    assert rel(out, rot.apply(rms_norm(q, qn, 1e-6), pos)) < 1e-5
+    assert rel(kc, kr) < 1e-5 and torch.equal(vc, vr)
+
+
+def decode_attention_folds_qk() -> None:
+    """The decode kernel with FreshKV: bit for bit triton_qk's launch + the plain kernel."""
+    from moebius.model.triton_attention import FreshKV, paged_decode_attention
+    from moebius.model.triton_qk import qk_norm_rope_write
+
+    g = torch.Generator().manual_seed(1)
+    for B, nh, kvh, ctx_max, norm in [(1, 8, 2, 200, True), (3, 4, 4, 40, False)]:
+        d, bs, NB = 32, 16, 64
+        kc, vc = torch.randn(NB, bs, kvh, d, generator=g), torch.randn(NB, bs, kvh, d, generator=g)
+        qkv = torch.randn(B, (nh + 2 * kvh) * d, generator=g)
+        q, k, v = qkv.split([nh * d, kvh * d, kvh * d], -1)
+        q, k, v = q.view(B, nh, d), k.view(B, kvh, d), v.view(B, kvh, d)
+        lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
+        width = (ctx_max + bs - 1) // bs
+        tables = torch.randperm(NB, generator=g)[: B * width].view(B, width)
+        pos = lens - 1
+        slots = tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+        qn = 1 + 0.1 * torch.randn(d, generator=g) if norm else None
+        kn = 1 + 0.1 * torch.randn(d, generator=g) if norm else None
+        rot = Rotary(d, 1e6, 4096, "cpu")
+        k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        qr = qk_norm_rope_write(q, k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, k1, v1, slots)
+        want = paged_decode_attention(qr, k1, v1, tables, lens, d**-0.5, ctx_max)
+        fresh = FreshKV(k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, slots)
+        out = paged_decode_attention(q, k2, v2, tables, lens, d**-0.5, ctx_max, fresh)
+        assert torch.equal(out, want) and torch.equal(k2, k1) and torch.equal(v2, v1)
+
+
+CHECKS = {f.__name__: f for f in (one_token_experts, qk_norm_rope_write,
+                                  decode_attention_folds_qk)}
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    CHECKS[sys.argv[1]]()
+    print(f"{sys.argv[1]}: ok")
