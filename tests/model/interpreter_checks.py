@@ -97,8 +97,75 @@ def decode_attention_folds_qk() -> None:
         assert torch.equal(out, want) and torch.equal(k2, k1) and torch.equal(v2, v1)
 
 
+def norm_route_align_experts() -> None:
+    """The add + norm + router launch, top-k + alignment, the two expert GEMMs on that plan
+    and the three-launch experts_fused, against the reference."""
+    from moebius.model import triton_norm
+    from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
+
+    g = torch.Generator().manual_seed(2)
+    for T, R, E, K, renorm in [(1, 8, 128, 8, True), (3, 8, 16, 4, True), (5, 0, 12, 2, False)]:
+        H, c = 128, 64
+        x, w = torch.randn(T, H, generator=g), 1 + 0.1 * torch.randn(H, generator=g)
+        router = torch.randn(E, H, generator=g) * H**-0.5
+        parts = None if R == 0 else torch.randn(T, R, H, generator=g)
+        w13 = torch.randn(E, 2 * c, H, generator=g) * H**-0.5
+        w2 = torch.randn(E, c, H, generator=g) * c**-0.5
+        xo, h, routed = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm)
+        ref_x = x if parts is None else x + parts.sum(1)
+        assert rel(xo, ref_x) < 1e-6 and rel(h, rms_norm(ref_x, w, 1e-6)) < 1e-6
+        assert rel(routed.logits, h @ router.T) < 1e-5
+        ids, wts = route_topk(routed.logits, K, renorm, x.dtype)
+        want_ids, want_w = _route_torch(h, router, K, renorm)
+        assert torch.equal(routed.ids, ids) and torch.equal(ids, want_ids)
+        assert torch.equal(routed.weights, wts) and rel(wts, want_w) < 1e-6
+        plan = routed.plan  # every (token, k) pair once, in a block of its expert
+        rows, seen = plan.sorted_rows.view(-1, 16), []
+        for blk in range(plan.num_blocks):
+            for r in rows[blk].tolist():
+                if r < T * K:
+                    assert plan.block_piece[blk].item() == ids.flatten()[r].item()
+                    seen.append(r)
+        assert sorted(seen) == list(range(T * K))
+        ref = experts_reference(h.double(), ids, wts.double(), w13.double(), w2.double())
+        assert rel(experts_routed(h, routed, w13, w2).sum(1), ref) < 1e-5
+        assert rel(experts_fused(h, ids, wts, w13, w2), ref) < 1e-5
+
+
+def gemv() -> None:
+    """The one-token GEMV on a whole weight and on a column slice (a TP shard's view)."""
+    from moebius.model.triton_gemv import gemv
+
+    g = torch.Generator().manual_seed(3)
+    for T, N, K in [(1, 96, 256), (3, 100, 300)]:
+        x = torch.randn(T, K, generator=g)
+        whole = torch.randn(N, K + 64, generator=g)
+        for w in (whole[:, :K].contiguous(), whole[:, 32 : 32 + K]):
+            assert rel(gemv(x, w), x.double() @ w.double().T) < 1e-5
+
+
+def decode_attention() -> None:
+    """Split and merged decode attention over the paged pool against the SDPA path."""
+    from moebius.model.attention import AttentionMeta, paged_attention
+    from moebius.model.triton_attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(4)
+    for B, nh, kvh, ctx_max in [(1, 8, 2, 300), (3, 4, 4, 70)]:
+        d, bs, NB = 32, 16, 64
+        k, v = torch.randn(NB, bs, kvh, d, generator=g), torch.randn(NB, bs, kvh, d, generator=g)
+        q = torch.randn(B, nh, d, generator=g)
+        lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
+        width = (ctx_max + bs - 1) // bs
+        tables = torch.randperm(NB, generator=g)[: B * width].view(B, width)
+        out = paged_decode_attention(q, k, v, tables, lens, d**-0.5, ctx_max)
+        meta = AttentionMeta(torch.zeros(0, dtype=torch.long), torch.arange(B), tables, lens,
+                             [], ctx_max)
+        assert rel(out, paged_attention(q, k, v, meta, d**-0.5)) < 1e-5  # CPU: SDPA
+
+
 CHECKS = {f.__name__: f for f in (one_token_experts, qk_norm_rope_write,
-                                  decode_attention_folds_qk)}
+                                  decode_attention_folds_qk, norm_route_align_experts, gemv,
+                                  decode_attention)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)
