@@ -95,8 +95,9 @@ def _topk_by_rank(Logits, E, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.con
         offs_i = i0 + tl.arange(0, CH)
         xi = tl.load(Logits + offs_i, mask=offs_i < E, other=float("-inf")).to(tl.float32)
         pi = tl.where(offs_i < E, tl.exp(xi - mx) / total, -1.0)  # the same values as p's
-        before = (p[None, :] > pi[:, None]) | ((p[None, :] == pi[:, None])
-                                               & (offs_e[None, :] < offs_i[:, None]))
+        other = offs_e[None, :] != offs_i[:, None]  # never itself, whatever the rounding
+        before = other & ((p[None, :] > pi[:, None]) | ((p[None, :] == pi[:, None])
+                                                        & (offs_e[None, :] < offs_i[:, None])))
         rank = tl.sum(before.to(tl.int32), 1)  # (CH,)
         hit = (rank[None, :] == cols[:, None]) & (cols[:, None] < K)  # (K_PAD, CH)
         ids += tl.sum(tl.where(hit, offs_i[None, :], 0), 1)
