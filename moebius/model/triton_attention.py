@@ -3,7 +3,10 @@ that sequence's pages straight from the pool through its block table (no gather 
 query heads of the KV head's group at once, with an online softmax; a second small kernel
 merges the splits. With one split (from 34 sequences up at Qwen3's 4 KV heads) the split
 kernel stores the output itself and no merge is launched. Shapes are fixed by the batch, so it
-runs inside CUDA graphs.
+runs inside CUDA graphs. Given the step's q/k/v as projected (``FreshKV``), the split kernel
+also does triton_qk's work: each program norms and rotates its q heads, and the split holding
+the new token norms, rotates and writes its k and v before reading the context (one launch a
+layer fewer; ``MOEBIUS_QK_FOLD=1``, off until timed on a GPU).
 
 Measured and dropped (session 7, H100): the last split program of a (sequence, KV head)
 merging the splits in the same launch (arrival counters, with the router's top-k and alignment
