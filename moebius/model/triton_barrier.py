@@ -41,15 +41,20 @@ def barrier_counters(device: torch.device, site: str) -> torch.Tensor:
 
 
 def resident_programs(kernel, num_warps: int, device: torch.device) -> int:
-    """How many programs of the compiled ``kernel`` fit on ``device`` at once (registers,
-    threads and shared memory of every SM; at most 32 a SM)."""
+    """How many programs of the compiled ``kernel`` fit on ``device`` at once."""
     _ = kernel.run  # the property loads the binary, which sets n_regs
-    props = torch.cuda.get_device_properties(device)
-    threads = 32 * num_warps
-    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (max(kernel.n_regs, 1) * threads)
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // threads
-    smem = kernel.metadata.shared
-    by_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10) // max(smem, 1)
+    return programs_that_fit(kernel.n_regs, kernel.metadata.shared, num_warps,
+                             torch.cuda.get_device_properties(device))
+
+
+def programs_that_fit(regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of ``num_warps`` warps, ``regs`` registers a thread and ``shared`` bytes of
+    shared memory that ``props``' GPU holds at once: every SM's registers (allocated per warp
+    in units of 256), threads and shared memory; at most 32 a SM."""
+    warp_regs = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (warp_regs * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10) // max(shared, 1)
     return props.multi_processor_count * min(by_regs, by_threads, by_smem, 32)
 
 
