@@ -163,9 +163,53 @@ def decode_attention() -> None:
         assert rel(out, paged_attention(q, k, v, meta, d**-0.5)) < 1e-5  # CPU: SDPA
 
 
+def prefill_attention() -> None:
+    """Every prefill chunk in one launch (some after a cached prefix) against SDPA."""
+    from moebius.model.attention import AttentionMeta, PrefillChunk, paged_attention
+    from moebius.model.triton_prefill import PrefillPlan, paged_prefill_attention
+
+    g = torch.Generator().manual_seed(5)
+    nh, kvh, d, bs, NB = 4, 2, 32, 16, 64
+    k, v = torch.randn(NB, bs, kvh, d, generator=g), torch.randn(NB, bs, kvh, d, generator=g)
+    perm, chunks, T = torch.randperm(NB, generator=g).tolist(), [], 0
+    for start_pos, n in [(0, 1), (0, 37), (48, 21), (17, 70)]:
+        nb = (start_pos + n + bs - 1) // bs
+        table, perm = perm[:nb], perm[nb:]
+        chunks.append(PrefillChunk(T, n, start_pos, torch.tensor(table)))
+        T += n
+    q = torch.randn(T, nh, d, generator=g)
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, k, v, PrefillPlan.build(chunks, "cpu"), d**-0.5, out)
+    meta = AttentionMeta(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                         torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                         chunks)
+    assert rel(out, paged_attention(q, k, v, meta, d**-0.5)) < 1e-5  # CPU: SDPA per chunk
+
+
+def mla_decode() -> None:
+    """The MLA decode kernel (latents as one MQA head, c as the value) against the torch
+    latent attention."""
+    from moebius.model.attention import AttentionMeta
+    from moebius.model.mla import latent_attention
+    from moebius.model.triton_mla import paged_mla_decode
+
+    g = torch.Generator().manual_seed(6)
+    for B, nh, ctx_max in [(1, 4, 200), (3, 8, 40)]:
+        r, dr, bs, NB = 64, 16, 16, 64
+        cache = torch.randn(NB, bs, 1, r + dr, generator=g)
+        q = torch.randn(B, nh, r + dr, generator=g) * 0.1
+        lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
+        width = (ctx_max + bs - 1) // bs
+        tables = torch.randperm(NB, generator=g)[: B * width].view(B, width)
+        out = paged_mla_decode(q, cache, tables, lens, 0.07, ctx_max, r)
+        meta = AttentionMeta(torch.zeros(0, dtype=torch.long), torch.arange(B), tables, lens,
+                             [], ctx_max)
+        assert rel(out, latent_attention(q, cache, meta, 0.07, r)) < 1e-5  # CPU: torch
+
+
 CHECKS = {f.__name__: f for f in (one_token_experts, qk_norm_rope_write,
                                   decode_attention_folds_qk, norm_route_align_experts, gemv,
-                                  decode_attention)}
+                                  decode_attention, prefill_attention, mla_decode)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)
