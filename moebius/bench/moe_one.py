@@ -23,7 +23,7 @@ from moebius.bench.gpu_timing import median_replay_seconds
 from moebius.config import preset
 from moebius.model import triton_moe_one as one
 from moebius.model.moe import experts_reference
-from moebius.model.triton_barrier import barrier_counters, grid_barrier
+from moebius.model.triton_barrier import grid_barrier
 from moebius.model.triton_moe import Routed, experts_routed, route_align, route_topk
 
 # (BR, BH, CK, warps, programs an SM, top-k)
@@ -122,7 +122,6 @@ def main() -> None:
                     one.experts_one(x[i], r.logits, r.ids, r.weights, w13[i], w2[i],
                                     r.renormalize)
             variants.append((f"{'one' if mode == '1' else 'split'} {cfg}", cfg, fused))
-    barrier_counters(torch.device("cuda", 0), "moe_one")
     for name, cfg, fn in variants:
         try:
             if cfg is None:

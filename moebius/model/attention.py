@@ -21,6 +21,7 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model.triton_attention import FreshKV
     from moebius.model.triton_attention import paged_decode_attention as _triton_decode
     from moebius.model.triton_prefill import PrefillPlan, paged_prefill_attention
+    from moebius.model.triton_qk import supported as head_dim_ok  # tl.arange: a power of two
 except ImportError:  # pragma: no cover - depends on the install
     _triton_decode = FreshKV = None
 
@@ -67,8 +68,7 @@ def _decode_only(q, meta: AttentionMeta) -> bool:
 def folds_qk(q, meta: AttentionMeta) -> bool:
     """Whether ``paged_attention`` takes this step's q/k/v as projected (``fresh``): the q/k
     norm, rotary and KV write then run inside the decode kernel, one launch fewer a layer."""
-    d = q.shape[-1]
-    return FOLD_QK and _decode_only(q, meta) and d >= 16 and d & (d - 1) == 0
+    return FOLD_QK and _decode_only(q, meta) and head_dim_ok(q.shape[-1])
 
 
 def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float,
@@ -102,8 +102,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float,
         mask = (pos[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[meta.decode_token_idx] = o.squeeze(2)
-    d_ok = d >= 16 and d & (d - 1) == 0  # tl.arange needs a power of two
-    if meta.prefills and triton_ok and d_ok:
+    if meta.prefills and triton_ok and head_dim_ok(d):
         if meta.prefill_plan is None:
             meta.prefill_plan = PrefillPlan.build(meta.prefills, q.device)
         paged_prefill_attention(q, k_cache, v_cache, meta.prefill_plan, scale, out)
