@@ -24,9 +24,15 @@ from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model import triton_qk
+    from moebius.model import triton_gemv, triton_qk
 except ImportError:  # pragma: no cover - depends on the install
-    triton_qk = None
+    triton_gemv = triton_qk = None
+
+
+def _whole_qkv(lw: LayerWeights, cfg: ModelConfig, layout: Layout) -> bool:
+    """Whether this rank projects every head, through the one q/k/v weight."""
+    return (lw.qkv_proj is not None and len(layout.q_heads(cfg)) == cfg.num_heads
+            and len(layout.kv_heads(cfg)) == cfg.num_kv_heads)
 
 
 def attention_block(
@@ -40,23 +46,24 @@ def attention_block(
     positions,
     kv_cache,
     meta: AttentionMeta,
+    qkv=None,
 ):
     """Self-attention. TP: this rank's head slice (views of the whole weights), o_proj
     row-parallel and all-reduced. EP (or one rank): all heads, one q/k/v GEMM, no
-    communication."""
+    communication. ``qkv``: that GEMM's output, already computed (x is then unused)."""
     d = cfg.head_dim
     qh, kvh = layout.q_heads(cfg), layout.kv_heads(cfg)
-    q_w = lw.q_proj[qh.start * d : qh.stop * d]
-    k_w = lw.k_proj[kvh.start * d : kvh.stop * d]
-    v_w = lw.v_proj[kvh.start * d : kvh.stop * d]
-    T = x.shape[0]
-    if lw.qkv_proj is not None and len(qh) == cfg.num_heads and len(kvh) == cfg.num_kv_heads:
-        q, k, v = project(x, lw.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
+    if qkv is None and _whole_qkv(lw, cfg, layout):
+        qkv = project(x, lw.qkv_proj)
+    if qkv is not None:
+        T = qkv.shape[0]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
         q, k, v = q.view(T, len(qh), d), k.view(T, len(kvh), d), v.view(T, len(kvh), d)
     else:  # a TP shard: this rank's head slices of the three views
-        q = project(x, q_w).view(T, len(qh), d)
-        k = project(x, k_w).view(T, len(kvh), d)
-        v = project(x, v_w).view(T, len(kvh), d)
+        T = x.shape[0]
+        q = project(x, lw.q_proj[qh.start * d : qh.stop * d]).view(T, len(qh), d)
+        k = project(x, lw.k_proj[kvh.start * d : kvh.stop * d]).view(T, len(kvh), d)
+        v = project(x, lw.v_proj[kvh.start * d : kvh.stop * d]).view(T, len(kvh), d)
     k_cache, v_cache = kv_cache
     if folds_qk(q, meta):  # norm, rotary and the KV write inside the decode attention kernel
         fresh = FreshKV(k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps, rotary.cos, rotary.sin,
@@ -91,10 +98,15 @@ def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, l
     is added in the same launch as the input norm. Returns (residual, this layer's output)."""
     lw = weights.layers[i]
     eps = cfg.rms_norm_eps
-    x, h = add_rms_norm(x, pending, lw.input_norm, eps)
+    qkv = None
+    if (x.shape[0] and triton_gemv is not None and _whole_qkv(lw, cfg, layout)
+            and triton_gemv.folds_norm(x, lw.qkv_proj)):  # the add + norm in the GEMV's launch
+        x, h, qkv = triton_gemv.norm_gemv(x, pending, lw.input_norm, eps, lw.qkv_proj)
+    else:
+        x, h = add_rms_norm(x, pending, lw.input_norm, eps)
     if x.shape[0]:
         h = attention_block(
-            h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
+            h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta, qkv
         )
     if lw.router is None:
         x, h = add_rms_norm(x, h, lw.post_norm, eps)

@@ -35,7 +35,7 @@ from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
 @triton.jit
-def _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+def add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                   stride_pr, stride_xo, stride_ot, WRITE, HAS_PARTS: tl.constexpr,
                   GATHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
     """Token t's new residual and normed row (float32 values of the rounded outputs); stores
@@ -74,7 +74,7 @@ def _add_rms_norm_kernel(X, Parts, Index, RowW, W, Xout, Out, H, R, eps, stride_
                          PDL: tl.constexpr):
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
-    _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+    add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                   stride_pr, stride_xo, stride_ot, True, HAS_PARTS, GATHER, R_PAD, BLOCK_H)
 
 
@@ -93,7 +93,7 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
     r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
     pdl_wait(PDL)
-    h = _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+    h = add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                       stride_pr, stride_xo, stride_ot, eb == 0, HAS_PARTS, GATHER, R_PAD,
                       BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be

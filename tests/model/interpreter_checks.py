@@ -144,6 +144,24 @@ def gemv() -> None:
             assert rel(gemv(x, w), x.double() @ w.double().T) < 1e-5
 
 
+def norm_gemv() -> None:
+    """The q/k/v GEMV that does the layer's input add + norm itself: the same residual, normed
+    rows and projection as ops.add_rms_norm then the GEMV, with no parts, (T, H) and (T, R, H)."""
+    from moebius.model.ops import add_rms_norm
+    from moebius.model.triton_gemv import norm_gemv
+
+    g = torch.Generator().manual_seed(4)
+    H, N = 192, 80
+    x = torch.randn(1, H, generator=g)
+    w = torch.randn(N, H, generator=g)
+    nw = torch.rand(H, generator=g) + 0.5
+    for parts in (None, torch.randn(1, H, generator=g), torch.randn(1, 3, H, generator=g)):
+        x_new, h, y = norm_gemv(x, parts, nw, 1e-6, w)
+        x_ref, h_ref = add_rms_norm(x, parts, nw, 1e-6)
+        assert rel(x_new, x_ref) < 1e-6 and rel(h, h_ref) < 1e-6
+        assert rel(y, h_ref.double() @ w.double().T) < 1e-5
+
+
 def decode_attention() -> None:
     """Split and merged decode attention over the paged pool against the SDPA path."""
     from moebius.model.attention import AttentionMeta, paged_attention
@@ -209,7 +227,7 @@ def mla_decode() -> None:
 
 CHECKS = {f.__name__: f for f in (one_token_experts, qk_norm_rope_write,
                                   decode_attention_folds_qk, norm_route_align_experts, gemv,
-                                  decode_attention, prefill_attention, mla_decode)}
+                                  norm_gemv, decode_attention, prefill_attention, mla_decode)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

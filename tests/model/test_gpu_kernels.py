@@ -518,3 +518,54 @@ def test_engine_batch_one_matches_three_launch_experts(qwen_dir, mode, monkeypat
         assert x.token_ids == y.token_ids
         for lx, ly, t in zip(x.logprobs, y.logprobs, x.token_ids, strict=True):
             assert abs(lx[t].logprob - ly[t].logprob) < 2e-2
+
+
+@pytest.mark.parametrize("R,H,N", [(8, 2048, 5120), (0, 2048, 5120), (1, 1024, 700), (3, 96, 64)])
+def test_norm_gemv_is_the_two_launches(R, H, N):
+    """The q/k/v GEMV that does the layer's input add + norm: bit-for-bit the residual, normed
+    rows and projection of triton_norm's launch then the GEMV, eager and in a graph."""
+    from moebius.model import triton_gemv, triton_norm
+
+    g = torch.Generator(device="cuda").manual_seed(R * 31 + H)
+    x = torch.randn(1, H, device="cuda", generator=g).bfloat16()
+    parts = None if R == 0 else torch.randn(1, R, H, device="cuda", generator=g).bfloat16()
+    nw = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16()
+    w = (torch.randn(N, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+
+    def two_launches():
+        x_new, h = triton_norm.add_rms_norm(x, parts, nw, 1e-6)
+        return x_new, h, triton_gemv.gemv(h, w)
+
+    for got, want in zip(triton_gemv.norm_gemv(x, parts, nw, 1e-6, w), two_launches(),
+                         strict=True):
+        assert torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = triton_gemv.norm_gemv(x, parts, nw, 1e-6, w)
+    x.copy_(torch.randn(1, H, device="cuda", generator=g))
+    for out in replayed:
+        out.fill_(float("nan"))
+    graph.replay()
+    for got, want in zip(replayed, two_launches(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_engine_batch_one_folds_the_input_norm(qwen_dir, monkeypatch):
+    """Single-sequence bf16 decode in CUDA graphs with the input add + norm in the q/k/v GEMV:
+    the same tokens and log-probs as the separate launches (the same rounding)."""
+    from moebius import LLM, SamplingParams
+    from moebius.model import triton_gemv
+    from tests.conftest import PROMPTS
+
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=256)
+    outs = {}
+    for fold in (False, True):
+        monkeypatch.setattr(triton_gemv, "FOLD_NORM", fold)
+        with LLM(qwen_dir, **kw) as llm:
+            outs[fold] = [llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0]
+                          for p in PROMPTS[:3]]
+    for x, y in zip(outs[False], outs[True], strict=True):
+        assert x.token_ids == y.token_ids
+        assert [lp[t].logprob for lp, t in zip(x.logprobs, x.token_ids, strict=True)] == \
+            [lp[t].logprob for lp, t in zip(y.logprobs, y.token_ids, strict=True)]
