@@ -1,8 +1,11 @@
 """Paged decode attention in Triton: one program per (sequence, KV head, context split) reads
 that sequence's pages straight from the pool through its block table (no gather copy), for all
 query heads of the KV head's group at once, with an online softmax; a second small kernel
-merges the splits. With one split (from 34 sequences up at Qwen3's 4 KV heads) the split
-kernel stores the output itself and no merge is launched. Shapes are fixed by the batch, so it
+merges the splits. A split past its sequence's context stores nothing and the merge reads
+only the splits that hold context (CUDA graphs size the splits for the longest context the
+engine allows, so at batch 1 most of 64 splits are past a short one). With one split (from 34
+sequences up at Qwen3's 4 KV heads) the split kernel stores the output itself and no merge is
+launched. Shapes are fixed by the batch, so it
 runs inside CUDA graphs. Given the step's q/k/v as projected (``FreshKV``), the split kernel
 also does triton_qk's work: each program norms and rotates its q heads, and the split holding
 the new token norms, rotates and writes its k and v before reading the context (one launch a
@@ -141,16 +144,17 @@ def _decode_split_kernel(
         out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=gmask[:, None])
-    else:
+    else:  # a split past the context stores nothing (the merge reads only the ones before)
         empty = start >= ctx
+        keep = gmask & (~empty | (split == 0))
         out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
         tl.store(
             Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
             out,
-            mask=gmask[:, None],
+            mask=keep[:, None],
         )
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
 
 
 @triton.jit
@@ -158,6 +162,7 @@ def _merge_kernel(
     Mid,
     Lse,
     O,
+    ctx_lens,
     stride_mb,
     stride_mh,
     stride_ms,
@@ -167,6 +172,7 @@ def _merge_kernel(
     stride_oh,
     S: tl.constexpr,
     S_PAD: tl.constexpr,
+    SPLIT_LEN: tl.constexpr,
     D: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -175,7 +181,10 @@ def _merge_kernel(
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
-    smask = offs_s < S
+    # only the splits that hold context (at least the first): the graphs' splits are sized for
+    # the longest context, most of them past a short one
+    active = tl.maximum(tl.cdiv(tl.load(ctx_lens + b), SPLIT_LEN), 1)
+    smask = offs_s < tl.minimum(active, S)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
     mx = tl.max(lse, 0)
     w = tl.where(smask, tl.exp(lse - mx), 0.0)
@@ -248,9 +257,10 @@ def paged_decode_attention(
     )
     if splits > 1:
         _merge_kernel[(B, nh)](
-            mid, lse, out, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
+            mid, lse, out, ctx_lens, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), S=splits,
-            S_PAD=max(2, triton.next_power_of_2(splits)), D=d, **launch_kw(),
+            S_PAD=max(2, triton.next_power_of_2(splits)), SPLIT_LEN=split_len, D=d,
+            **launch_kw(),
         )
     return out
 

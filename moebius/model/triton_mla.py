@@ -94,14 +94,15 @@ def _mla_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
         m = m_new
     empty = start >= ctx
+    keep = hmask & (~empty | (split == 0))  # as triton_attention: the merge reads no others
     out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
     tl.store(
         Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_r[None, :],
         out,
-        mask=hmask[:, None],
+        mask=keep[:, None],
     )
-    tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
+    tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
 
 
 def supported(r: int, dr: int) -> bool:
@@ -152,6 +153,7 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         mid,
         lse,
         out,
+        ctx_lens,
         mid.stride(0),
         mid.stride(1),
         mid.stride(2),
@@ -161,6 +163,7 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         out.stride(1),
         S=splits,
         S_PAD=max(2, triton.next_power_of_2(splits)),
+        SPLIT_LEN=split_len,
         D=r,
         **launch_kw(),
     )

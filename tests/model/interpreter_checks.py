@@ -173,12 +173,17 @@ def decode_attention() -> None:
         k, v = torch.randn(NB, bs, kvh, d, generator=g), torch.randn(NB, bs, kvh, d, generator=g)
         q = torch.randn(B, nh, d, generator=g)
         lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
+        lens[0] = ctx_max  # every split holds context
         width = (ctx_max + bs - 1) // bs
         tables = torch.randperm(NB, generator=g)[: B * width].view(B, width)
-        out = paged_decode_attention(q, k, v, tables, lens, d**-0.5, ctx_max)
         meta = AttentionMeta(torch.zeros(0, dtype=torch.long), torch.arange(B), tables, lens,
                              [], ctx_max)
-        assert rel(out, paged_attention(q, k, v, meta, d**-0.5)) < 1e-5  # CPU: SDPA
+        ref = paged_attention(q, k, v, meta, d**-0.5)  # CPU: SDPA
+        # splits sized for the longest context, and (as CUDA graphs do) for a far longer one:
+        # the splits past a sequence's context are neither stored nor merged
+        for max_context in (ctx_max, 8 * ctx_max):
+            out = paged_decode_attention(q, k, v, tables, lens, d**-0.5, max_context)
+            assert rel(out, ref) < 1e-5
 
 
 def prefill_attention() -> None:
@@ -219,10 +224,12 @@ def mla_decode() -> None:
         lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
         width = (ctx_max + bs - 1) // bs
         tables = torch.randperm(NB, generator=g)[: B * width].view(B, width)
-        out = paged_mla_decode(q, cache, tables, lens, 0.07, ctx_max, r)
+        lens[0] = ctx_max
         meta = AttentionMeta(torch.zeros(0, dtype=torch.long), torch.arange(B), tables, lens,
                              [], ctx_max)
-        assert rel(out, latent_attention(q, cache, meta, 0.07, r)) < 1e-5  # CPU: torch
+        ref = latent_attention(q, cache, meta, 0.07, r)  # CPU: torch
+        for max_context in (ctx_max, 8 * ctx_max):  # as decode_attention's
+            assert rel(paged_mla_decode(q, cache, tables, lens, 0.07, max_context, r), ref) < 1e-5
 
 
 CHECKS = {f.__name__: f for f in (one_token_experts, qk_norm_rope_write,
