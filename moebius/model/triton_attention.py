@@ -1,11 +1,12 @@
 """Paged decode attention in Triton: one program per (sequence, KV head, context split) reads
 that sequence's pages straight from the pool through its block table (no gather copy), for all
 query heads of the KV head's group at once, with an online softmax; a second small kernel
-merges the splits. A split past its sequence's context stores nothing and the merge reads
-only the splits that hold context (CUDA graphs size the splits for the longest context the
-engine allows, so at batch 1 most of 64 splits are past a short one). With one split (from 34
-sequences up at Qwen3's 4 KV heads) the split kernel stores the output itself and no merge is
-launched. Shapes are fixed by the batch, so it
+merges the splits. The number of splits S follows the batch and the longest context the launch
+allows (in CUDA graphs: the engine's), and each sequence divides its own context among them
+(whole tiles; a split past it stores nothing and the merge reads only those before), so a
+short context in a graph sized for 40,960 tokens is still spread over many programs instead
+of one reading it all. With one split (from 34 sequences up at Qwen3's 4 KV heads) the split
+kernel stores the output itself and no merge is launched. Shapes are fixed by the batch, so it
 runs inside CUDA graphs. Given the step's q/k/v as projected (``FreshKV``), the split kernel
 also does triton_qk's work: each program norms and rotates its q heads, and the split holding
 the new token norms, rotates and writes its k and v before reading the context (one launch a
@@ -77,7 +78,6 @@ def _decode_split_kernel(
     BS: tl.constexpr,
     D: tl.constexpr,
     TILE_N: tl.constexpr,
-    SPLIT_LEN: tl.constexpr,
     S: tl.constexpr,
     IEEE: tl.constexpr,
     FRESH: tl.constexpr,
@@ -89,7 +89,8 @@ def _decode_split_kernel(
     h = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_lens + b)
-    start = split * SPLIT_LEN
+    split_len = split_length(ctx, S, TILE_N)
+    start = split * split_len
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, TILE_N)
@@ -100,7 +101,7 @@ def _decode_split_kernel(
         q = norm_rope(Q + b * stride_qb + h * GROUP * stride_qh, q_norm, cos, sin, pos, eps,
                       stride_rp, stride_qh, offs_g, gmask, D, NORM, K.dtype.element_ty)
         q = q.to(K.dtype.element_ty)
-        if tl.maximum(ctx - 1, 0) // SPLIT_LEN == split:  # every row writes, as triton_qk
+        if tl.maximum(ctx - 1, 0) // split_len == split:  # every row writes, as triton_qk
             one = tl.arange(0, 1)
             k_new = norm_rope(Kn + b * stride_knb + h * stride_knh, k_norm, cos, sin, pos, eps,
                               stride_rp, 0, one, one < 1, D, NORM, K.dtype.element_ty)
@@ -118,7 +119,7 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    end = tl.minimum(start + SPLIT_LEN, ctx)
+    end = tl.minimum(start + split_len, ctx)
     for t0 in range(start, end, TILE_N):
         tok = t0 + offs_n
         tmask = tok < end
@@ -172,7 +173,7 @@ def _merge_kernel(
     stride_oh,
     S: tl.constexpr,
     S_PAD: tl.constexpr,
-    SPLIT_LEN: tl.constexpr,
+    UNIT: tl.constexpr,
     D: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -181,10 +182,9 @@ def _merge_kernel(
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
-    # only the splits that hold context (at least the first): the graphs' splits are sized for
-    # the longest context, most of them past a short one
-    active = tl.maximum(tl.cdiv(tl.load(ctx_lens + b), SPLIT_LEN), 1)
-    smask = offs_s < tl.minimum(active, S)
+    # only the splits that hold context (at least the first)
+    ctx = tl.load(ctx_lens + b)
+    smask = offs_s < tl.maximum(tl.cdiv(ctx, split_length(ctx, S, UNIT)), 1)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
     mx = tl.max(lse, 0)
     w = tl.where(smask, tl.exp(lse - mx), 0.0)
@@ -196,6 +196,13 @@ def _merge_kernel(
     )
     out = tl.sum(mid * w[:, None], 0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+@triton.jit
+def split_length(ctx, S: tl.constexpr, UNIT: tl.constexpr):
+    """Tokens in each of a sequence's S context splits: its own context over S, in whole
+    UNITs (the splits past it hold nothing)."""
+    return tl.cdiv(tl.cdiv(tl.maximum(ctx, 1), S), UNIT) * UNIT
 
 
 def num_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
@@ -231,7 +238,6 @@ def paged_decode_attention(
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     group = nh // kvh
     splits = num_splits(B, kvh, max_context)
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE
     out = torch.empty_like(q)
     mid = lse = out  # one split: the split kernel stores the output itself
     if splits > 1:
@@ -248,7 +254,6 @@ def paged_decode_attention(
         BS=bs,
         D=d,
         TILE_N=TILE,
-        SPLIT_LEN=split_len,
         S=splits,
         IEEE=q.dtype == torch.float32,
         FRESH=fresh is not None,
@@ -259,7 +264,7 @@ def paged_decode_attention(
         _merge_kernel[(B, nh)](
             mid, lse, out, ctx_lens, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), S=splits,
-            S_PAD=max(2, triton.next_power_of_2(splits)), SPLIT_LEN=split_len, D=d,
+            S_PAD=max(2, triton.next_power_of_2(splits)), UNIT=TILE, D=d,
             **launch_kw(),
         )
     return out

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_attention import _merge_kernel, num_splits
+from moebius.model.triton_attention import _merge_kernel, num_splits, split_length
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 TILE = 32  # latents per inner iteration
@@ -49,7 +49,8 @@ def _mla_split_kernel(
     HT: tl.constexpr,
     BS: tl.constexpr,
     TILE_N: tl.constexpr,
-    SPLIT_LEN: tl.constexpr,
+    S: tl.constexpr,
+    UNIT: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -59,7 +60,8 @@ def _mla_split_kernel(
     split = tl.program_id(2)
     hmask = heads < NH
     ctx = tl.load(ctx_lens + b)
-    start = split * SPLIT_LEN
+    split_len = split_length(ctx, S, UNIT)
+    start = split * split_len
     offs_r = tl.arange(0, R)
     offs_p = tl.arange(0, DR)
     offs_n = tl.arange(0, TILE_N)
@@ -69,7 +71,7 @@ def _mla_split_kernel(
     m = tl.full([HT], float("-inf"), tl.float32)
     l_sum = tl.zeros([HT], tl.float32)
     acc = tl.zeros([HT, R], tl.float32)
-    end = tl.minimum(start + SPLIT_LEN, ctx)
+    end = tl.minimum(start + split_len, ctx)
     for t0 in range(start, end, TILE_N):
         tok = t0 + offs_n
         tmask = tok < end
@@ -116,7 +118,6 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
     bs = cache.shape[1]
     assert q.stride(2) == 1 and cache.stride(3) == 1
     splits = num_splits(B, triton.cdiv(nh, HEAD_TILE), max_context)
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE  # multiple of 16
     mid = torch.empty(B, nh, splits, r, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, nh, splits, dtype=torch.float32, device=q.device)
     _mla_split_kernel[(B, triton.cdiv(nh, HEAD_TILE), splits)](
@@ -143,7 +144,8 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         HT=HEAD_TILE,
         BS=bs,
         TILE_N=TILE if q.dtype != torch.float32 else 16,  # float32 tiles: half the tokens
-        SPLIT_LEN=split_len,
+        S=splits,
+        UNIT=TILE,  # a multiple of either tile below
         IEEE=q.dtype == torch.float32,
         num_warps=4,
         **launch_kw(),
@@ -163,7 +165,7 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         out.stride(1),
         S=splits,
         S_PAD=max(2, triton.next_power_of_2(splits)),
-        SPLIT_LEN=split_len,
+        UNIT=TILE,
         D=r,
         **launch_kw(),
     )

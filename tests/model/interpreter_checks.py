@@ -89,12 +89,14 @@ def decode_attention_folds_qk() -> None:
         qn = 1 + 0.1 * torch.randn(d, generator=g) if norm else None
         kn = 1 + 0.1 * torch.randn(d, generator=g) if norm else None
         rot = Rotary(d, 1e6, 4096, "cpu")
-        k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        k1, v1 = kc.clone(), vc.clone()
         qr = qk_norm_rope_write(q, k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, k1, v1, slots)
-        want = paged_decode_attention(qr, k1, v1, tables, lens, d**-0.5, ctx_max)
         fresh = FreshKV(k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, slots)
-        out = paged_decode_attention(q, k2, v2, tables, lens, d**-0.5, ctx_max, fresh)
-        assert torch.equal(out, want) and torch.equal(k2, k1) and torch.equal(v2, v1)
+        for max_context in (ctx_max, 8 * ctx_max):  # the new token's split moves with it
+            want = paged_decode_attention(qr, k1, v1, tables, lens, d**-0.5, max_context)
+            k2, v2 = kc.clone(), vc.clone()
+            out = paged_decode_attention(q, k2, v2, tables, lens, d**-0.5, max_context, fresh)
+            assert torch.equal(out, want) and torch.equal(k2, k1) and torch.equal(v2, v1)
 
 
 def norm_route_align_experts() -> None:
