@@ -97,10 +97,11 @@ def run(
     device: str = "cuda",
     async_scheduling: bool | None = None,
     kernel_tables=(),
+    max_model_len: int = 4096,
 ) -> list[dict]:
     max_batch = max(batches)
     ctx = prompt_len + warmup + decode_steps + 2
-    blocks = max(max_batch * ((ctx + 15) // 16) + 64, 4096 // 16 + 1)
+    blocks = max(max_batch * ((ctx + 15) // 16) + 64, max_model_len // 16 + 1)
     cfg = EngineConfig(
         model=model,
         model_dir=None,
@@ -109,7 +110,7 @@ def run(
         num_kv_blocks=blocks,
         max_num_seqs=max_batch,
         max_num_batched_tokens=8192,
-        max_model_len=4096,
+        max_model_len=max_model_len,
         enable_prefix_caching=False,
         seed=seed,
         async_scheduling=async_scheduling,
@@ -253,6 +254,8 @@ def main() -> None:
     ap.add_argument("--prefill", nargs="*", default=[], help="shapes like 1x2048 16x512")
     ap.add_argument("--kernel-tables", type=int, nargs="*", default=[],
                     help="print the graph's kernels at these batches")
+    ap.add_argument("--max-model-len", type=int, default=4096,
+                    help="the engine's longest context (CUDA graphs size attention for it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     over = {"num_hidden_layers": args.layers} if args.layers else {}
@@ -263,6 +266,7 @@ def main() -> None:
         rows = run(
             model, args.batches, args.prompt_len, args.steps, args.warmup, device=args.device,
             async_scheduling=overlap, kernel_tables=args.kernel_tables,
+            max_model_len=args.max_model_len,
         )
     shapes = [tuple(map(int, s.split("x"))) for s in args.prefill]
     prefill = run_prefill(model, shapes) if shapes else []
