@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On one lent GPU: the GPU kernel tests (TESTS, TESTK: pytest -k), the command in EXTRA (a kernel
 # bench), then decode steps (Qwen3-30B-A3B shapes, random bf16, overlapped) at batches B with
-# the defaults and with each environment in AB (';' between them; default MOEBIUS_MOE_ONE=0: the
-# experts of one token in three launches), kernel tables at KT, and the older tree in BASE if given; then,
+# the defaults and with each environment in AB (";" between them; default MOEBIUS_GEMV=0: cuBLAS
+# for the one-token projections), kernel tables at KT, and the older tree in BASE if given; then,
 # with LADDER set, the issue-4 ladder and prefill (PREFILL) with the defaults. $OUT gets the
 # JSON. Session 7 (H100): `TESTS=tests/model/test_gpu_kernels.py LADDER="8 32 128 256"` ran in
 # 190 s.
@@ -21,7 +21,7 @@ if [ -n "${EXTRA:-}" ]; then
   timeout ${EXTRA_TIMEOUT:-200} bash -c "$EXTRA" 2>&1 | quiet | tail -${EXTRA_TAIL:-30}; lap extra
 fi
 bench default "${B:-1 2 4}" "${KT:-1}" ""
-IFS=';' read -ra ALTS <<< "${AB:-MOEBIUS_MOE_ONE=0}"
+IFS=';' read -ra ALTS <<< "${AB:-MOEBIUS_GEMV=0}"
 for i in "${!ALTS[@]}"; do
   echo "[ab$i] ${ALTS[$i]}"; (export ${ALTS[$i]}; bench "ab$i" "${B:-1 2 4}" "${KT:-1}" "")
 done

@@ -11,23 +11,16 @@ NB blocks, bs block size, S gathered context length.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model.triton_attention import FreshKV
     from moebius.model.triton_attention import paged_decode_attention as _triton_decode
     from moebius.model.triton_prefill import PrefillPlan, paged_prefill_attention
-    from moebius.model.triton_qk import supported as head_dim_ok  # tl.arange: a power of two
 except ImportError:  # pragma: no cover - depends on the install
-    _triton_decode = FreshKV = None
-
-# MOEBIUS_QK_FOLD=1: decode steps norm, rotate and write q/k/v inside the attention's split
-# kernel instead of in a launch of their own (triton_qk.py); off until a GPU run has timed it.
-FOLD_QK = os.environ.get("MOEBIUS_QK_FOLD", "0") == "1"
+    _triton_decode = None
 
 
 @dataclass
@@ -58,29 +51,14 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
 
-def _decode_only(q, meta: AttentionMeta) -> bool:
-    """Every token a decode token, on CUDA with Triton (every graph-replayed step): the batch
-    is the decode kernel's input, in order."""
-    return (q.is_cuda and _triton_decode is not None and not meta.prefills
-            and meta.decode_token_idx.numel() == q.shape[0])
-
-
-def folds_qk(q, meta: AttentionMeta) -> bool:
-    """Whether ``paged_attention`` takes this step's q/k/v as projected (``fresh``): the q/k
-    norm, rotary and KV write then run inside the decode kernel, one launch fewer a layer."""
-    return FOLD_QK and _decode_only(q, meta) and head_dim_ok(q.shape[-1])
-
-
-def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float,
-                    fresh=None) -> torch.Tensor:
-    """q (T, nh, d) -> (T, nh, d), keys and values already written; or, where ``folds_qk``,
-    a ``FreshKV`` of the step's keys and values, normed, rotated and written here (q too)."""
+def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """q (T, nh, d) -> (T, nh, d), keys and values already written."""
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     triton_ok = q.is_cuda and _triton_decode is not None
-    if _decode_only(q, meta):
+    if triton_ok and not meta.prefills and meta.decode_token_idx.numel() == q.shape[0]:
+        # decode only (every graph-replayed step): the batch is the kernel's input, in order
         return _triton_decode(q, k_cache, v_cache, meta.decode_block_tables,
-                              meta.decode_ctx_lens, scale, meta.decode_max_context, fresh)
-    assert fresh is None
+                              meta.decode_ctx_lens, scale, meta.decode_max_context)
     out = torch.empty_like(q)
     if meta.decode_token_idx.numel() and triton_ok:
         out[meta.decode_token_idx] = _triton_decode(
@@ -102,7 +80,8 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float,
         mask = (pos[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[meta.decode_token_idx] = o.squeeze(2)
-    if meta.prefills and triton_ok and head_dim_ok(d):
+    d_ok = d >= 16 and d & (d - 1) == 0  # tl.arange needs a power of two
+    if meta.prefills and triton_ok and d_ok:
         if meta.prefill_plan is None:
             meta.prefill_plan = PrefillPlan.build(meta.prefills, q.device)
         paged_prefill_attention(q, k_cache, v_cache, meta.prefill_plan, scale, out)

@@ -10,13 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moebius.config import ModelConfig
-from moebius.model.attention import (
-    AttentionMeta,
-    FreshKV,
-    folds_qk,
-    paged_attention,
-    write_kv,
-)
+from moebius.model.attention import AttentionMeta, paged_attention, write_kv
 from moebius.model.moe import dense_mlp, moe_forward, norm_and_route, route, routes_fused
 from moebius.model.ops import Rotary, add_rms_norm, project, rms_norm
 from moebius.model.weights import LayerWeights, ModelWeights
@@ -24,15 +18,9 @@ from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model import triton_gemv, triton_qk
+    from moebius.model import triton_qk
 except ImportError:  # pragma: no cover - depends on the install
-    triton_gemv = triton_qk = None
-
-
-def _whole_qkv(lw: LayerWeights, cfg: ModelConfig, layout: Layout) -> bool:
-    """Whether this rank projects every head, through the one q/k/v weight."""
-    return (lw.qkv_proj is not None and len(layout.q_heads(cfg)) == cfg.num_heads
-            and len(layout.kv_heads(cfg)) == cfg.num_kv_heads)
+    triton_qk = None
 
 
 def attention_block(
@@ -46,30 +34,24 @@ def attention_block(
     positions,
     kv_cache,
     meta: AttentionMeta,
-    qkv=None,
 ):
     """Self-attention. TP: this rank's head slice (views of the whole weights), o_proj
     row-parallel and all-reduced. EP (or one rank): all heads, one q/k/v GEMM, no
-    communication. ``qkv``: that GEMM's output, already computed (x is then unused)."""
+    communication."""
     d = cfg.head_dim
     qh, kvh = layout.q_heads(cfg), layout.kv_heads(cfg)
-    if qkv is None and _whole_qkv(lw, cfg, layout):
-        qkv = project(x, lw.qkv_proj)
-    if qkv is not None:
-        T = qkv.shape[0]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
+    q_w = lw.q_proj[qh.start * d : qh.stop * d]
+    k_w = lw.k_proj[kvh.start * d : kvh.stop * d]
+    v_w = lw.v_proj[kvh.start * d : kvh.stop * d]
+    T = x.shape[0]
+    if lw.qkv_proj is not None and len(qh) == cfg.num_heads and len(kvh) == cfg.num_kv_heads:
+        q, k, v = project(x, lw.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
         q, k, v = q.view(T, len(qh), d), k.view(T, len(kvh), d), v.view(T, len(kvh), d)
     else:  # a TP shard: this rank's head slices of the three views
-        T = x.shape[0]
-        q = project(x, lw.q_proj[qh.start * d : qh.stop * d]).view(T, len(qh), d)
-        k = project(x, lw.k_proj[kvh.start * d : kvh.stop * d]).view(T, len(kvh), d)
-        v = project(x, lw.v_proj[kvh.start * d : kvh.stop * d]).view(T, len(kvh), d)
+        q = project(x, q_w).view(T, len(qh), d)
+        k = project(x, k_w).view(T, len(kvh), d)
+        v = project(x, v_w).view(T, len(kvh), d)
     k_cache, v_cache = kv_cache
-    if folds_qk(q, meta):  # norm, rotary and the KV write inside the decode attention kernel
-        fresh = FreshKV(k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps, rotary.cos, rotary.sin,
-                        positions, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5, fresh=fresh)
-        return _o_proj(o, lw, qh, d, T, layout, comm)
     if q.is_cuda and triton_qk is not None and triton_qk.supported(d):  # one launch for all
         q = triton_qk.qk_norm_rope_write(q, k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
                                          rotary.cos, rotary.sin, positions, k_cache, v_cache,
@@ -81,12 +63,8 @@ def attention_block(
         q, k = rotary.apply(q, positions), rotary.apply(k, positions)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
-    return _o_proj(o, lw, qh, d, T, layout, comm)
-
-
-def _o_proj(o, lw: LayerWeights, qh: range, d: int, T: int, layout: Layout, comm: Comm):
-    """The output projection of this rank's heads, all-reduced under TP."""
-    out = project(o.reshape(T, -1), lw.o_proj[:, qh.start * d : qh.stop * d])
+    o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
+    out = project(o.reshape(T, -1), o_w)
     return comm.all_reduce(out) if layout.is_tp else out
 
 
@@ -98,15 +76,10 @@ def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, l
     is added in the same launch as the input norm. Returns (residual, this layer's output)."""
     lw = weights.layers[i]
     eps = cfg.rms_norm_eps
-    qkv = None
-    if (x.shape[0] and triton_gemv is not None and _whole_qkv(lw, cfg, layout)
-            and triton_gemv.folds_norm(x, lw.qkv_proj)):  # the add + norm in the GEMV's launch
-        x, h, qkv = triton_gemv.norm_gemv(x, pending, lw.input_norm, eps, lw.qkv_proj)
-    else:
-        x, h = add_rms_norm(x, pending, lw.input_norm, eps)
+    x, h = add_rms_norm(x, pending, lw.input_norm, eps)
     if x.shape[0]:
         h = attention_block(
-            h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta, qkv
+            h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
         )
     if lw.router is None:
         x, h = add_rms_norm(x, h, lw.post_norm, eps)

@@ -27,7 +27,6 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
         experts_routed,
         route_topk,
     )
-    from moebius.model.triton_moe_one import experts_one, one_launch
     from moebius.model.triton_norm import add_rms_norm_route
 except ImportError:  # pragma: no cover - depends on the install
     experts_fused = route_topk = add_rms_norm_route = None
@@ -135,9 +134,7 @@ def routes_fused(x, comm: Comm) -> bool:
 def norm_and_route(x, parts, weight, eps: float, router, cfg):
     """Where ``routes_fused``: ``ops.add_rms_norm`` and the routing of the normed rows in one
     launch: (residual, normed rows, a ``triton_moe.Routed`` for ``moe_forward``)."""
-    one = one_launch(x.shape[0], cfg.hidden_size, cfg.moe_intermediate_size, x.device)
-    return add_rms_norm_route(x, parts, weight, eps, router, cfg.top_k, cfg.norm_topk_prob,
-                              aligned=not one)
+    return add_rms_norm_route(x, parts, weight, eps, router, cfg.top_k, cfg.norm_topk_prob)
 
 
 def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens_max: int,
@@ -149,9 +146,6 @@ def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens
     experts' ranks and the outputs back. One rank: (T, H) or the unsummed (T, K, H) rows.
     ``routed``: the routing ``norm_and_route`` computed in the norm before (``routes_fused``).
     """
-    if routed is not None and routed.plan is None:  # one token: one launch from the logits
-        return experts_one(x, routed.logits, routed.ids, routed.weights, w13, w2t,
-                           routed.renormalize)
     if routed is not None:
         return experts_routed(x, routed, w13, w2t)
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)

@@ -7,15 +7,15 @@ allows (in CUDA graphs: the engine's), and each sequence divides its own context
 short context in a graph sized for 40,960 tokens is still spread over many programs instead
 of one reading it all. With one split (from 34 sequences up at Qwen3's 4 KV heads) the split
 kernel stores the output itself and no merge is launched. Shapes are fixed by the batch, so it
-runs inside CUDA graphs. Given the step's q/k/v as projected (``FreshKV``), the split kernel
-also does triton_qk's work: each program norms and rotates its q heads, and the split holding
-the new token norms, rotates and writes its k and v before reading the context (one launch a
-layer fewer; ``MOEBIUS_QK_FOLD=1``, off until timed on a GPU).
+runs inside CUDA graphs. Measured on H200 (session 9, BENCHMARKS.md): with Qwen3's 40,960-token
+graphs, batch 1 2.99 -> 2.82 ms a step against splits sized by the longest context.
 
-Measured and dropped (session 7, H100): the last split program of a (sequence, KV head)
-merging the splits in the same launch (arrival counters, with the router's top-k and alignment
-likewise folded into the norm's launch): batch 1 3.66 -> 3.63 ms, batch 4 unchanged, within
-run-to-run spread (PDL already hides a launch's ramp); code in git history, commit dd91000.
+Measured and dropped: the q/k norm + rotary + KV write inside this kernel (session 9, H200:
+batch 1 +0.03 to +0.10 ms against triton_qk's own launch; commit 69bfdf4 has it); the last
+split program of a (sequence, KV head) merging the splits in the same launch (session 7, H100;
+arrival counters, with the router's top-k and alignment likewise folded into the norm's
+launch): batch 1 3.66 -> 3.63 ms, batch 4 unchanged, within run-to-run spread (PDL already
+hides a launch's ramp); commit dd91000 has it.
 
 Shape legend: B sequences, nh query heads, kvh KV heads, G = nh/kvh, d head dim, bs block size,
 S context splits (each a multiple of TILE tokens).
@@ -23,14 +23,11 @@ S context splits (each a multiple of TILE tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from moebius.model.triton_pdl import launch_kw, pdl_wait
-from moebius.model.triton_qk import norm_rope
 
 TILE = 64  # tokens per inner iteration
 
@@ -59,20 +56,6 @@ def _decode_split_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
-    Kn,
-    Vn,
-    q_norm,
-    k_norm,
-    cos,
-    sin,
-    positions,
-    slots,
-    eps,
-    stride_knb,
-    stride_knh,
-    stride_vnb,
-    stride_vnh,
-    stride_rp,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BS: tl.constexpr,
@@ -80,8 +63,6 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,
     S: tl.constexpr,
     IEEE: tl.constexpr,
-    FRESH: tl.constexpr,
-    NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -96,26 +77,11 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, TILE_N)
     gmask = offs_g < GROUP
     heads = h * GROUP + offs_g
-    if FRESH:  # q/k norm + rotary here, and the split holding the new token writes its k, v
-        pos = tl.load(positions + b)
-        q = norm_rope(Q + b * stride_qb + h * GROUP * stride_qh, q_norm, cos, sin, pos, eps,
-                      stride_rp, stride_qh, offs_g, gmask, D, NORM, K.dtype.element_ty)
-        q = q.to(K.dtype.element_ty)
-        if tl.maximum(ctx - 1, 0) // split_len == split:  # every row writes, as triton_qk
-            one = tl.arange(0, 1)
-            k_new = norm_rope(Kn + b * stride_knb + h * stride_knh, k_norm, cos, sin, pos, eps,
-                              stride_rp, 0, one, one < 1, D, NORM, K.dtype.element_ty)
-            slot = tl.load(slots + b)
-            dst = (slot // BS) * stride_kb + (slot % BS) * stride_ks + h * stride_kh
-            tl.store(K + dst + offs_d[None, :], k_new.to(K.dtype.element_ty))
-            tl.store(V + dst + offs_d, tl.load(Vn + b * stride_vnb + h * stride_vnh + offs_d))
-            tl.debug_barrier()  # the loop below reads them back from this program's stores
-    else:
-        q = tl.load(
-            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=gmask[:, None],
-            other=0.0,
-        )
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gmask[:, None],
+        other=0.0,
+    )
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -211,29 +177,10 @@ def num_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
     return max(1, min(want, triton.cdiv(max_context, TILE), 64))
 
 
-@dataclass
-class FreshKV:
-    """The step's new keys and values, not yet written: k, v (B, kvh, d) as projected; q/k norm
-    weights (d,) or None; cos/sin (P, d) float32; each token's position and cache slot (B,)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    eps: float
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-
-
 def paged_decode_attention(
-    q, k_cache, v_cache, block_tables, ctx_lens, scale: float, max_context: int,
-    fresh: FreshKV | None = None,
+    q, k_cache, v_cache, block_tables, ctx_lens, scale: float, max_context: int
 ) -> torch.Tensor:
-    """q (B, nh, d); caches (NB, bs, kvh, d); block_tables (B, max_blocks); ctx_lens (B,).
-    With ``fresh``: q as projected (normed and rotated here, as triton_qk does), and each
-    token's k and v normed, rotated and written to its slot by the split that reads it."""
+    """q (B, nh, d); caches (NB, bs, kvh, d); block_tables (B, max_blocks); ctx_lens (B,)."""
     B, nh, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     group = nh // kvh
@@ -248,7 +195,6 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        *_fresh_args(fresh, q),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BS=bs,
@@ -256,8 +202,6 @@ def paged_decode_attention(
         TILE_N=TILE,
         S=splits,
         IEEE=q.dtype == torch.float32,
-        FRESH=fresh is not None,
-        NORM=fresh is not None and fresh.q_norm is not None,
         **launch_kw(),
     )
     if splits > 1:
@@ -268,15 +212,3 @@ def paged_decode_attention(
             **launch_kw(),
         )
     return out
-
-
-def _fresh_args(fresh: FreshKV | None, q) -> tuple:
-    """The split kernel's FreshKV arguments (placeholders, never read, without)."""
-    if fresh is None:
-        return (q, q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0)
-    k, v = fresh.k, fresh.v
-    assert k.stride(2) == v.stride(2) == q.stride(2) == 1
-    norm = fresh.q_norm is not None
-    return (k, v, fresh.q_norm if norm else q, fresh.k_norm if norm else q, fresh.cos,
-            fresh.sin, fresh.positions, fresh.slots, fresh.eps, k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), fresh.cos.stride(0))

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_norm import add_norm_row
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 MAX_TOKENS = 1  # more tokens: cuBLAS (2 tie, 3 and 4 lose; above)
@@ -35,29 +34,19 @@ SLAB = int(os.environ.get("MOEBIUS_GEMV_SLAB", 16384))
 WARPS = int(os.environ.get("MOEBIUS_GEMV_WARPS", 8))
 # MOEBIUS_GEMV=0: cuBLAS for every projection (the A/B of the figures above)
 ENABLED = os.environ.get("MOEBIUS_GEMV", "1") != "0"
-# MOEBIUS_NORM_GEMV=1: the layer's input add + norm inside the q/k/v GEMV (off until timed)
-FOLD_NORM = os.environ.get("MOEBIUS_NORM_GEMV", "0") == "1"
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, T, N, K, stride_xt, stride_wn, stride_yt, Parts, NormW, Xout, Hout,
-                 R, eps, stride_pt, stride_pr, stride_xo, stride_ho, BN: tl.constexpr,
-                 BK: tl.constexpr, NORM: tl.constexpr, HAS_PARTS: tl.constexpr,
-                 R_PAD: tl.constexpr, PDL: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BN + tl.arange(0, BN)
+def _gemv_kernel(X, W, Y, T, N, K, stride_xt, stride_wn, stride_yt, BN: tl.constexpr,
+                 BK: tl.constexpr, PDL: tl.constexpr):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     nmask, kmask = offs_n < N, offs_k < K
     w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                 mask=nmask[:, None] & kmask[None, :], other=0.0)
     pdl_wait(PDL)  # the activations are the kernel before's output
     for t in range(T):
-        if NORM:  # every program redoes the add + norm (a few KB from L2); the first stores
-            x = add_norm_row(X, Parts, X, X, NormW, Xout, Hout, t, K, R, eps, stride_xt,
-                              stride_pt, stride_pr, stride_xo, stride_ho, pid == 0, HAS_PARTS,
-                              False, R_PAD, BK)
-        else:
-            x = tl.load(X + t * stride_xt + offs_k, mask=kmask, other=0.0).to(tl.float32)
+        x = tl.load(X + t * stride_xt + offs_k, mask=kmask, other=0.0).to(tl.float32)
         y = tl.sum(w.to(tl.float32) * x[None, :], 1)
         tl.store(Y + t * stride_yt + offs_n, y.to(Y.dtype.element_ty), mask=nmask)
 
@@ -71,42 +60,13 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (T, K) @ w (N, K)ᵀ -> (T, N), float32 accumulation, rounded to x's dtype."""
-    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, w, y, x, x, x, x, 0, 0.0, (0, 0, 0, 0), False, False, 1)
-    return y
-
-
-def folds_norm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``norm_gemv`` takes this projection (``MOEBIUS_NORM_GEMV=1``, one token)."""
-    return FOLD_NORM and usable(x, w) and triton.next_power_of_2(x.shape[1]) <= SLAB
-
-
-def norm_gemv(x: torch.Tensor, parts, weight: torch.Tensor, eps: float, w: torch.Tensor):
-    """``ops.add_rms_norm(x, parts, weight, eps)`` and the projection of the normed rows by w
-    in one launch: (new residual, normed rows, normed @ wᵀ). parts: None, (T, H) or (T, R, H)
-    (the experts' unsummed rows); rounded as the two launches are, so bit-for-bit the same."""
-    T, H = x.shape
-    if parts is not None:
-        parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
-        assert parts.stride(-1) == 1
-    R = 0 if parts is None else parts.shape[1]
-    xout = x if parts is None else torch.empty_like(x)
-    h = torch.empty_like(x)
-    y = torch.empty(T, w.shape[0], dtype=x.dtype, device=x.device)
-    src = x if parts is None else parts
-    strides = (src.stride(0), 0 if parts is None else src.stride(1), xout.stride(0), h.stride(0))
-    _launch(x, w, y, src, weight, xout, h, R, eps, strides, True, parts is not None,
-            triton.next_power_of_2(max(R, 1)))
-    return xout, h, y
-
-
-def _launch(x, w, y, parts, norm_w, xout, hout, R, eps, strides, norm, has_parts, r_pad):
     T, K = x.shape
     N = w.shape[0]
+    y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     bk = triton.next_power_of_2(K)
     bn = max(1, SLAB // bk)
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, y, T, N, K, x.stride(0), w.stride(0), y.stride(0), parts, norm_w, xout, hout, R,
-        eps, *strides, BN=bn, BK=bk, NORM=norm, HAS_PARTS=has_parts, R_PAD=r_pad,
+        x, w, y, T, N, K, x.stride(0), w.stride(0), y.stride(0), BN=bn, BK=bk,
         num_warps=WARPS, **launch_kw(),
     )
+    return y

@@ -220,16 +220,13 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
 class Routed:
     """One rank's routing of T tokens, computed with the norm before the block: router ``logits``
     (T, E), top-k ``ids`` (T, K), ``weights`` (T, K) and the alignment ``plan`` of the T·K
-    pairs over every expert; ``aligned=False`` (one token, triton_moe_one): no plan, top-k
-    left to the experts' launch, which fills ids and weights."""
+    pairs over every expert."""
 
-    def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev, renormalize: bool,
-                 aligned: bool = True) -> None:
+    def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev) -> None:
         self.logits = torch.empty(T, num_experts, dtype=dtype, device=dev)
         self.ids = torch.empty(T, top_k, dtype=torch.long, device=dev)
         self.weights = torch.empty(T, top_k, dtype=dtype, device=dev)
-        self.renormalize = renormalize
-        self.plan = _Plan(T * top_k, num_experts, dev) if aligned else None
+        self.plan = _Plan(T * top_k, num_experts, dev)
 
 
 def experts_routed(x, routed: Routed, w13, w2t):
@@ -265,10 +262,9 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
 
 
 @triton.jit
-def topk_values(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
-    (ids (BT, K_PAD) int64, weights (BT, K_PAD) float32; columns past K zero)."""
+def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
+               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t."""
     offs_e = tl.arange(0, E_PAD)
     tmask = offs_t < T
     x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
@@ -287,18 +283,8 @@ def topk_values(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constex
         p = tl.where(offs_e[None, :] == best[:, None], -1.0, p)
     if RENORM:
         picked_w = picked_w / tl.sum(picked_w, 1)[:, None]
-    return picked_i, picked_w
-
-
-@triton.jit
-def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """``topk_values`` of rows offs_t, stored to ids and weights (T, K)."""
-    picked_i, picked_w = topk_values(logits, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD,
-                                     RENORM)
-    cols = tl.arange(0, K_PAD)
     out = offs_t[:, None] * K + cols[None, :]
-    omask = (offs_t < T)[:, None] & (cols[None, :] < K)
+    omask = tmask[:, None] & (cols[None, :] < K)
     tl.store(ids + out, picked_i, mask=omask)
     tl.store(weights + out, picked_w.to(weights.dtype.element_ty), mask=omask)
 
@@ -325,7 +311,7 @@ def _route_align_kernel(logits, ids, weights, T, E, stride_lt, sorted_rows, bloc
     _align(ids, T * K, sorted_rows, block_piece, cursor, P, P_PAD, M_PAD, BM, NUM_BLOCKS, CHUNK)
 
 
-def route_align(routed: Routed) -> None:
+def route_align(routed: Routed, renormalize: bool) -> None:
     """Fill ``routed``'s ids, weights and plan from its logits, in one launch."""
     T, E = routed.logits.shape
     K, plan = routed.ids.shape[1], routed.plan
@@ -333,7 +319,7 @@ def route_align(routed: Routed) -> None:
         routed.logits, routed.ids, routed.weights, T, E, routed.logits.stride(0),
         plan.sorted_rows, plan.block_piece, plan.cursor, K=K,
         K_PAD=triton.next_power_of_2(K), E_PAD=triton.next_power_of_2(E),
-        T_PAD=max(2, triton.next_power_of_2(T)), RENORM=routed.renormalize, **plan.consts(),
+        T_PAD=max(2, triton.next_power_of_2(T)), RENORM=renormalize, **plan.consts(),
         num_warps=8, **launch_kw(),
     )
 

@@ -35,7 +35,7 @@ from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
 @triton.jit
-def add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+def _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                   stride_pr, stride_xo, stride_ot, WRITE, HAS_PARTS: tl.constexpr,
                   GATHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
     """Token t's new residual and normed row (float32 values of the rounded outputs); stores
@@ -74,7 +74,7 @@ def _add_rms_norm_kernel(X, Parts, Index, RowW, W, Xout, Out, H, R, eps, stride_
                          PDL: tl.constexpr):
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
-    add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+    _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                   stride_pr, stride_xo, stride_ot, True, HAS_PARTS, GATHER, R_PAD, BLOCK_H)
 
 
@@ -93,14 +93,14 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
     r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
     pdl_wait(PDL)
-    h = add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+    h = _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                       stride_pr, stride_xo, stride_ot, eb == 0, HAS_PARTS, GATHER, R_PAD,
                       BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
 
 
-def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False, aligned=True):
+def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
     T, H = x.shape
     out = torch.empty_like(x)
     gather = parts is not None and not isinstance(parts, torch.Tensor)  # ops.ExpertRows
@@ -114,8 +114,7 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False, alig
         parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
         R = parts.shape[1]
     xout = x if parts is None else torch.empty_like(x)
-    routed = None if router is None else Routed(T, top_k, router.shape[0], x.dtype, x.device,
-                                                renormalize, aligned)
+    routed = None if router is None else Routed(T, top_k, router.shape[0], x.dtype, x.device)
     if T == 0:
         return xout, out, routed
     assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
@@ -146,8 +145,7 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False, alig
             **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
             **launch_kw(),
         )
-        if aligned:
-            route_align(routed)
+        route_align(routed, renormalize)
     return xout, out, routed
 
 
@@ -158,9 +156,8 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
 
 
 def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor, top_k: int,
-                       renormalize: bool, aligned: bool = True):
+                       renormalize: bool):
     """``add_rms_norm`` plus the routing of the normed rows (T ≤ ROUTE_FUSED_TOKENS, every
-    expert on this rank): a ``triton_moe.Routed`` (top-k ids, weights, the experts' plan;
-    ``aligned=False``: the logits only, for triton_moe_one, whose launch does the top-k)."""
+    expert on this rank): a ``triton_moe.Routed`` (top-k ids, weights, the experts' plan)."""
     assert 0 < top_k and x.shape[0] <= ROUTE_FUSED_TOKENS
-    return _launch(x, parts, weight, eps, router, top_k, renormalize, aligned)
+    return _launch(x, parts, weight, eps, router, top_k, renormalize)

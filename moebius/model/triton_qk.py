@@ -20,32 +20,6 @@ from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
 @triton.jit
-def norm_rope(src, nw, cos, sin, pos, eps, stride_rp, stride_r, offs_r, rmask, D: tl.constexpr,
-              NORM: tl.constexpr, OUT: tl.constexpr):
-    """Rows ``src + offs_r·stride_r`` (R, D) RMS-normed with weight ``nw`` (when NORM) and
-    rotated to position ``pos``: float32 values of the ``OUT``-dtype results, rounded as the
-    eager ops round (norm in float32, rounded before the weight multiplies; cos/sin rounded)."""
-    offs = tl.arange(0, D)
-    half = D // 2
-    rot = (offs + half) % D
-    sign = tl.where(offs < half, -1.0, 1.0)
-    c = tl.load(cos + pos * stride_rp + offs).to(OUT).to(tl.float32)
-    s = tl.load(sin + pos * stride_rp + offs).to(OUT).to(tl.float32)
-    rows = src + offs_r[:, None] * stride_r
-    x = tl.load(rows + offs[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    xr = tl.load(rows + rot[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    if NORM:
-        w = tl.load(nw + offs).to(tl.float32)
-        wr = tl.load(nw + rot).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
-        x = (x * rstd[:, None]).to(OUT).to(tl.float32) * w[None, :]
-        xr = (xr * rstd[:, None]).to(OUT).to(tl.float32) * wr[None, :]
-        x = x.to(OUT).to(tl.float32)
-        xr = xr.to(OUT).to(tl.float32)
-    return (x * c[None, :] + sign[None, :] * xr * s[None, :]).to(OUT).to(tl.float32)
-
-
-@triton.jit
 def _qk_kernel(
     Q,
     K,
@@ -82,19 +56,36 @@ def _qk_kernel(
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, D)
-    one = tl.arange(0, 1)
+    half = D // 2
+    rot = (offs + half) % D
+    sign = tl.where(offs < half, -1.0, 1.0)
     pos = tl.load(positions + t)
+    c = tl.load(cos + pos * stride_rp + offs).to(QO.dtype.element_ty).to(tl.float32)
+    s = tl.load(sin + pos * stride_rp + offs).to(QO.dtype.element_ty).to(tl.float32)
     is_q = h < NH
     if is_q:
-        y = norm_rope(Q + t * stride_qt + h * stride_qh, q_norm, cos, sin, pos, eps, stride_rp,
-                      0, one, one < 1, D, NORM, QO.dtype.element_ty)
-        tl.store(QO + t * stride_ot + h * stride_oh + offs[None, :], y.to(QO.dtype.element_ty))
+        src = Q + t * stride_qt + h * stride_qh
+        nw = q_norm
     else:
-        y = norm_rope(K + t * stride_kt + (h - NH) * stride_kh, k_norm, cos, sin, pos, eps,
-                      stride_rp, 0, one, one < 1, D, NORM, QO.dtype.element_ty)
+        src = K + t * stride_kt + (h - NH) * stride_kh
+        nw = k_norm
+    x = tl.load(src + offs).to(tl.float32)
+    xr = tl.load(src + rot).to(tl.float32)
+    if NORM:
+        w = tl.load(nw + offs)
+        wr = tl.load(nw + rot)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        x = (x * rstd).to(QO.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+        xr = (xr * rstd).to(QO.dtype.element_ty).to(tl.float32) * wr.to(tl.float32)
+        x = x.to(QO.dtype.element_ty).to(tl.float32)
+        xr = xr.to(QO.dtype.element_ty).to(tl.float32)
+    y = (x * c + sign * xr * s).to(QO.dtype.element_ty)
+    if is_q:
+        tl.store(QO + t * stride_ot + h * stride_oh + offs, y)
+    else:
         slot = tl.load(slots + t)
         dst = (slot // BS) * stride_cb + (slot % BS) * stride_cs + (h - NH) * stride_ch
-        tl.store(KC + dst + offs[None, :], y.to(KC.dtype.element_ty))
+        tl.store(KC + dst + offs, y)
         v = tl.load(V + t * stride_vt + (h - NH) * stride_vh + offs)
         tl.store(VC + dst + offs, v)
 
