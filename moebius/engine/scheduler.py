@@ -163,19 +163,23 @@ class Scheduler:
         budgets = [self.cfg.max_num_batched_tokens] * (self.world_size if split else 1)
         items: list[tuple[Request, int]] = []
         preempted = 0
+        # this loop runs for every running sequence every step: attribute lookups hoisted,
+        # the fast decode case (its table already holds the step) first
+        running, steady, bs = RequestStatus.RUNNING, self.transition is None, self.cfg.block_size
         for req in list(self.running):
-            if req.status != RequestStatus.RUNNING:
+            if req.status is not running:
                 continue
-            if req.num_inflight and self._ends_with_inflight(req):
+            inflight = req.num_inflight
+            if inflight and self._ends_with_inflight(req):
                 continue  # its token in flight is its last: nothing more to compute
-            b = self._bucket(req)
-            n = min(req.num_tokens + req.num_inflight - req.num_computed_tokens, budgets[b])
+            b = req.owner_rank if split else 0
+            done = req.num_computed_tokens
+            total = len(req.prompt_token_ids) + len(req.output_token_ids) + inflight
+            n = min(total - done, budgets[b])
             if n <= 0:
                 continue
-            if self.transition is None and self.manager(req).blocks_needed(
-                req.num_computed_tokens + n
-            ) <= len(req.block_ids):  # its table holds the step already (most decode steps)
-                items.append((req, n))
+            if steady and (done + n + bs - 1) // bs <= len(req.block_ids):
+                items.append((req, n))  # its table holds the step already (most decode steps)
                 budgets[b] -= n
                 continue
             while not self._fits(req, req.num_computed_tokens + n):
@@ -283,11 +287,18 @@ class Scheduler:
         in the step before (then only the blocks appended since are sent). A table that was
         replaced (admission, preemption, a switch) is another list object: sent whole."""
         start = req.num_computed_tokens
-        tokens = req.token_slice(start, min(start + n, req.num_tokens))
-        tokens += [INFLIGHT] * (start + n - req.num_tokens)  # the runner reads it on the device
+        out_ids = req.output_token_ids
+        known = len(req.prompt_token_ids) + len(out_ids)  # req.num_tokens
+        if start + n == known + 1 and start == known:  # decode of the token in flight
+            tokens = [INFLIGHT]  # the runner reads it on the device
+        elif start + n == known and start == known - 1 and out_ids:  # decode, token landed
+            tokens = [out_ids[-1]]
+        else:
+            tokens = req.token_slice(start, min(start + n, known))
+            tokens += [INFLIGHT] * (start + n - known)
         p = req.params
-        num_out = len(req.output_token_ids) + req.num_inflight
-        do_sample = start + n == req.num_tokens + req.num_inflight
+        num_out = len(out_ids) + req.num_inflight
+        do_sample = start + n == known + req.num_inflight
         banned: list[int] = []
         if do_sample and num_out < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
