@@ -22,11 +22,8 @@ def _graph(runner, batch: int):
 def graph_replay_seconds(runner, batch: int, reps: int = 20) -> float | None:
     """Median GPU time of one replay of the decode graph ``batch`` runs in (None: no graph)."""
     graph = _graph(runner, batch)
-    return None if graph is None else median_replay_seconds(graph, reps)
-
-
-def median_replay_seconds(graph, reps: int) -> float:
-    """Median GPU time of one replay of a captured CUDA ``graph`` over ``reps`` replays."""
+    if graph is None:
+        return None
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -163,8 +163,9 @@ class Scheduler:
         budgets = [self.cfg.max_num_batched_tokens] * (self.world_size if split else 1)
         items: list[tuple[Request, int]] = []
         preempted = 0
-        # this loop runs for every running sequence every step: attribute lookups hoisted,
-        # the fast decode case (its table already holds the step) first
+        # this loop runs for every running sequence every step: _bucket, Request.num_tokens and
+        # BlockManager.blocks_needed are inlined (block_size is the managers'), the fast decode
+        # case (its table already holds the step) first
         running, steady, bs = RequestStatus.RUNNING, self.transition is None, self.cfg.block_size
         for req in list(self.running):
             if req.status is not running:
@@ -289,11 +290,11 @@ class Scheduler:
         start = req.num_computed_tokens
         out_ids = req.output_token_ids
         known = len(req.prompt_token_ids) + len(out_ids)  # req.num_tokens
-        if start + n == known + 1 and start == known:  # decode of the token in flight
+        if n == 1 and start == known:  # decode of the token in flight
             tokens = [INFLIGHT]  # the runner reads it on the device
-        elif start + n == known and start == known - 1 and out_ids:  # decode, token landed
+        elif n == 1 and start == known - 1 and out_ids:  # decode, its token landed
             tokens = [out_ids[-1]]
-        else:
+        else:  # prompt chunks, recomputation after a preemption
             tokens = req.token_slice(start, min(start + n, known))
             tokens += [INFLIGHT] * (start + n - known)
         p = req.params
