@@ -28,6 +28,8 @@ P pieces, H hidden, c intermediate width of a piece, BM rows a block.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,9 @@ from moebius.model.triton_pdl import launch_kw, pdl_wait
 MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped GEMM
 BM = 16
 ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one program
+# One token at one rank: the gate/up kernel picks the token's experts from the router's logits
+# itself, with no top-k + alignment launch between (``Routed.one``). Off until timed on a GPU.
+SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "0") == "1"
 
 
 @triton.jit
@@ -76,32 +81,70 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 
 
 @triton.jit
+def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
+                BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
+                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
+    indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
+    piece is the token's k-th pick, computed here from the router's logits where PICK (the
+    gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
+    else read back from ``ids``."""
+    if ONE:
+        rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
+        if PICK:
+            picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K, K_PAD,
+                                       E_PAD, RENORM)
+            mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
+            piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
+            if tl.program_id(1) == 0:
+                tl.store(ids + pid_m, piece)
+                tl.store(route_w + pid_m, tl.sum(tl.sum(tl.where(mine, picked_w, 0.0), 1), 0)
+                         .to(route_w.dtype.element_ty))
+        else:
+            piece = tl.load(ids + pid_m)
+        piece = piece.to(tl.int32)
+    else:
+        piece = tl.load(block_piece + pid_m)
+        rows = tl.load(sorted_rows + pid_m * BM + tl.arange(0, BM))
+    return piece, rows
+
+
+@triton.jit
 def _w13_kernel(
     X,
     W,
     A,
     sorted_rows,
     block_piece,
+    logits,
+    ids,
+    route_w,
     M,
     H,
     C,
+    E,
     stride_xt,
     stride_we,
     stride_wn,
     stride_am,
+    stride_lt,
     TOPK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    ONE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    RENORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    piece = tl.load(block_piece + pid_m)
+    piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
+                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM)
     if piece < 0:
         return
-    rows = tl.load(sorted_rows + pid_m * BM + tl.arange(0, BM))
     rmask = rows < M
     tok = tl.where(rmask, rows // TOPK, 0)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -135,6 +178,7 @@ def _w2_kernel(
     Y,
     sorted_rows,
     block_piece,
+    ids,
     route_w,
     M,
     H,
@@ -146,15 +190,16 @@ def _w2_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    ONE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    piece = tl.load(block_piece + pid_m)
+    piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
+                              BM, ONE, False, 1, 1, 1, False)
     if piece < 0:
         return
-    rows = tl.load(sorted_rows + pid_m * BM + tl.arange(0, BM))
     rmask = rows < M
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < H
@@ -220,71 +265,98 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
 class Routed:
     """One rank's routing of T tokens, computed with the norm before the block: router ``logits``
     (T, E), top-k ``ids`` (T, K), ``weights`` (T, K) and the alignment ``plan`` of the T·K
-    pairs over every expert."""
+    pairs over every expert. ``one`` (one token, ``SELF_ROUTE``): no plan is made; the gate/up
+    kernel picks the experts from the logits and fills ``ids`` and ``weights``."""
 
-    def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev) -> None:
+    def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev,
+                 renormalize: bool) -> None:
         self.logits = torch.empty(T, num_experts, dtype=dtype, device=dev)
         self.ids = torch.empty(T, top_k, dtype=torch.long, device=dev)
         self.weights = torch.empty(T, top_k, dtype=dtype, device=dev)
         self.plan = _Plan(T * top_k, num_experts, dev)
+        self.renormalize = renormalize
+        self.one = SELF_ROUTE and T == 1
 
 
 def experts_routed(x, routed: Routed, w13, w2t):
     """The two expert GEMMs of tokens ``x`` on a ``Routed`` plan: the (T, K, H) weighted
     rows, unsummed (as ``reduce=False``)."""
     assert routed.plan.M <= MAX_PAIRS and w13.shape[0] == routed.plan.P
-    return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, None, False)
+    return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, None, False,
+                routed if routed.one else None)
 
 
-def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool):
-    """The gate/up and down GEMMs over an aligned plan; (T, H) summed or (T, K, H) rows."""
+def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None):
+    """The gate/up and down GEMMs over an aligned plan, or over a one-token ``Routed`` ``one``
+    whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows."""
     _, two_c, H = w13.shape
     c, M, T = two_c // 2, plan.M, plan.M // K
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
     bn1, bk1, bn2, bk2 = tiles or _tiles(M)
     act = torch.empty(plan.num_blocks * BM, c, dtype=x.dtype, device=x.device)
-    _w13_kernel[(plan.num_blocks, triton.cdiv(c, bn1))](
-        x, w13, act, plan.sorted_rows, plan.block_piece, M, H, c,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOPK=K, BM=BM, BN=bn1, BK=bk1, num_warps=4, num_stages=4,
+    route_w = weights.reshape(-1)
+    blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one
+    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False)
+    if one is not None:
+        blocks, logits, ids = K, one.logits, one.ids
+        pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
+                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize)
+    _w13_kernel[(blocks, triton.cdiv(c, bn1))](
+        x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
+        TOPK=K, BM=BM, BN=bn1, BK=bk1, **pick, num_warps=4, num_stages=4,
         **launch_kw(),
     )
-    route_w = weights.reshape(-1)
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
     y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=x.device)
-    _w2_kernel[(plan.num_blocks, triton.cdiv(H, bn2))](
-        act, w2t, y, plan.sorted_rows, plan.block_piece, route_w, M, H, c,
+    _w2_kernel[(blocks, triton.cdiv(H, bn2))](
+        act, w2t, y, plan.sorted_rows, plan.block_piece, ids, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
-        BM=BM, BN=bn2, BK=bk2, num_warps=4, num_stages=4,
+        BM=BM, BN=bn2, BK=bk2, ONE=pick["ONE"], num_warps=4, num_stages=4,
         **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)
 
 
 @triton.jit
-def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-               K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t."""
+def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
+          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
+    (ids (BT, K_PAD) int64, weights (BT, K_PAD) float32; columns from K on are 0)."""
     offs_e = tl.arange(0, E_PAD)
-    tmask = offs_t < T
     x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
-                mask=tmask[:, None] & (offs_e[None, :] < E), other=float("-inf")).to(tl.float32)
+                mask=(offs_t < T)[:, None] & (offs_e[None, :] < E),
+                other=float("-inf")).to(tl.float32)
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
+    # One max a pick, not a max and an argmax: a probability's bits (a float >= 0) order as
+    # integers; below them the reversed index, so equal probabilities go to the lowest index.
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs_e)[None, :]
     cols = tl.arange(0, K_PAD)
     picked_w = tl.zeros([BT, K_PAD], tl.float32)
     picked_i = tl.zeros([BT, K_PAD], tl.int64)
     for k in tl.static_range(K):
-        best = tl.argmax(p, 1)  # lowest index among equal maxima
-        w = tl.max(p, 1)
+        best = tl.max(key, 1)
+        w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         picked_w = tl.where(cols[None, :] == k, w[:, None], picked_w)
-        picked_i = tl.where(cols[None, :] == k, best[:, None].to(tl.int64), picked_i)
-        p = tl.where(offs_e[None, :] == best[:, None], -1.0, p)
+        picked_i = tl.where(cols[None, :] == k, (E_PAD - 1 - (best & 0xFFFFFFFF))[:, None],
+                            picked_i)
+        key = tl.where(key == best[:, None], -1, key)
     if RENORM:
         picked_w = picked_w / tl.sum(picked_w, 1)[:, None]
+    return picked_i, picked_w
+
+
+@triton.jit
+def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr,
+               K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+               RENORM: tl.constexpr):
+    """``_topk`` of rows offs_t, stored in ids and weights (T, K)."""
+    picked_i, picked_w = _topk(logits, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM)
+    cols = tl.arange(0, K_PAD)
     out = offs_t[:, None] * K + cols[None, :]
-    omask = tmask[:, None] & (cols[None, :] < K)
+    omask = (offs_t < T)[:, None] & (cols[None, :] < K)
     tl.store(ids + out, picked_i, mask=omask)
     tl.store(weights + out, picked_w.to(weights.dtype.element_ty), mask=omask)
 

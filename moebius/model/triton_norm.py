@@ -114,7 +114,8 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
         parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
         R = parts.shape[1]
     xout = x if parts is None else torch.empty_like(x)
-    routed = None if router is None else Routed(T, top_k, router.shape[0], x.dtype, x.device)
+    routed = (None if router is None
+              else Routed(T, top_k, router.shape[0], x.dtype, x.device, renormalize))
     if T == 0:
         return xout, out, routed
     assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
@@ -145,7 +146,8 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
             **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
             **launch_kw(),
         )
-        route_align(routed, renormalize)
+        if not routed.one:  # else the gate/up kernel picks the experts (Routed.one)
+            route_align(routed, renormalize)
     return xout, out, routed
 
 

@@ -40,12 +40,14 @@ def qk_norm_rope_write() -> None:
 
 def norm_route_align_experts() -> None:
     """The add + norm + router launch, top-k + alignment, the two expert GEMMs on that plan
-    and the three-launch experts_fused, against the reference."""
-    from moebius.model import triton_norm
+    (and, at one token, with the gate/up kernel picking the experts), and the three-launch
+    experts_fused, against the reference."""
+    from moebius.model import triton_moe, triton_norm
     from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
 
     g = torch.Generator().manual_seed(2)
-    for T, R, E, K, renorm in [(1, 8, 128, 8, True), (3, 8, 16, 4, True), (5, 0, 12, 2, False)]:
+    for T, R, E, K, renorm in [(1, 8, 128, 8, True), (3, 8, 16, 4, True), (5, 0, 12, 2, False),
+                               (1, 0, 8, 2, False)]:
         H, c = 128, 64
         x, w = torch.randn(T, H, generator=g), 1 + 0.1 * torch.randn(H, generator=g)
         router = torch.randn(E, H, generator=g) * H**-0.5
@@ -69,8 +71,16 @@ def norm_route_align_experts() -> None:
                     seen.append(r)
         assert sorted(seen) == list(range(T * K))
         ref = experts_reference(h.double(), ids, wts.double(), w13.double(), w2.double())
-        assert rel(experts_routed(h, routed, w13, w2).sum(1), ref) < 1e-5
+        rows = experts_routed(h, routed, w13, w2)
+        assert rel(rows.sum(1), ref) < 1e-5
         assert rel(experts_fused(h, ids, wts, w13, w2), ref) < 1e-5
+        if T == 1:  # the gate/up kernel picks the experts itself: the same rows, ids, weights
+            triton_moe.SELF_ROUTE = True
+            routed = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm)[2]
+            triton_moe.SELF_ROUTE = False
+            assert routed.one
+            assert torch.equal(experts_routed(h, routed, w13, w2), rows)
+            assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
 
 
 def gemv() -> None:

@@ -229,6 +229,25 @@ def test_cuda_graphs_match_eager(qwen_dir, gemv):
             assert abs(lx[t].logprob - ly[t].logprob) < 2e-2
 
 
+def test_one_token_self_routing_matches_aligned_routing(qwen_dir, monkeypatch):
+    """Batch-1 decode in CUDA graphs with the gate/up kernel picking the experts itself
+    (``MOEBIUS_SELF_ROUTE=1``) gives the tokens and log-probabilities of the top-k +
+    alignment launch, bit for bit."""
+    from moebius import LLM, SamplingParams
+    from moebius.model import triton_moe
+    from tests.conftest import PROMPTS
+
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(triton_moe, "SELF_ROUTE", on)
+        with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
+            outs = [llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0] for p in PROMPTS]
+        runs.append([(o.token_ids, [lp[t].logprob for lp, t in
+                                    zip(o.logprobs, o.token_ids, strict=True)]) for o in outs])
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,nh,ctx_max", [(1, 16, 900), (9, 20, 130), (64, 128, 40)])
 def test_triton_mla_decode_matches_reference(dtype, B, nh, ctx_max):
@@ -331,16 +350,20 @@ def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
         assert rel(xo, ref_x) < 1e-6
 
 
-@pytest.mark.parametrize("T,R,E,K,renorm", [(1, 8, 128, 8, True), (3, 8, 128, 8, True),
-                                            (16, 8, 128, 8, True), (7, 1, 8, 2, True),
-                                            (4, 0, 60, 4, False)])
-def test_norm_routes_then_aligns(T, R, E, K, renorm):
-    """The add + norm + router launch, then top-k + alignment in one more launch: the norm's
-    outputs are add_rms_norm's bit for bit, the logits the router GEMM's up to bf16 rounding,
-    top-k and the experts' rows those of the separate kernels on those logits bit for bit,
-    close to the float64 reference; replayed in a graph on fresh inputs too."""
-    from moebius.model import triton_norm
+@pytest.mark.parametrize("T,R,E,K,renorm,self_route", [
+    (1, 8, 128, 8, True, False), (1, 8, 128, 8, True, True), (1, 0, 8, 2, False, True),
+    (3, 8, 128, 8, True, False), (16, 8, 128, 8, True, False), (7, 1, 8, 2, True, False),
+    (4, 0, 60, 4, False, False)])
+def test_norm_routes_then_aligns(T, R, E, K, renorm, self_route, monkeypatch):
+    """The add + norm + router launch, then top-k + alignment in one more launch (or, at one
+    token with ``self_route``, in the gate/up kernel): the norm's outputs are add_rms_norm's
+    bit for bit, the logits the router GEMM's up to bf16 rounding, top-k and the experts' rows
+    those of the separate kernels on those logits bit for bit, close to the float64
+    reference; replayed in a graph on fresh inputs too."""
+    from moebius.model import triton_moe, triton_norm
     from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
+
+    monkeypatch.setattr(triton_moe, "SELF_ROUTE", self_route)
 
     H, c = 2048, 128
     g = torch.Generator(device="cuda").manual_seed(T * 13 + E + R)
@@ -355,9 +378,10 @@ def test_norm_routes_then_aligns(T, R, E, K, renorm):
         xo, out = triton_norm.add_rms_norm(x, parts, w, 1e-6)
         assert torch.equal(xo, xo2) and torch.equal(out, out2)
         assert rel(routed.logits, out.double() @ router.double().T) < 1e-2
+        assert routed.one == self_route
+        rows = experts_routed(out, routed, w13, w2)  # (self_route: it fills ids and weights)
         ids, wts = route_topk(routed.logits, K, renorm, x.dtype)
         assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
-        rows = experts_routed(out, routed, w13, w2)
         assert torch.equal(rows, experts_fused(out, ids, wts, w13, w2, reduce=False))
         ref = experts_reference(out.double(), ids, wts.double(), w13.double(), w2.double())
         assert rel(rows.sum(1), ref) < 1e-2
