@@ -42,6 +42,9 @@ ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one
 # One token at one rank: the gate/up kernel picks the token's experts from the router's logits
 # itself, with no top-k + alignment launch between (``Routed.one``). Off until timed on a GPU.
 SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "0") == "1"
+# Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
+_SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
+SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
 
 
 @triton.jit
@@ -225,7 +228,7 @@ def _tiles(M: int) -> tuple[int, int, int, int]:
     shapes, ``python -m moebius.bench.moe_kernels``)."""
     if 8 < M <= 2048:
         return 64, 256, 128, 64
-    return 64, 128, 64, 128
+    return SMALL_TILES or (64, 128, 64, 128)
 
 
 class _Plan:
