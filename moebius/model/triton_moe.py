@@ -14,8 +14,10 @@
 
 At one rank and a few tokens, the router GEMM rides in the residual add + norm's launch and
 the softmax/top-k in the alignment program (``route_align``); ``experts_routed`` runs the two
-GEMMs on that plan. Each small launch costs ~3 µs on H200 whatever it does, a few % of a ~60
-µs batch-1 layer.
+GEMMs on that plan. At one token there is nothing to align: block k is the token's k-th pick,
+so each gate/up program computes the softmax/top-k from the logits itself and the alignment
+launch goes (``SELF_ROUTE``; its (k, 0) programs store the ids and weights the down kernel
+reads). Each small launch costs ~3 µs whatever it does, a few % of a ~60 µs batch-1 layer.
 
 Only the pieces some token picked are read, each once per block. Against grouped GEMM plus
 sort/scatter (moe.experts_grouped) it removes ~10 small launches a layer and reads weights at
@@ -40,8 +42,9 @@ MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped G
 BM = 16
 ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one program
 # One token at one rank: the gate/up kernel picks the token's experts from the router's logits
-# itself, with no top-k + alignment launch between (``Routed.one``). Off until timed on a GPU.
-SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "0") == "1"
+# itself, with no top-k + alignment launch between (``Routed.one``): batch 1 3.28 -> 3.12 ms a
+# step on H100 (session 10). MOEBIUS_SELF_ROUTE=0 keeps the launch.
+SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
 SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
