@@ -2,10 +2,10 @@
 # On one lent GPU: the GPU kernel tests (TESTS, TESTK: pytest -k), the command in EXTRA (a kernel
 # bench), then decode steps (Qwen3-30B-A3B shapes, random bf16, overlapped) at batches B with
 # the defaults and with each environment in AB (";" between them; default MOEBIUS_GEMV=0: cuBLAS
-# for the one-token projections), kernel tables at KT, and the older tree in BASE if given; then,
-# with LADDER set, the issue-4 ladder and prefill (PREFILL) with the defaults. $OUT gets the
-# JSON. Session 7 (H100): `TESTS=tests/model/test_gpu_kernels.py LADDER="8 32 128 256"` ran in
-# 190 s.
+# for the one-token projections), kernel tables at KT (default 1; KT="" none), and the older
+# tree in BASE if given; then, with LADDER set, the issue-4 ladder and prefill (PREFILL) with
+# the defaults. $OUT gets the JSON. Session 10 (H100): `TESTS=tests/model/test_gpu_kernels.py
+# B="1" AB="MOEBIUS_SELF_ROUTE=0" LADDER="1 8 32 128 256"` ran in 180 s.
 source "$(dirname "$0")/gpu_common.sh"
 if [ -n "${TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:logging $TESTS ${TESTK:+-k "$TESTK"} 2>&1 \
@@ -20,10 +20,10 @@ bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env
 if [ -n "${EXTRA:-}" ]; then
   timeout ${EXTRA_TIMEOUT:-200} bash -c "$EXTRA" 2>&1 | quiet | tail -${EXTRA_TAIL:-30}; lap extra
 fi
-bench default "${B:-1 2 4}" "${KT:-1}" ""
+bench default "${B:-1 2 4}" "${KT-1}" ""
 IFS=';' read -ra ALTS <<< "${AB:-MOEBIUS_GEMV=0}"
 for i in "${!ALTS[@]}"; do
-  echo "[ab$i] ${ALTS[$i]}"; (export ${ALTS[$i]}; bench "ab$i" "${B:-1 2 4}" "${KT:-1}" "")
+  echo "[ab$i] ${ALTS[$i]}"; (export ${ALTS[$i]}; bench "ab$i" "${B:-1 2 4}" "${KT-1}" "")
 done
 if [ -n "${BASE:-}" ]; then (cd "$BASE" && PYTHONPATH=$PWD bench base "${B:-1 2 4}" "" ""); fi
 if [ -n "${LADDER:-}" ]; then
