@@ -45,6 +45,9 @@ ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one
 # itself, with no top-k + alignment launch between (``Routed.one``): batch 1 3.28 -> 3.12 ms a
 # step on H100 (session 10). MOEBIUS_SELF_ROUTE=0 keeps the launch.
 SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
+# There, each program's pick by ranks (``_pick_one``: ~4 reductions instead of ~13). Off until
+# timed on a GPU (expected about -0.04 ms a batch-1 step; docs/persistent-decode.md).
+TOPK_RANK = os.environ.get("MOEBIUS_TOPK_RANK", "0") == "1"
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
 SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
@@ -87,25 +90,49 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 
 
 @triton.jit
+def _pick_one(logits, k, E, K: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """Pick k of one token's top K, as ``_topk`` ranks them: (id, weight float32). Each
+    probability's rank comes from one compare matrix and one sum, and pick k from one max,
+    instead of K dependent max reductions (the renormalising sum adds in another order, so
+    the weight matches ``_topk``'s to rounding)."""
+    offs = tl.arange(0, E_PAD)
+    x = tl.load(logits + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    x = x - tl.max(x, 0)
+    p = tl.exp(x)
+    p = p / tl.sum(p, 0)
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs)
+    rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)  # keys that beat each
+    best = tl.max(tl.where(rank == k, key, -1), 0)
+    w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    if RENORM:
+        w = w / tl.sum(tl.where(rank < K, p, 0.0), 0)
+    return E_PAD - 1 - (best & 0xFFFFFFFF), w
+
+
+@triton.jit
 def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
                 BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
-                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
+                RANK: tl.constexpr):
     """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
-    gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
-    else read back from ``ids``."""
+    gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel;
+    RANK: by ``_pick_one``), else read back from ``ids``."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
         if PICK:
-            picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K, K_PAD,
-                                       E_PAD, RENORM)
-            mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
-            piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
+            if RANK:
+                piece, w = _pick_one(logits, pid_m, E, K, E_PAD, RENORM)
+            else:
+                picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K,
+                                           K_PAD, E_PAD, RENORM)
+                mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
+                piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
+                w = tl.sum(tl.sum(tl.where(mine, picked_w, 0.0), 1), 0)
             if tl.program_id(1) == 0:
                 tl.store(ids + pid_m, piece)
-                tl.store(route_w + pid_m, tl.sum(tl.sum(tl.where(mine, picked_w, 0.0), 1), 0)
-                         .to(route_w.dtype.element_ty))
+                tl.store(route_w + pid_m, w.to(route_w.dtype.element_ty))
         else:
             piece = tl.load(ids + pid_m)
         piece = piece.to(tl.int32)
@@ -142,13 +169,14 @@ def _w13_kernel(
     K_PAD: tl.constexpr,
     E_PAD: tl.constexpr,
     RENORM: tl.constexpr,
+    RANK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
-                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM)
+                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, RANK)
     if piece < 0:
         return
     rmask = rows < M
@@ -203,7 +231,7 @@ def _w2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
-                              BM, ONE, False, 1, 1, 1, False)
+                              BM, ONE, False, 1, 1, 1, False, False)
     if piece < 0:
         return
     rmask = rows < M
@@ -302,11 +330,12 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     act = torch.empty(plan.num_blocks * BM, c, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one
-    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False)
+    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False, RANK=False)
     if one is not None:
         blocks, logits, ids = K, one.logits, one.ids
         pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
-                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize)
+                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize,
+                    RANK=TOPK_RANK)
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
