@@ -45,7 +45,7 @@ ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one
 # itself, with no top-k + alignment launch between (``Routed.one``): batch 1 3.28 -> 3.12 ms a
 # step on H100 (session 10). MOEBIUS_SELF_ROUTE=0 keeps the launch.
 SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
-# There, each program's pick by ranks (``_pick_one``: ~4 reductions instead of ~13). Off until
+# There, each program's pick by ranks (``_ranks``: ~4 reductions instead of ~13). Off until
 # timed on a GPU (expected about -0.04 ms a batch-1 step; docs/persistent-decode.md).
 TOPK_RANK = os.environ.get("MOEBIUS_TOPK_RANK", "0") == "1"
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
@@ -90,23 +90,17 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 
 
 @triton.jit
-def _pick_one(logits, k, E, K: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """Pick k of one token's top K, as ``_topk`` ranks them: (id, weight float32). Each
-    probability's rank comes from one compare matrix and one sum, and pick k from one max,
-    instead of K dependent max reductions (the renormalising sum adds in another order, so
-    the weight matches ``_topk``'s to rounding)."""
+def _ranks(logits, E, E_PAD: tl.constexpr):
+    """One token's softmax over E as ``_topk`` computes it: (probabilities, their packed keys,
+    each key's rank: how many keys beat it). The ranks come from one compare matrix and one
+    sum, where ``_topk`` needs a dependent max reduction a pick."""
     offs = tl.arange(0, E_PAD)
     x = tl.load(logits + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     x = x - tl.max(x, 0)
     p = tl.exp(x)
     p = p / tl.sum(p, 0)
     key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs)
-    rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)  # keys that beat each
-    best = tl.max(tl.where(rank == k, key, -1), 0)
-    w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    if RENORM:
-        w = w / tl.sum(tl.where(rank < K, p, 0.0), 0)
-    return E_PAD - 1 - (best & 0xFFFFFFFF), w
+    return p, key, tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)
 
 
 @triton.jit
@@ -118,21 +112,28 @@ def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, str
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
     gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel;
-    RANK: by ``_pick_one``), else read back from ``ids``."""
+    RANK: by ``_ranks``), else read back from ``ids``."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
-        if PICK:
-            if RANK:
-                piece, w = _pick_one(logits, pid_m, E, K, E_PAD, RENORM)
-            else:
-                picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K,
-                                           K_PAD, E_PAD, RENORM)
-                mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
-                piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
-                w = tl.sum(tl.sum(tl.where(mine, picked_w, 0.0), 1), 0)
+        if PICK and RANK:  # pick pid_m is the key ranked pid_m (its weight to rounding)
+            p, key, rank = _ranks(logits, E, E_PAD)
+            best = tl.max(tl.where(rank == pid_m, key, -1), 0)
+            piece = E_PAD - 1 - (best & 0xFFFFFFFF)
             if tl.program_id(1) == 0:
+                w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                if RENORM:  # adds in another order than _topk's sum of the K picks
+                    w = w / tl.sum(tl.where(rank < K, p, 0.0), 0)
                 tl.store(ids + pid_m, piece)
                 tl.store(route_w + pid_m, w.to(route_w.dtype.element_ty))
+        elif PICK:
+            picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K, K_PAD,
+                                       E_PAD, RENORM)
+            mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
+            piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
+            if tl.program_id(1) == 0:
+                tl.store(ids + pid_m, piece)
+                tl.store(route_w + pid_m, tl.sum(tl.sum(tl.where(mine, picked_w, 0.0), 1), 0)
+                         .to(route_w.dtype.element_ty))
         else:
             piece = tl.load(ids + pid_m)
         piece = piece.to(tl.int32)
