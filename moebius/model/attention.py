@@ -19,6 +19,7 @@ import torch.nn.functional as F
 try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model.triton_attention import paged_decode_attention as _triton_decode
     from moebius.model.triton_prefill import PrefillPlan, paged_prefill_attention
+    from moebius.model.triton_qk import supported as head_dim_ok  # tl.arange: a power of two
 except ImportError:  # pragma: no cover - depends on the install
     _triton_decode = None
 
@@ -80,8 +81,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> t
         mask = (pos[None, :] < meta.decode_ctx_lens[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[meta.decode_token_idx] = o.squeeze(2)
-    d_ok = d >= 16 and d & (d - 1) == 0  # tl.arange needs a power of two
-    if meta.prefills and triton_ok and d_ok:
+    if meta.prefills and triton_ok and head_dim_ok(d):
         if meta.prefill_plan is None:
             meta.prefill_plan = PrefillPlan.build(meta.prefills, q.device)
         paged_prefill_attention(q, k_cache, v_cache, meta.prefill_plan, scale, out)

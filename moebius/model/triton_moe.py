@@ -99,7 +99,7 @@ def _ranks(logits, E, E_PAD: tl.constexpr):
     x = x - tl.max(x, 0)
     p = tl.exp(x)
     p = p / tl.sum(p, 0)
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs)
+    key = _pack_keys(p, offs, E_PAD)
     return p, key, tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)
 
 
@@ -117,10 +117,8 @@ def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, str
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
         if PICK and RANK:  # pick pid_m is the key ranked pid_m (its weight to rounding)
             p, key, rank = _ranks(logits, E, E_PAD)
-            best = tl.max(tl.where(rank == pid_m, key, -1), 0)
-            piece = E_PAD - 1 - (best & 0xFFFFFFFF)
+            piece, w = _unpack_key(tl.max(tl.where(rank == pid_m, key, -1), 0), E_PAD)
             if tl.program_id(1) == 0:
-                w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                 if RENORM:  # adds in another order than _topk's sum of the K picks
                     w = w / tl.sum(tl.where(rank < K, p, 0.0), 0)
                 tl.store(ids + pid_m, piece)
@@ -355,6 +353,20 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
 
 
 @triton.jit
+def _pack_keys(p, offs_e, E_PAD: tl.constexpr):
+    """Each probability with its expert index as one int64 that orders as the top-k does: the
+    probability's bits (a float >= 0 orders as an integer) above the reversed index, so equal
+    probabilities go to the lowest index."""
+    return (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs_e)
+
+
+@triton.jit
+def _unpack_key(key, E_PAD: tl.constexpr):
+    """(expert index, probability) of a ``_pack_keys`` key."""
+    return E_PAD - 1 - (key & 0xFFFFFFFF), (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
           K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
     """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
@@ -366,18 +378,15 @@ def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
-    # One max a pick, not a max and an argmax: a probability's bits (a float >= 0) order as
-    # integers; below them the reversed index, so equal probabilities go to the lowest index.
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs_e)[None, :]
+    key = _pack_keys(p, offs_e[None, :], E_PAD)  # one max a pick, not a max and an argmax
     cols = tl.arange(0, K_PAD)
     picked_w = tl.zeros([BT, K_PAD], tl.float32)
     picked_i = tl.zeros([BT, K_PAD], tl.int64)
     for k in tl.static_range(K):
         best = tl.max(key, 1)
-        w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        i, w = _unpack_key(best, E_PAD)
         picked_w = tl.where(cols[None, :] == k, w[:, None], picked_w)
-        picked_i = tl.where(cols[None, :] == k, (E_PAD - 1 - (best & 0xFFFFFFFF))[:, None],
-                            picked_i)
+        picked_i = tl.where(cols[None, :] == k, i[:, None], picked_i)
         key = tl.where(key == best[:, None], -1, key)
     if RENORM:
         picked_w = picked_w / tl.sum(picked_w, 1)[:, None]
