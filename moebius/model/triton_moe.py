@@ -45,9 +45,6 @@ ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one
 # itself, with no top-k + alignment launch between (``Routed.one``): batch 1 3.28 -> 3.12 ms a
 # step on H100 (session 10). MOEBIUS_SELF_ROUTE=0 keeps the launch.
 SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
-# There, each program's pick by ranks (``_ranks``: ~4 reductions instead of ~13). Off until
-# timed on a GPU (expected about -0.04 ms a batch-1 step; docs/persistent-decode.md).
-TOPK_RANK = os.environ.get("MOEBIUS_TOPK_RANK", "0") == "1"
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
 SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
@@ -90,40 +87,17 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 
 
 @triton.jit
-def _ranks(logits, E, E_PAD: tl.constexpr):
-    """One token's softmax over E as ``_topk`` computes it: (probabilities, their packed keys,
-    each key's rank: how many keys beat it). The ranks come from one compare matrix and one
-    sum, where ``_topk`` needs a dependent max reduction a pick."""
-    offs = tl.arange(0, E_PAD)
-    x = tl.load(logits + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
-    x = x - tl.max(x, 0)
-    p = tl.exp(x)
-    p = p / tl.sum(p, 0)
-    key = _pack_keys(p, offs, E_PAD)
-    return p, key, tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)
-
-
-@triton.jit
 def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
                 BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
-                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
-                RANK: tl.constexpr):
+                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
     """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
-    gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel;
-    RANK: by ``_ranks``), else read back from ``ids``."""
+    gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
+    else read back from ``ids``."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
-        if PICK and RANK:  # pick pid_m is the key ranked pid_m (its weight to rounding)
-            p, key, rank = _ranks(logits, E, E_PAD)
-            piece, w = _unpack_key(tl.max(tl.where(rank == pid_m, key, -1), 0), E_PAD)
-            if tl.program_id(1) == 0:
-                if RENORM:  # adds in another order than _topk's sum of the K picks
-                    w = w / tl.sum(tl.where(rank < K, p, 0.0), 0)
-                tl.store(ids + pid_m, piece)
-                tl.store(route_w + pid_m, w.to(route_w.dtype.element_ty))
-        elif PICK:
+        if PICK:
             picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K, K_PAD,
                                        E_PAD, RENORM)
             mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
@@ -168,14 +142,13 @@ def _w13_kernel(
     K_PAD: tl.constexpr,
     E_PAD: tl.constexpr,
     RENORM: tl.constexpr,
-    RANK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
-                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, RANK)
+                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM)
     if piece < 0:
         return
     rmask = rows < M
@@ -230,7 +203,7 @@ def _w2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
-                              BM, ONE, False, 1, 1, 1, False, False)
+                              BM, ONE, False, 1, 1, 1, False)
     if piece < 0:
         return
     rmask = rows < M
@@ -329,12 +302,11 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     act = torch.empty(plan.num_blocks * BM, c, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one
-    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False, RANK=False)
+    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False)
     if one is not None:
         blocks, logits, ids = K, one.logits, one.ids
         pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
-                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize,
-                    RANK=TOPK_RANK)
+                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize)
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),

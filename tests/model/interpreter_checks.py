@@ -81,12 +81,6 @@ def norm_route_align_experts() -> None:
             assert routed.one
             assert torch.equal(experts_routed(h, routed, w13, w2), rows)
             assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
-            triton_moe.TOPK_RANK = True  # each program's pick by ranks
-            routed = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm)[2]
-            rows = experts_routed(h, routed, w13, w2)
-            triton_moe.TOPK_RANK = False
-            assert torch.equal(routed.ids, ids) and rel(routed.weights, wts) < 1e-6
-            assert torch.equal(rows, experts_fused(h, ids, routed.weights, w13, w2, reduce=False))
 
 
 def gemv() -> None:
