@@ -4,7 +4,8 @@
 # the defaults and with each environment in AB (";" between them; default MOEBIUS_GEMV=0: cuBLAS
 # for the one-token projections), kernel tables at KT (default 1; KT="" none), and the older
 # tree in BASE if given; then, with LADDER set, the issue-4 ladder and prefill (PREFILL) with
-# the defaults. $OUT gets the JSON. Session 10 (H100): `TESTS=tests/model/test_gpu_kernels.py
+# the defaults (PKT: prefill shapes whose kernels are tabled; LADDER_TAIL lines of it shown).
+# $OUT gets the JSON. Session 10 (H100): `TESTS=tests/model/test_gpu_kernels.py
 # B="1" AB="MOEBIUS_SELF_ROUTE=0" LADDER="1 8 32 128 256"` ran in 180 s.
 source "$(dirname "$0")/gpu_common.sh"
 if [ -n "${TESTS:-}" ]; then
@@ -13,7 +14,8 @@ if [ -n "${TESTS:-}" ]; then
 fi
 bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env passes through
   timeout ${BENCH_TIMEOUT:-150} python3 -m moebius.bench.decode --preset qwen3-30b-a3b \
-    --batches $2 --kernel-tables $3 --prefill $4 --out "$OUT/decode_$1.json" 2>&1 | quiet \
+    --batches $2 --kernel-tables $3 --prefill $4 --prefill-kernel-tables ${PKT:-} \
+    --out "$OUT/decode_$1.json" 2>&1 | quiet \
     | grep -v '^{' | grep -v "^engine up\|^ *batch" | sed "s/^/[$1] /" | tail -${TAIL:-25}
   lap "$1"
 }
@@ -27,5 +29,5 @@ for i in "${!ALTS[@]}"; do
 done
 if [ -n "${BASE:-}" ]; then (cd "$BASE" && PYTHONPATH=$PWD bench base "${B:-1 2 4}" "" ""); fi
 if [ -n "${LADDER:-}" ]; then
-  TAIL=20 BENCH_TIMEOUT=${LADDER_TIMEOUT:-240} bench ladder "$LADDER" "" "${PREFILL:-1x2048 16x512}"
+  TAIL=${LADDER_TAIL:-20} BENCH_TIMEOUT=${LADDER_TIMEOUT:-240} bench ladder "$LADDER" "" "${PREFILL:-1x2048 16x512}"
 fi

@@ -174,10 +174,16 @@ def run(
     return rows
 
 
-def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0) -> list[dict]:
+def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0,
+                kernel_tables=()) -> list[dict]:
     """Prefill throughput: n prompts of l tokens computed in one engine step, after a warm-up.
-    The floor is the bf16 matrix-unit time of 2·(active params)·tokens FLOPs (attention's
-    quadratic term added) at the measured GEMM rate."""
+    The floor is the larger of two times: the bf16 matrix-unit time of 2·(active params)·
+    tokens FLOPs (attention's quadratic term added) at the measured GEMM rate, and the bytes
+    the step must move (dense weights, the distinct experts its tokens' random picks activate
+    in expectation, the KV it writes) at the measured copy bandwidth. Shapes in
+    ``kernel_tables`` get one more step, profiled kernel by kernel. The engine runs its steps
+    synchronously: an overlapped ``step()`` returns once the prefill is launched, before the
+    GPU has run it (sessions 2-10 timed that launch, not the prefill)."""
     tokens_max = max(n * length for n, length in shapes)
     cfg = EngineConfig(
         model=model,
@@ -190,6 +196,7 @@ def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0
         max_model_len=4096,
         enable_prefix_caching=False,
         seed=seed,
+        async_scheduling=False,
     )
     engine = LLMEngine(cfg)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -201,6 +208,8 @@ def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0
         a @ a
     torch.cuda.synchronize()
     flops_rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    del a
+    bw = copy_bandwidth()
     rng = random.Random(seed)
     m = model
     active = m.num_layers * (
@@ -208,23 +217,34 @@ def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0
         + 2 * m.kv_size * m.hidden_size
         + m.top_k * 3 * m.moe_intermediate_size * m.hidden_size
     )
+
+    def prefill_step(n: int, length: int, profiled: bool = False):
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        for _ in range(n):
+            engine.add_request([rng.randrange(m.vocab_size) for _ in range(length)], params)
+        torch.cuda.synchronize()
+        if profiled:
+            engine.executor.call("moebius.bench.gpu_timing:profile_start")
+        t = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - t
+        table = (engine.executor.call("moebius.bench.gpu_timing:profile_stop")[0]
+                 if profiled else None)
+        while engine.has_unfinished():
+            engine.step()
+        return took, table
+
     rows = []
     for n, length in shapes:
-        times = []
-        for rep in range(4):  # the first run of a shape compiles; it is not timed
-            params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-            for _ in range(n):
-                engine.add_request([rng.randrange(m.vocab_size) for _ in range(length)], params)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            engine.step()
-            if rep:
-                times.append(time.perf_counter() - t)
-            while engine.has_unfinished():
-                engine.step()
-        step = sorted(times)[1]
+        prefill_step(n, length)  # the first run of a shape compiles; it is not timed
+        times = sorted(prefill_step(n, length)[0] for _ in range(3))
+        step = times[1]
         attn = m.num_layers * n * 2 * length * length * m.num_heads * m.head_dim  # causal ½·4
-        floor = (2 * active * n * length + attn) / flops_rate
+        compute = (2 * active * n * length + attn) / flops_rate
+        need = step_floor_bytes(m, n * length, 0)
+        kv_written = n * length * m.num_layers * m.kv_planes * m.kv_size * 2
+        memory = (need["weights"] + kv_written) / bw
+        floor = max(compute, memory)
         rows.append(
             {
                 "prompts": n,
@@ -233,10 +253,16 @@ def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0
                 "tokens_per_s": n * length / step,
                 "floor_ms": floor * 1e3,
                 "x_floor": step / floor,
+                "compute_floor_ms": compute * 1e3,
+                "memory_floor_ms": memory * 1e3,
                 "gemm_tflops": flops_rate / 1e12,
+                "copy_bw_GBps": bw / 1e9,
             }
         )
         print(json.dumps(rows[-1]))
+        if f"{n}x{length}" in kernel_tables:
+            print_kernel_table(prefill_step(n, length, profiled=True)[1],
+                               f"prefill {n}x{length}: kernels of one step")
     engine.shutdown()
     return rows
 
@@ -254,6 +280,8 @@ def main() -> None:
     ap.add_argument("--prefill", nargs="*", default=[], help="shapes like 1x2048 16x512")
     ap.add_argument("--kernel-tables", type=int, nargs="*", default=[],
                     help="print the graph's kernels at these batches")
+    ap.add_argument("--prefill-kernel-tables", nargs="*", default=[],
+                    help="print a prefill step's kernels at these shapes (like 1x2048)")
     ap.add_argument("--max-model-len", type=int, default=4096,
                     help="the engine's longest context (CUDA graphs size attention for it)")
     ap.add_argument("--out", default=None)
@@ -269,11 +297,12 @@ def main() -> None:
             max_model_len=args.max_model_len,
         )
     shapes = [tuple(map(int, s.split("x"))) for s in args.prefill]
-    prefill = run_prefill(model, shapes) if shapes else []
+    prefill = run_prefill(model, shapes, kernel_tables=args.prefill_kernel_tables) if shapes else []
     for r in prefill:
         print(
             f"prefill {r['prompts']}x{r['prompt_len']}: {r['tokens_per_s']:.0f} tok/s, "
-            f"{r['step_ms']:.1f} ms, floor {r['floor_ms']:.1f} ms ({r['x_floor']:.2f}x)"
+            f"{r['step_ms']:.1f} ms, floor {r['floor_ms']:.1f} ms ({r['x_floor']:.2f}x; compute "
+            f"{r['compute_floor_ms']:.1f}, memory {r['memory_floor_ms']:.1f})"
         )
     print(
         f"\n{'batch':>6} {'ms/step':>9} {'tok/s':>9} {'floor ms':>9} {'x floor':>8} "

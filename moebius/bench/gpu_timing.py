@@ -3,7 +3,9 @@
 the collectives captured in the graph match).
 
 ``graph_replay_seconds`` is the step's GPU time without the host (inputs, sampling, pipes);
-``graph_kernel_table`` is where that time goes, kernel by kernel (torch.profiler).
+``graph_kernel_table`` is where that time goes, kernel by kernel (torch.profiler);
+``profile_start`` / ``profile_stop`` give the same table for whatever the rank runs between
+them (an eager prefill step).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def graph_kernel_table(runner, batch: int, reps: int = 5, top: int = 15) -> list
         for _ in range(reps):
             graph.replay()
         torch.cuda.synchronize()
+    return _kernel_rows(prof, reps, top)
+
+
+def _kernel_rows(prof, reps: int, top: int) -> list[dict]:
     rows = {}
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
@@ -58,6 +64,28 @@ def graph_kernel_table(runner, batch: int, reps: int = 5, top: int = 15) -> list
         r[1] += ev.time_range.elapsed_us()
     out = [{"kernel": k, "launches": n / reps, "us": us / reps} for k, (n, us) in rows.items()]
     return sorted(out, key=lambda r: -r["us"])[:top]
+
+
+_profiler = None  # the rank's profiler between profile_start and profile_stop
+
+
+def profile_start(runner) -> None:
+    """Start recording the rank's CUDA kernels (``profile_stop`` ends it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    global _profiler
+    torch.cuda.synchronize()
+    _profiler = profile(activities=[ProfilerActivity.CUDA])
+    _profiler.__enter__()
+
+
+def profile_stop(runner, top: int = 15) -> list[dict]:
+    """The ``top`` kernels by GPU time since ``profile_start``: name, launches, µs."""
+    global _profiler
+    torch.cuda.synchronize()
+    prof, _profiler = _profiler, None
+    prof.__exit__(None, None, None)
+    return _kernel_rows(prof, 1, top)
 
 
 def print_kernel_table(table: list[dict] | None, title: str) -> None:

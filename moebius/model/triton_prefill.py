@@ -18,8 +18,47 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64
-BLOCK_N = 64
+LOG2E = 1.4426950408889634
+
+
+def config(tokens: int) -> tuple[int, int, int, int]:
+    """(BM, BN, warps, stages) for a step of ``tokens`` prefill tokens."""
+    return 64, 64, 4, 2
+
+
+@triton.jit
+def _keys(q, K, V, tables, c, k0, qpos, end, kvh, m_i, l_i, acc, scale, stride_kb, stride_ks,
+          stride_kh, stride_tc, BS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+          MASK: tl.constexpr, IEEE: tl.constexpr):
+    """The online softmax over keys k0 .. k0 + BN: (m_i, l_i, acc) updated. MASK: causal, and
+    keys from ``end`` on are masked; else every key is visible to every query."""
+    kpos = k0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    kmask = kpos < end
+    blk = tl.load(tables + c * stride_tc + kpos // BS, mask=kmask, other=0)
+    off = blk[:, None] * stride_kb + (kpos % BS)[:, None] * stride_ks + kvh * stride_kh
+    if MASK:
+        k = tl.load(K + off + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + off + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(K + off + offs_d[None, :])
+        v = tl.load(V + off + offs_d[None, :])
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale  # scale carries log2(e): exp2 below
+    if MASK:
+        s = tl.where((kpos[None, :] <= qpos[:, None]) & kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -70,29 +109,16 @@ def _prefill_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    end = p0 + tl.minimum(m0 + BM, n)  # keys past the tile's last query are masked anyway
-    for k0 in range(0, end, BN):
-        kpos = k0 + tl.arange(0, BN)
-        kmask = kpos < end
-        blk = tl.load(tables + c * stride_tc + kpos // BS, mask=kmask, other=0)
-        off = blk[:, None] * stride_kb + (kpos % BS)[:, None] * stride_ks + kvh * stride_kh
-        k = tl.load(K + off + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + off + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        causal = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
-        s = tl.where(causal, s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Keys before the tile's first query are seen by all its queries: no mask there. The rest,
+    # up to its last query, is masked causally (keys past it are masked anyway).
+    full = (p0 + m0) // BN * BN
+    end = p0 + tl.minimum(m0 + BM, n)
+    for k0 in range(0, full, BN):
+        m_i, l_i, acc = _keys(q, K, V, tables, c, k0, qpos, end, kvh, m_i, l_i, acc, scale,
+                              stride_kb, stride_ks, stride_kh, stride_tc, BS, D, BN, False, IEEE)
+    for k0 in range(full, end, BN):
+        m_i, l_i, acc = _keys(q, K, V, tables, c, k0, qpos, end, kvh, m_i, l_i, acc, scale,
+                              stride_kb, stride_ks, stride_kh, stride_tc, BS, D, BN, True, IEEE)
     out = acc / tl.where(mmask, l_i, 1.0)[:, None]
     tl.store(
         O + (tok0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -111,17 +137,20 @@ class PrefillPlan:
     chunk_token: torch.Tensor  # (C,) int32: flat index of the chunk's first token
     chunk_len: torch.Tensor  # (C,) int32
     chunk_pos: torch.Tensor  # (C,) int32: position of the chunk's first token
+    launch: tuple[int, int, int, int]  # (BM, BN, warps, stages); tiles are BM queries
 
     @classmethod
-    def build(cls, chunks, device) -> PrefillPlan:
-        """From ``attention.PrefillChunk``s (token_start, num_tokens, start_pos, block_table)."""
+    def build(cls, chunks, device, launch=None) -> PrefillPlan:
+        """From ``attention.PrefillChunk``s (token_start, num_tokens, start_pos, block_table);
+        ``launch`` overrides ``config`` (tuning)."""
+        launch = launch or config(sum(c.num_tokens for c in chunks))
         width = max(len(c.block_table) for c in chunks)
         tables = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = c.block_table
         tile_chunk, tile_start = [], []
         for i, c in enumerate(chunks):
-            for m0 in range(0, c.num_tokens, BLOCK_M):
+            for m0 in range(0, c.num_tokens, launch[0]):
                 tile_chunk.append(i)
                 tile_start.append(m0)
 
@@ -135,6 +164,7 @@ class PrefillPlan:
             chunk_token=ints([c.token_start for c in chunks]),
             chunk_len=ints([c.num_tokens for c in chunks]),
             chunk_pos=ints([c.start_pos for c in chunks]),
+            launch=launch,
         )
 
 
@@ -143,6 +173,7 @@ def paged_prefill_attention(q, k_cache, v_cache, plan: PrefillPlan, scale: float
     over its sequence's pages in ``k_cache``/``v_cache`` (NB, bs, kvh, d), keys already written."""
     nh, d = q.shape[1], q.shape[2]
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    bm, bn, warps, stages = plan.launch
     grid = (plan.tile_chunk.numel(), nh)
     _prefill_kernel[grid](
         q,
@@ -155,7 +186,7 @@ def paged_prefill_attention(q, k_cache, v_cache, plan: PrefillPlan, scale: float
         plan.chunk_token,
         plan.chunk_len,
         plan.chunk_pos,
-        scale,
+        scale * LOG2E,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -167,9 +198,9 @@ def paged_prefill_attention(q, k_cache, v_cache, plan: PrefillPlan, scale: float
         GROUP=nh // kvh,
         BS=bs,
         D=d,
-        BM=BLOCK_M,
-        BN=BLOCK_N,
+        BM=bm,
+        BN=bn,
         IEEE=q.dtype == torch.float32,
-        num_warps=4,
-        num_stages=2,
+        num_warps=warps,
+        num_stages=stages,
     )

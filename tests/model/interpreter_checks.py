@@ -25,17 +25,18 @@ def qk_norm_rope_write() -> None:
     """triton_qk against rms_norm, Rotary and write_kv."""
     from moebius.model.triton_qk import qk_norm_rope_write
 
-    d, nh, kvh, T = 32, 4, 2, 3
-    q, k, v = torch.randn(T, nh, d), torch.randn(T, kvh, d), torch.randn(T, kvh, d)
-    qn, kn = 1 + 0.1 * torch.randn(d), 1 + 0.1 * torch.randn(d)
-    rot = Rotary(d, 1e6, 512, "cpu")
-    pos, slots = torch.tensor([5, 100, 7]), torch.tensor([3, 40, 17])
-    kc, vc = torch.zeros(8, 16, kvh, d), torch.zeros(8, 16, kvh, d)
-    out = qk_norm_rope_write(q, k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, kc, vc, slots)
-    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
-    write_kv(kr, vr, rot.apply(rms_norm(k, kn, 1e-6), pos), v, slots)
-    assert rel(out, rot.apply(rms_norm(q, qn, 1e-6), pos)) < 1e-5
-    assert rel(kc, kr) < 1e-5 and torch.equal(vc, vr)
+    d, nh, kvh = 32, 4, 2
+    for T in (3, 1537):  # a token a program; blocks of 4, the last partial
+        q, k, v = torch.randn(T, nh, d), torch.randn(T, kvh, d), torch.randn(T, kvh, d)
+        qn, kn = 1 + 0.1 * torch.randn(d), 1 + 0.1 * torch.randn(d)
+        rot = Rotary(d, 1e6, 512, "cpu")
+        pos, slots = torch.randint(0, 512, (T,)), torch.randperm(128 * 16)[:T]
+        kc, vc = torch.zeros(128, 16, kvh, d), torch.zeros(128, 16, kvh, d)
+        out = qk_norm_rope_write(q, k, v, qn, kn, 1e-6, rot.cos, rot.sin, pos, kc, vc, slots)
+        kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+        write_kv(kr, vr, rot.apply(rms_norm(k, kn, 1e-6), pos), v, slots)
+        assert rel(out, rot.apply(rms_norm(q, qn, 1e-6), pos)) < 1e-5
+        assert rel(kc, kr) < 1e-5 and torch.equal(vc, vr)
 
 
 def norm_route_align_experts() -> None:
@@ -83,6 +84,14 @@ def norm_route_align_experts() -> None:
             assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
 
 
+def gated() -> None:
+    """SiLU(gate)·up of grouped-GEMM rows against the eager ops."""
+    from moebius.model.triton_gated import silu_mul
+
+    h = torch.randn(37, 2 * 300 + 4)[:, :600]
+    assert rel(silu_mul(h), torch.nn.functional.silu(h[:, :300]) * h[:, 300:]) < 1e-6
+
+
 def gemv() -> None:
     """The one-token GEMV on a whole weight and on a column slice (a TP shard's view)."""
     from moebius.model.triton_gemv import gemv
@@ -128,18 +137,20 @@ def prefill_attention() -> None:
     nh, kvh, d, bs, NB = 4, 2, 32, 16, 64
     k, v = torch.randn(NB, bs, kvh, d, generator=g), torch.randn(NB, bs, kvh, d, generator=g)
     perm, chunks, T = torch.randperm(NB, generator=g).tolist(), [], 0
-    for start_pos, n in [(0, 1), (0, 37), (48, 21), (17, 70)]:
+    for start_pos, n in [(0, 1), (0, 37), (48, 21), (17, 70), (100, 90)]:
         nb = (start_pos + n + bs - 1) // bs
         table, perm = perm[:nb], perm[nb:]
         chunks.append(PrefillChunk(T, n, start_pos, torch.tensor(table)))
         T += n
     q = torch.randn(T, nh, d, generator=g)
-    out = torch.full_like(q, float("nan"))
-    paged_prefill_attention(q, k, v, PrefillPlan.build(chunks, "cpu"), d**-0.5, out)
     meta = AttentionMeta(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                          torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                          chunks)
-    assert rel(out, paged_attention(q, k, v, meta, d**-0.5)) < 1e-5  # CPU: SDPA per chunk
+    ref = paged_attention(q, k, v, meta, d**-0.5)  # CPU: SDPA per chunk
+    for launch in (None, (32, 16, 4, 1)):  # the default tiles; smaller ones
+        out = torch.full_like(q, float("nan"))
+        paged_prefill_attention(q, k, v, PrefillPlan.build(chunks, "cpu", launch), d**-0.5, out)
+        assert rel(out, ref) < 1e-5
 
 
 def mla_decode() -> None:
@@ -165,7 +176,7 @@ def mla_decode() -> None:
             assert rel(paged_mla_decode(q, cache, tables, lens, 0.07, max_context, r), ref) < 1e-5
 
 
-CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv,
+CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
                                   decode_attention, prefill_attention, mla_decode)}
 
 if __name__ == "__main__":

@@ -296,15 +296,17 @@ def test_mla_cuda_graphs_match_eager(arch, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", [True, False])
-def test_fused_qk_norm_rope_write_matches_reference(dtype, norm):
+@pytest.mark.parametrize("T", [37, 5001])
+def test_fused_qk_norm_rope_write_matches_reference(dtype, norm, T):
     """One launch for q/k RMSNorm, rotary and the KV write against ops.rms_norm, Rotary and
-    attention.write_kv, on q/k/v views of one qkv GEMM output."""
+    attention.write_kv, on q/k/v views of one qkv GEMM output; a token a program (37) and
+    blocks of 16 with a partial last one (5001)."""
     from moebius.model.attention import write_kv
     from moebius.model.ops import Rotary, rms_norm
     from moebius.model.triton_qk import qk_norm_rope_write
 
     g = torch.Generator(device="cuda").manual_seed(3)
-    T, nh, kvh, d, NB, bs = 37, 32, 4, 128, 64, 16
+    nh, kvh, d, NB, bs = 32, 4, 128, 320, 16
     qkv = torch.randn(T, (nh + 2 * kvh) * d, device="cuda", generator=g, dtype=dtype)
     q, k, v = qkv.split([nh * d, kvh * d, kvh * d], -1)
     q, k, v = q.view(T, nh, d), k.view(T, kvh, d), v.view(T, kvh, d)
@@ -444,3 +446,19 @@ def test_gemv_matches_reference(T, N, K, monkeypatch):
         x.copy_(torch.randn(T, K, device="cuda", generator=g))
         graph.replay()
         assert torch.equal(replayed, triton_gemv.gemv(x, w))
+
+
+@pytest.mark.parametrize("M,c", [(1, 768), (4099, 768), (300, 100)])
+def test_gated_activation_matches_reference(M, c):
+    """SiLU(gate)·up of grouped-GEMM rows (triton_gated) against float64, and against the
+    compiled kernel it replaces to bf16 rounding; a strided view as input too."""
+    from moebius.model.moe import _gated
+    from moebius.model.triton_gated import silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    h = torch.randn(M, 2 * c + 8, device="cuda", generator=g).bfloat16()[:, : 2 * c]
+    out = silu_mul(h)
+    hd = h.double()
+    ref = torch.nn.functional.silu(hd[:, :c]) * hd[:, c:]
+    assert rel(out, ref) < 1e-2
+    assert (out.double() - _gated(h).double()).abs().max() <= 2**-6 * ref.abs().max()
