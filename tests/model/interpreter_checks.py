@@ -92,6 +92,20 @@ def gated() -> None:
     assert rel(silu_mul(h), torch.nn.functional.silu(h[:, :300]) * h[:, 300:]) < 1e-6
 
 
+def sort_pairs() -> None:
+    """The counting sort of (token, piece) pairs: torch's stable argsort, its inverse, the
+    groups' ends; several chunks, pieces not held (P) among them."""
+    from moebius.model.triton_sort import sort_pairs
+
+    g = torch.Generator().manual_seed(4)
+    for M, P in [(1, 4), (5, 8), (1024, 16), (3000, 128), (2500, 60)]:
+        pieces = torch.randint(0, P + 1, (M,), generator=g)
+        order, inv, ends = sort_pairs(pieces, P)
+        assert torch.equal(order, torch.argsort(pieces, stable=True))
+        assert torch.equal(inv[order], torch.arange(M))
+        assert torch.equal(ends, torch.bincount(pieces, minlength=P + 1)[:P].cumsum(0).int())
+
+
 def gemv() -> None:
     """The one-token GEMV on a whole weight and on a column slice (a TP shard's view)."""
     from moebius.model.triton_gemv import gemv
@@ -177,7 +191,7 @@ def mla_decode() -> None:
 
 
 CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
-                                  decode_attention, prefill_attention, mla_decode)}
+                                  sort_pairs, decode_attention, prefill_attention, mla_decode)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -28,7 +28,8 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize(
-    "T,P,K,H,c", [(1, 8, 2, 256, 128), (37, 16, 4, 512, 64), (300, 128, 8, 2048, 384)]
+    "T,P,K,H,c", [(1, 8, 2, 256, 128), (37, 16, 4, 512, 64), (300, 128, 8, 2048, 384),
+                  (2000, 128, 8, 512, 64)]
 )
 def test_grouped_experts_match_reference(T, P, K, H, c):
     g = torch.Generator(device="cuda").manual_seed(T)
@@ -462,3 +463,18 @@ def test_gated_activation_matches_reference(M, c):
     ref = torch.nn.functional.silu(hd[:, :c]) * hd[:, c:]
     assert rel(out, ref) < 1e-2
     assert (out.double() - _gated(h).double()).abs().max() <= 2**-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("M,P", [(1, 8), (3000, 128), (65536, 128), (131072, 256)])
+def test_pair_sort_matches_argsort(M, P):
+    """The counting sort of a prefill's (token, piece) pairs: torch's stable argsort bit for
+    bit, its inverse, the groups' ends, with pieces not held (P) among them."""
+    from moebius.model.triton_sort import sort_pairs
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    pieces = torch.randint(0, P + 1, (M,), device="cuda", generator=g)
+    order, inv, ends = sort_pairs(pieces, P)
+    assert torch.equal(order, torch.argsort(pieces, stable=True))
+    assert torch.equal(inv[order], torch.arange(M, device="cuda"))
+    counts = torch.bincount(pieces, minlength=P + 1)[:P]
+    assert torch.equal(ends, counts.cumsum(0).int())
