@@ -6,8 +6,9 @@ a stable counting sort in three launches, with the inverse permutation and the g
 in the radix passes alone (48 layers; BENCHMARKS.md, session 11). Here:
 
 1. ``_count_kernel``: per chunk of CH pairs, a histogram over the pieces.
-2. ``_offsets_kernel`` (one program): each (chunk, piece)'s first slot, from exclusive sums of
-   the counts over pieces and over chunks; the groups' inclusive ends for ``_grouped_mm``.
+2. ``_offsets_kernel`` (one program, a block of chunks at a time): each (chunk, piece)'s first
+   slot, from exclusive sums of the counts over pieces and over chunks; the groups' inclusive
+   ends for ``_grouped_mm``.
 3. ``_scatter_kernel``: per chunk, its pairs sorted by (piece, index) (``tl.sort``), each
    stored at its piece's first slot for the chunk plus its rank there.
 
@@ -36,18 +37,24 @@ def _count_kernel(ids, counts, M, CH: tl.constexpr, P_PAD: tl.constexpr):
 
 
 @triton.jit
-def _offsets_kernel(counts, base, ends, NC, P, NC_PAD: tl.constexpr, P_PAD: tl.constexpr):
-    rows = tl.arange(0, NC_PAD)
+def _offsets_kernel(counts, base, ends, NC, P, ROWS: tl.constexpr, P_PAD: tl.constexpr):
     bins = tl.arange(0, P_PAD)
-    n = tl.load(counts + rows[:, None] * P_PAD + bins[None, :], mask=(rows < NC)[:, None],
-                other=0)
-    totals = tl.sum(n, 0)
-    start = tl.cumsum(totals, 0) - totals  # a piece's first slot
-    before = tl.cumsum(n, 0) - n  # its pairs in earlier chunks
-    within = tl.cumsum(n, 1) - n  # the chunk's pairs of lower pieces
-    tl.store(base + rows[:, None] * P_PAD + bins[None, :],
-             start[None, :] + before - within, mask=(rows < NC)[:, None])
+    totals = tl.zeros([P_PAD], tl.int32)
+    for r0 in range(0, NC, ROWS):  # ROWS chunks at a time: any number of chunks fits
+        rows = r0 + tl.arange(0, ROWS)
+        totals += tl.sum(tl.load(counts + rows[:, None] * P_PAD + bins[None, :],
+                                 mask=(rows < NC)[:, None], other=0), 0)
     tl.store(ends + bins, tl.cumsum(totals, 0), mask=bins < P)
+    seen = tl.cumsum(totals, 0) - totals  # a piece's first slot, then past earlier chunks
+    for r0 in range(0, NC, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        rmask = (rows < NC)[:, None]
+        n = tl.load(counts + rows[:, None] * P_PAD + bins[None, :], mask=rmask, other=0)
+        before = tl.cumsum(n, 0) - n  # its pairs in earlier chunks of this block
+        within = tl.cumsum(n, 1) - n  # the chunk's pairs of lower pieces
+        tl.store(base + rows[:, None] * P_PAD + bins[None, :], seen[None, :] + before - within,
+                 mask=rmask)
+        seen += tl.sum(n, 0)
 
 
 @triton.jit
@@ -79,7 +86,7 @@ def sort_pairs(pieces: torch.Tensor, P: int):
     inv = torch.empty_like(order)
     ends = torch.empty(P, dtype=torch.int32, device=dev)
     _count_kernel[(nc,)](pieces, counts, M, CH=CH, P_PAD=p_pad, num_warps=4)
-    _offsets_kernel[(1,)](counts, base, ends, nc, P, NC_PAD=triton.next_power_of_2(nc),
+    _offsets_kernel[(1,)](counts, base, ends, nc, P, ROWS=max(1, min(64, 4096 // p_pad)),
                           P_PAD=p_pad, num_warps=8)
     _scatter_kernel[(nc,)](pieces, base, order, inv, M, CH=CH, P_PAD=p_pad, num_warps=4)
     return order, inv, ends

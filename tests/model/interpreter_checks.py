@@ -98,7 +98,7 @@ def sort_pairs() -> None:
     from moebius.model.triton_sort import sort_pairs
 
     g = torch.Generator().manual_seed(4)
-    for M, P in [(1, 4), (5, 8), (1024, 16), (3000, 128), (2500, 60)]:
+    for M, P in [(1, 4), (5, 8), (1024, 16), (3000, 128), (2500, 60), (5000, 1000)]:
         pieces = torch.randint(0, P + 1, (M,), generator=g)
         order, inv, ends = sort_pairs(pieces, P)
         assert torch.equal(order, torch.argsort(pieces, stable=True))
