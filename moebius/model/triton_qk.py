@@ -52,13 +52,14 @@ def _qk_kernel(
     D: tl.constexpr,
     BS: tl.constexpr,
     BT: tl.constexpr,
+    EVEN: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     h = tl.program_id(1)
-    tmask = t < T
+    tmask = (t < T) | EVEN  # EVEN: BT divides T, no masks (decode: a token a program)
     offs = tl.arange(0, D)
     half = D // 2
     rot = (offs + half) % D
@@ -129,7 +130,8 @@ def qk_norm_rope_write(q, k, v, q_norm, k_norm, eps: float, cos, sin, positions,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
-        NH=nh, D=d, BS=k_cache.shape[1], BT=bt, NORM=norm, num_warps=1 if bt == 1 else 4,
+        NH=nh, D=d, BS=k_cache.shape[1], BT=bt, EVEN=T % bt == 0, NORM=norm,
+        num_warps=1 if bt == 1 else 4,
         **launch_kw(),
     )
     return out
