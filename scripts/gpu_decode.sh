@@ -14,7 +14,7 @@ if [ -n "${TESTS:-}" ]; then
 fi
 bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env passes through
   timeout ${BENCH_TIMEOUT:-150} python3 -m moebius.bench.decode --preset qwen3-30b-a3b \
-    --batches $2 --kernel-tables $3 --prefill $4 --prefill-kernel-tables ${PKT:-} \
+    --batches $2 --kernel-tables $3 --prefill $4 ${PKT:+--prefill-kernel-tables $PKT} \
     --out "$OUT/decode_$1.json" 2>&1 | quiet \
     | grep -v '^{' | grep -v "^engine up\|^ *batch" | sed "s/^/[$1] /" | tail -${TAIL:-25}
   lap "$1"

@@ -33,6 +33,25 @@ TILE = 64  # tokens per inner iteration
 
 
 @triton.jit
+def _tile(q, k, v, tmask, scale, m, l_sum, acc, IEEE: tl.constexpr):
+    """The online softmax over one tile of keys k and values v (tmask: the tile's tokens)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(tmask[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q,
     K,
@@ -65,18 +84,36 @@ def _decode_split_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    # Before the wait: what the host wrote before the step (context length, block table) and
+    # the first tile's keys and values, all from earlier steps except the newest token's,
+    # which the q/k kernel just before writes: that row is read again after the wait.
     ctx = tl.load(ctx_lens + b)
     split_len = split_length(ctx, S, TILE_N)
     start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, TILE_N)
     gmask = offs_g < GROUP
     heads = h * GROUP + offs_g
+    tok = start + offs_n
+    tmask = tok < end
+    blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask, other=0)
+    off = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + h * stride_kh
+    k = tl.load(K + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
+    v = tl.load(V + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
+    last = ctx - 1
+    off_last = (tl.load(tables + b * stride_bt + last // BS) * stride_kb
+                + (last % BS) * stride_ks + h * stride_kh)
+    pdl_wait(PDL)
+    if (start <= last) & (last < start + TILE_N):  # the newest token in the first tile
+        # (past L1, which may hold the row as it was before the wait)
+        newest = (tok == last)[:, None]
+        k = tl.where(newest, tl.load(K + off_last + offs_d, cache_modifier=".cg")[None, :], k)
+        v = tl.where(newest, tl.load(V + off_last + offs_d, cache_modifier=".cg")[None, :], v)
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=gmask[:, None],
@@ -85,28 +122,16 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    end = tl.minimum(start + split_len, ctx)
-    for t0 in range(start, end, TILE_N):
+    if start < end:
+        m, l_sum, acc = _tile(q, k, v, tmask, scale, m, l_sum, acc, IEEE)
+    for t0 in range(start + TILE_N, end, TILE_N):
         tok = t0 + offs_n
         tmask = tok < end
         blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask, other=0)
         off = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + h * stride_kh
         k = tl.load(K + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
         v = tl.load(V + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(tmask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l_sum, acc = _tile(q, k, v, tmask, scale, m, l_sum, acc, IEEE)
     if S == 1:  # the whole context in this program: no merge (an empty pad row stores 0)
         out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -143,14 +168,14 @@ def _merge_kernel(
     D: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
-    # only the splits that hold context (at least the first)
+    # only the splits that hold context (at least the first); the host wrote ctx_lens
     ctx = tl.load(ctx_lens + b)
     smask = offs_s < tl.maximum(tl.cdiv(ctx, split_length(ctx, S, UNIT)), 1)
+    pdl_wait(PDL)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
     mx = tl.max(lse, 0)
     w = tl.where(smask, tl.exp(lse - mx), 0.0)

@@ -56,7 +56,6 @@ def _qk_kernel(
     NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     h = tl.program_id(1)
     tmask = (t < T) | EVEN  # EVEN: BT divides T, no masks (decode: a token a program)
@@ -64,6 +63,8 @@ def _qk_kernel(
     half = D // 2
     rot = (offs + half) % D
     sign = tl.where(offs < half, -1.0, 1.0)
+    # Before the wait: positions and slots (the host's), the rotary tables and norm weights
+    # (no kernel's outputs); only q, k and v come from the kernel before.
     pos = tl.load(positions + t, mask=tmask, other=0)
     rope = pos[:, None] * stride_rp + offs[None, :]
     c = tl.load(cos + rope).to(QO.dtype.element_ty).to(tl.float32)
@@ -75,11 +76,14 @@ def _qk_kernel(
     else:
         src = K + t[:, None] * stride_kt + (h - NH) * stride_kh
         nw = k_norm
-    x = tl.load(src + offs[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    xr = tl.load(src + rot[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     if NORM:
         w = tl.load(nw + offs)[None, :].to(tl.float32)
         wr = tl.load(nw + rot)[None, :].to(tl.float32)
+    slot = tl.load(slots + t, mask=tmask & ~is_q, other=0)
+    pdl_wait(PDL)
+    x = tl.load(src + offs[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    xr = tl.load(src + rot[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    if NORM:
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
         x = (x * rstd).to(QO.dtype.element_ty).to(tl.float32) * w
         xr = (xr * rstd).to(QO.dtype.element_ty).to(tl.float32) * wr
@@ -90,7 +94,6 @@ def _qk_kernel(
         tl.store(QO + t[:, None] * stride_ot + h * stride_oh + offs[None, :], y,
                  mask=tmask[:, None])
     else:
-        slot = tl.load(slots + t, mask=tmask, other=0)
         dst = ((slot // BS) * stride_cb + (slot % BS) * stride_cs)[:, None] \
             + (h - NH) * stride_ch + offs[None, :]
         tl.store(KC + dst, y, mask=tmask[:, None])
