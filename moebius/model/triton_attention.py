@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_pdl import launch_kw, pdl_wait
+from moebius.model.triton_pdl import launch_kw, pdl_launch_next, pdl_wait
 
 TILE = 64  # tokens per inner iteration
 
@@ -84,6 +84,7 @@ def _decode_split_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_launch_next(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -168,6 +169,7 @@ def _merge_kernel(
     D: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_launch_next(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)

@@ -40,6 +40,15 @@ def pdl_wait(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+@triton.jit
+def pdl_launch_next(PDL: tl.constexpr):
+    """Let the next kernel launch now, for a kernel that reads before its ``pdl_wait``: the
+    next kernel's programs then become resident (and stream their weights) as early as they
+    would without those reads."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @functools.cache
 def _supported(device: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9

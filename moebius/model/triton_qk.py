@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_pdl import launch_kw, pdl_wait
+from moebius.model.triton_pdl import launch_kw, pdl_launch_next, pdl_wait
 
 
 @triton.jit
@@ -56,6 +56,7 @@ def _qk_kernel(
     NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_launch_next(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     h = tl.program_id(1)
     tmask = (t < T) | EVEN  # EVEN: BT divides T, no masks (decode: a token a program)
