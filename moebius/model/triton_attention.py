@@ -88,9 +88,8 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    # Before the wait: what the host wrote before the step (context length, block table) and
-    # the first tile's keys and values, all from earlier steps except the newest token's,
-    # which the q/k kernel just before writes: that row is read again after the wait.
+    # Before the wait: what the host wrote before the step (context length, block table);
+    # keys and values after it (the q/k kernel just before writes the newest token's).
     ctx = tl.load(ctx_lens + b)
     split_len = split_length(ctx, S, TILE_N)
     start = split * split_len
@@ -100,21 +99,9 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, TILE_N)
     gmask = offs_g < GROUP
     heads = h * GROUP + offs_g
-    tok = start + offs_n
-    tmask = tok < end
-    blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask, other=0)
-    off = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + h * stride_kh
-    k = tl.load(K + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
-    v = tl.load(V + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
-    last = ctx - 1
-    off_last = (tl.load(tables + b * stride_bt + last // BS) * stride_kb
-                + (last % BS) * stride_ks + h * stride_kh)
+    first = tl.load(tables + b * stride_bt + (start + offs_n) // BS, mask=start + offs_n < end,
+                    other=0)  # the first tile's blocks
     pdl_wait(PDL)
-    if (start <= last) & (last < start + TILE_N):  # the newest token in the first tile
-        # (past L1, which may hold the row as it was before the wait)
-        newest = (tok == last)[:, None]
-        k = tl.where(newest, tl.load(K + off_last + offs_d, cache_modifier=".cg")[None, :], k)
-        v = tl.where(newest, tl.load(V + off_last + offs_d, cache_modifier=".cg")[None, :], v)
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=gmask[:, None],
@@ -123,12 +110,11 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    if start < end:
-        m, l_sum, acc = _tile(q, k, v, tmask, scale, m, l_sum, acc, IEEE)
-    for t0 in range(start + TILE_N, end, TILE_N):
+    for t0 in range(start, end, TILE_N):
         tok = t0 + offs_n
         tmask = tok < end
-        blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask, other=0)
+        blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask & (t0 > start), other=0)
+        blk = tl.where(t0 > start, blk, first)
         off = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + h * stride_kh
         k = tl.load(K + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
         v = tl.load(V + off + offs_d[None, :], mask=tmask[:, None], other=0.0)

@@ -211,6 +211,7 @@ def _w2_kernel(
     nmask = offs_n < H
     in_rows = pid_m * BM + tl.arange(0, BM)
     w_base = W + piece.to(tl.int64) * stride_we
+    rw = tl.load(route_w + rows, mask=rmask, other=0.0).to(tl.float32)  # (not after the loop)
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, C, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -220,7 +221,6 @@ def _w2_kernel(
         w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :],
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.dot(a, w)
-    rw = tl.load(route_w + rows, mask=rmask, other=0.0).to(tl.float32)
     y = acc.to(Y.dtype.element_ty).to(tl.float32) * rw[:, None]
     tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])

@@ -35,11 +35,13 @@ from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 
 @triton.jit
-def _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+def _add_norm_row(X, Parts, Index, RowW, w, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                   stride_pr, stride_xo, stride_ot, WRITE, HAS_PARTS: tl.constexpr,
                   GATHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
     """Token t's new residual and normed row (float32 values of the rounded outputs); stores
-    both where WRITE. GATHER: token t's part r is RowW[t, r] · Parts[Index[t, r]]."""
+    both where WRITE. GATHER: token t's part r is RowW[t, r] · Parts[Index[t, r]]. ``w``: the
+    norm's weight (float32, loaded before the wait: after the sum's barrier it would be one
+    more memory round trip)."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
     x = tl.load(X + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
@@ -61,7 +63,6 @@ def _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, 
         x = x.to(tl.float32)
     var = tl.sum(x * x, 0) / H
     n = (x * tl.rsqrt(var + eps)).to(Out.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     h = (w * n).to(Out.dtype.element_ty)
     tl.store(Out + t * stride_ot + offs, h, mask=mask & WRITE)
     return h.to(tl.float32)
@@ -72,9 +73,11 @@ def _add_rms_norm_kernel(X, Parts, Index, RowW, W, Xout, Out, H, R, eps, stride_
                          stride_pr, stride_xo, stride_ot, HAS_PARTS: tl.constexpr,
                          GATHER: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
                          PDL: tl.constexpr):
+    offs = tl.arange(0, BLOCK_H)
+    w = tl.load(W + offs, mask=offs < H, other=0.0).to(tl.float32)  # a weight: before the wait
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
-    _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+    _add_norm_row(X, Parts, Index, RowW, w, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                   stride_pr, stride_xo, stride_ot, True, HAS_PARTS, GATHER, R_PAD, BLOCK_H)
 
 
@@ -92,8 +95,9 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
     # The router's rows are no kernel's output: read them before waiting on the one before.
     r = tl.load(Router + offs_e[:, None] * stride_re + offs[None, :],
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
+    w = tl.load(W + offs, mask=offs < H, other=0.0).to(tl.float32)
     pdl_wait(PDL)
-    h = _add_norm_row(X, Parts, Index, RowW, W, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
+    h = _add_norm_row(X, Parts, Index, RowW, w, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
                       stride_pr, stride_xo, stride_ot, eb == 0, HAS_PARTS, GATHER, R_PAD,
                       BLOCK_H)
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
