@@ -8,7 +8,9 @@ short context in a graph sized for 40,960 tokens is still spread over many progr
 of one reading it all. With one split (from 34 sequences up at Qwen3's 4 KV heads) the split
 kernel stores the output itself and no merge is launched. Shapes are fixed by the batch, so it
 runs inside CUDA graphs. Measured on H200 (session 9, BENCHMARKS.md): with Qwen3's 40,960-token
-graphs, batch 1 2.99 -> 2.82 ms a step against splits sized by the longest context.
+graphs, batch 1 2.99 -> 2.82 ms a step against splits sized by the longest context. The
+context length and the first tile's block ids are read before the PDL wait (the host wrote
+them), so after it the split kernel goes straight to the keys and values (triton_pdl.py).
 
 Measured and dropped: the q/k norm + rotary + KV write inside this kernel (session 9, H200:
 batch 1 +0.03 to +0.10 ms against triton_qk's own launch; commit 69bfdf4 has it); the last
