@@ -98,6 +98,8 @@ def run(
     async_scheduling: bool | None = None,
     kernel_tables=(),
     max_model_len: int = 4096,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[dict]:
     max_batch = max(batches)
     ctx = prompt_len + warmup + decode_steps + 2
@@ -123,7 +125,8 @@ def run(
     rows = []
     for B in batches:
         params = SamplingParams(
-            temperature=0, max_tokens=warmup + decode_steps + 1, ignore_eos=True
+            temperature=temperature, top_p=top_p, max_tokens=warmup + decode_steps + 1,
+            ignore_eos=True, seed=seed,
         )
         for _ in range(B):
             prompt = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
@@ -284,6 +287,9 @@ def main() -> None:
                     help="print a prefill step's kernels at these shapes (like 1x2048)")
     ap.add_argument("--max-model-len", type=int, default=4096,
                     help="the engine's longest context (CUDA graphs size attention for it)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="decode requests' sampling (0: greedy, as the floors assume)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     over = {"num_hidden_layers": args.layers} if args.layers else {}
@@ -294,7 +300,7 @@ def main() -> None:
         rows = run(
             model, args.batches, args.prompt_len, args.steps, args.warmup, device=args.device,
             async_scheduling=overlap, kernel_tables=args.kernel_tables,
-            max_model_len=args.max_model_len,
+            max_model_len=args.max_model_len, temperature=args.temperature, top_p=args.top_p,
         )
     shapes = [tuple(map(int, s.split("x"))) for s in args.prefill]
     prefill = run_prefill(model, shapes, kernel_tables=args.prefill_kernel_tables) if shapes else []

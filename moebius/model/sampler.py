@@ -11,9 +11,20 @@ Shape legend: B rows, V vocabulary.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model.triton_sample import gumbel_max
+except ImportError:  # pragma: no cover - depends on the install
+    gumbel_max = None
+
+# The draw in one Triton pass over the logits (model/triton_sample.py) instead of ~24 torch
+# passes over (B, V) int64/float64 noise; the same tokens. Off until timed on a GPU
+# (docs/decisions.md: a kernel lands off until then; `python -m moebius.bench.sampling`).
+FUSED_DRAW = os.environ.get("MOEBIUS_FUSED_SAMPLING", "0") == "1"
 
 _MASK32 = 0xFFFFFFFF
 
@@ -57,8 +68,11 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     scaled = logits / temp[:, None]
     if st.need_filter:
         scaled = _filter(scaled, st)
-    gumbel = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, logits.shape[-1])))
-    drawn = (scaled.double() + gumbel).argmax(dim=-1)
+    if FUSED_DRAW and gumbel_max is not None and logits.is_cuda:
+        drawn = gumbel_max(scaled.contiguous(), st.seeds, st.steps)
+    else:
+        gumbel = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, logits.shape[-1])))
+        drawn = (scaled.double() + gumbel).argmax(dim=-1)
     return torch.where(st.temperature > 0, drawn, greedy)
 
 

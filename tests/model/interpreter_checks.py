@@ -106,6 +106,22 @@ def sort_pairs() -> None:
         assert torch.equal(ends, torch.bincount(pieces, minlength=P + 1)[:P].cumsum(0).int())
 
 
+def gumbel_max() -> None:
+    """The fused Gumbel-max draw against the sampler's eager noise and argmax: the same
+    tokens (rows in several slices, filtered tokens at -inf, seeds of any int64)."""
+    from moebius.model.sampler import uniform_noise
+    from moebius.model.triton_sample import gumbel_max
+
+    g = torch.Generator().manual_seed(6)
+    for B, V in [(3, 5000), (1, 2048), (2, 100)]:
+        scaled = torch.randn(B, V, generator=g) * 3
+        scaled[scaled < -4] = float("-inf")
+        seeds = torch.randint(-2**62, 2**62, (B,), generator=g)
+        steps = torch.randint(0, 10**6, (B,), generator=g)
+        noise = -torch.log(-torch.log(uniform_noise(seeds, steps, V)))
+        assert torch.equal(gumbel_max(scaled, seeds, steps), (scaled.double() + noise).argmax(-1))
+
+
 def gemv() -> None:
     """The one-token GEMV on a whole weight and on a column slice (a TP shard's view)."""
     from moebius.model.triton_gemv import gemv
@@ -191,7 +207,8 @@ def mla_decode() -> None:
 
 
 CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
-                                  sort_pairs, decode_attention, prefill_attention, mla_decode)}
+                                  sort_pairs, gumbel_max, decode_attention, prefill_attention,
+                                  mla_decode)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)
