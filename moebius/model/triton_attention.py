@@ -167,14 +167,14 @@ def _merge_kernel(
     smask = offs_s < tl.maximum(tl.cdiv(ctx, split_length(ctx, S, UNIT)), 1)
     pdl_wait(PDL)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    w = tl.where(smask, tl.exp(lse - mx), 0.0)
-    w = w / tl.sum(w, 0)
-    mid = tl.load(
+    mid = tl.load(  # with lse, not after its reductions' barriers (one round trip, not two)
         Mid + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
         mask=smask[:, None],
         other=0.0,
     )
+    mx = tl.max(lse, 0)
+    w = tl.where(smask, tl.exp(lse - mx), 0.0)
+    w = w / tl.sum(w, 0)
     out = tl.sum(mid * w[:, None], 0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 

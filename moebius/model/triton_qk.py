@@ -84,6 +84,9 @@ def _qk_kernel(
     pdl_wait(PDL)
     x = tl.load(src + offs[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     xr = tl.load(src + rot[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    # v with k (masked off for q heads), not after k's store: one round trip, not two
+    v = tl.load(V + t[:, None] * stride_vt + (h - NH) * stride_vh + offs[None, :],
+                mask=tmask[:, None] & ~is_q)
     if NORM:
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
         x = (x * rstd).to(QO.dtype.element_ty).to(tl.float32) * w
@@ -98,8 +101,6 @@ def _qk_kernel(
         dst = ((slot // BS) * stride_cb + (slot % BS) * stride_cs)[:, None] \
             + (h - NH) * stride_ch + offs[None, :]
         tl.store(KC + dst, y, mask=tmask[:, None])
-        v = tl.load(V + t[:, None] * stride_vt + (h - NH) * stride_vh + offs[None, :],
-                    mask=tmask[:, None])
         tl.store(VC + dst, v, mask=tmask[:, None])
 
 
