@@ -140,8 +140,10 @@ def decode_attention() -> None:
     from moebius.model.triton_attention import paged_decode_attention
 
     g = torch.Generator().manual_seed(4)
-    for B, nh, kvh, ctx_max in [(1, 8, 2, 300), (3, 4, 4, 70)]:
-        d, bs, NB = 32, 16, 64
+    # (40 sequences at 4 KV heads: one split a sequence, several tiles each)
+    for B, nh, kvh, ctx_max in [(1, 8, 2, 300), (3, 4, 4, 70), (40, 4, 4, 150)]:
+        d, bs = 32, 16
+        NB = max(64, B * ((ctx_max + bs - 1) // bs))
         k, v = torch.randn(NB, bs, kvh, d, generator=g), torch.randn(NB, bs, kvh, d, generator=g)
         q = torch.randn(B, nh, d, generator=g)
         lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
