@@ -42,9 +42,21 @@ def _tile(q, k, v, tmask, scale, m, l_sum, acc, IEEE: tl.constexpr):
     else:
         s = tl.dot(q, tl.trans(k))
     s = tl.where(tmask[None, :], s * scale, float("-inf"))
+    return online_softmax(s, v, m, l_sum, acc, IEEE, False)
+
+
+@triton.jit
+def online_softmax(s, v, m, l_sum, acc, IEEE: tl.constexpr, EXP2: tl.constexpr):
+    """One step of the online softmax (shared by the decode, MLA and prefill kernels): scores
+    s (rows, keys; masked keys -inf) against values v; the running max m, sum l_sum and
+    weighted values acc updated. EXP2: the scores carry log2(e)."""
     m_new = tl.maximum(m, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m - m_new)
+    if EXP2:
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+    else:
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
     l_sum = l_sum * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_attention import _merge_kernel, num_splits, split_length
+from moebius.model.triton_attention import _merge_kernel, num_splits, online_softmax, split_length
 from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 TILE = 32  # latents per inner iteration
@@ -86,15 +86,7 @@ def _mla_split_kernel(
             s = tl.dot(q_c, tl.trans(c))
             s += tl.dot(q_p, tl.trans(pe))
         s = tl.where(tmask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
-        m = m_new
+        m, l_sum, acc = online_softmax(s, c, m, l_sum, acc, IEEE, False)
     empty = start >= ctx
     keep = hmask & (~empty | (split == 0))  # as triton_attention: the merge reads no others
     out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebius.model.triton_attention import online_softmax
+
 LOG2E = 1.4426950408889634
 
 
@@ -50,15 +52,7 @@ def _keys(q, K, V, tables, c, k0, qpos, end, kvh, m_i, l_i, acc, scale, stride_k
     s = s * scale  # scale carries log2(e): exp2 below
     if MASK:
         s = tl.where((kpos[None, :] <= qpos[:, None]) & kmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return online_softmax(s, v, m_i, l_i, acc, IEEE, True)
 
 
 @triton.jit
