@@ -4,7 +4,7 @@
 # their kernel tables (PREFILL shapes). $OUT gets the JSON.
 source "$(dirname "$0")/gpu_common.sh"
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:logging tests/model/test_gpu_kernels.py \
-  -k "${TESTK:-qk_norm or paged_prefill or gated or grouped}" 2>&1 \
+  -k "${TESTK:-qk_norm or paged_prefill or gated or grouped or pair_sort}" 2>&1 \
   | grep -E "passed|failed|Error|error|assert |^E " | head -30; lap tests
 if [ -z "${SKIP_SWEEP:-}" ]; then
   timeout ${SWEEP_TIMEOUT:-300} python3 -m moebius.bench.prefill_kernels \
