@@ -4,7 +4,8 @@
 # the defaults and with each environment in AB (";" between them; default MOEBIUS_GEMV=0: cuBLAS
 # for the one-token projections), kernel tables at KT (default 1; KT="" none), and the older
 # tree in BASE if given; then, with LADDER set, the issue-4 ladder and prefill (PREFILL) with
-# the defaults (PKT: prefill shapes whose kernels are tabled; LADDER_TAIL lines of it shown).
+# the defaults (PKT: prefill shapes whose kernels are tabled; LADDER_TAIL lines of it shown;
+# TEMP: decode with that sampling temperature instead of greedy).
 # $OUT gets the JSON. Session 10 (H100): `TESTS=tests/model/test_gpu_kernels.py
 # B="1" AB="MOEBIUS_SELF_ROUTE=0" LADDER="1 8 32 128 256"` ran in 180 s.
 source "$(dirname "$0")/gpu_common.sh"
@@ -15,6 +16,7 @@ fi
 bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env passes through
   timeout ${BENCH_TIMEOUT:-150} python3 -m moebius.bench.decode --preset qwen3-30b-a3b \
     --batches $2 --kernel-tables $3 --prefill $4 ${PKT:+--prefill-kernel-tables $PKT} \
+    ${TEMP:+--temperature $TEMP} \
     --out "$OUT/decode_$1.json" 2>&1 | quiet \
     | grep -v '^{' | grep -v "^engine up\|^ *batch" | sed "s/^/[$1] /" | tail -${TAIL:-25}
   lap "$1"
