@@ -14,7 +14,7 @@ if [ -n "${TESTS:-}" ]; then
     | grep -E "passed|failed|Error|error|assert |^E " | head -30; lap tests
 fi
 bench() {  # $1 tag, $2 batches, $3 kernel-table batches, $4 prefill shapes; env passes through
-  timeout ${BENCH_TIMEOUT:-150} python3 -m moebius.bench.decode --preset qwen3-30b-a3b \
+  timeout ${BENCH_TIMEOUT:-150} python3 -m moebius.bench.decode --preset ${PRESET:-qwen3-30b-a3b} \
     --batches $2 --kernel-tables $3 --prefill $4 ${PKT:+--prefill-kernel-tables $PKT} \
     ${TEMP:+--temperature $TEMP} \
     --out "$OUT/decode_$1.json" 2>&1 | quiet \

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moebius.model.triton_attention import _merge_kernel, num_splits, online_softmax, split_length
-from moebius.model.triton_pdl import launch_kw, pdl_wait
+from moebius.model.triton_pdl import launch_kw, pdl_launch_next, pdl_wait
 
 TILE = 32  # latents per inner iteration
 HEAD_TILE = 16
@@ -54,28 +54,34 @@ def _mla_split_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
+    pdl_launch_next(PDL)
     b = tl.program_id(0)
     heads = tl.program_id(1) * HT + tl.arange(0, HT)
     split = tl.program_id(2)
     hmask = heads < NH
+    # Before the wait, as triton_attention's split kernel: the host's context length and the
+    # first tile's block ids.
     ctx = tl.load(ctx_lens + b)
     split_len = split_length(ctx, S, UNIT)
     start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
     offs_r = tl.arange(0, R)
     offs_p = tl.arange(0, DR)
     offs_n = tl.arange(0, TILE_N)
+    first = tl.load(tables + b * stride_bt + (start + offs_n) // BS, mask=start + offs_n < end,
+                    other=0)
+    pdl_wait(PDL)
     q_row = Q + b * stride_qb + heads[:, None] * stride_qh
     q_c = tl.load(q_row + offs_r[None, :], mask=hmask[:, None], other=0.0)
     q_p = tl.load(q_row + R + offs_p[None, :], mask=hmask[:, None], other=0.0)
     m = tl.full([HT], float("-inf"), tl.float32)
     l_sum = tl.zeros([HT], tl.float32)
     acc = tl.zeros([HT, R], tl.float32)
-    end = tl.minimum(start + split_len, ctx)
     for t0 in range(start, end, TILE_N):
         tok = t0 + offs_n
         tmask = tok < end
-        blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask, other=0)
+        blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask & (t0 > start), other=0)
+        blk = tl.where(t0 > start, blk, first)
         row = C + blk[:, None] * stride_cb + (tok % BS)[:, None] * stride_cs
         c = tl.load(row + offs_r[None, :], mask=tmask[:, None], other=0.0)
         pe = tl.load(row + R + offs_p[None, :], mask=tmask[:, None], other=0.0)

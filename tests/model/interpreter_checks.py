@@ -193,8 +193,9 @@ def mla_decode() -> None:
     from moebius.model.triton_mla import paged_mla_decode
 
     g = torch.Generator().manual_seed(6)
-    for B, nh, ctx_max in [(1, 4, 200), (3, 8, 40)]:
-        r, dr, bs, NB = 64, 16, 16, 64
+    for B, nh, ctx_max in [(1, 4, 200), (3, 8, 40), (1, 4, 2200)]:  # 2200: 2 tiles a split
+        r, dr, bs = 64, 16, 16
+        NB = max(64, B * ((ctx_max + bs - 1) // bs))
         cache = torch.randn(NB, bs, 1, r + dr, generator=g)
         q = torch.randn(B, nh, r + dr, generator=g) * 0.1
         lens = torch.randint(1, ctx_max + 1, (B,), generator=g)
