@@ -5,7 +5,7 @@
 # for the one-token projections), kernel tables at KT (default 1; KT="" none), and the older
 # tree in BASE if given; then, with LADDER set, the issue-4 ladder and prefill (PREFILL) with
 # the defaults (PKT: prefill shapes whose kernels are tabled; LADDER_TAIL lines of it shown;
-# TEMP: decode with that sampling temperature instead of greedy).
+# TEMP: decode with that sampling temperature instead of greedy; PRESET: the model shapes).
 # $OUT gets the JSON. Session 10 (H100): `TESTS=tests/model/test_gpu_kernels.py
 # B="1" AB="MOEBIUS_SELF_ROUTE=0" LADDER="1 8 32 128 256"` ran in 180 s.
 source "$(dirname "$0")/gpu_common.sh"
