@@ -1,8 +1,11 @@
 """Expert kernels alone, inside CUDA graphs: fused Triton MoE (several tile shapes) against
 grouped GEMM with sort/scatter, at decode batch sizes, against the HBM floor of the distinct
-experts read. Prints a table; picks the tiles ``triton_moe._tiles`` should use.
+experts read. Prints a table; picks the tiles ``triton_moe._tiles`` should use. At every size
+also the fused kernels with prefill tiles (``triton_moe_large``, a few (BM, tiles, warps)),
+with their TFLOP/s: whether ``MOEBIUS_MOE_LARGE=fused`` should become the default.
 
     python -m moebius.bench.moe_kernels --preset qwen3-30b-a3b --tokens 1 8 16 64 256 512
+    python -m moebius.bench.moe_kernels --tokens 512 2048 8192
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import torch
 from moebius.bench.decode import copy_bandwidth
 from moebius.config import preset
 from moebius.model.moe import experts_grouped, experts_reference
-from moebius.model.triton_moe import experts_fused
+from moebius.model.triton_moe import MAX_PAIRS, experts_fused
+from moebius.model.triton_moe_large import experts_fused_large
 
 TILES = [(32, 256, 64, 128), (64, 128, 64, 128), (32, 128, 32, 256), (64, 256, 128, 64),
          (16, 512, 32, 256)]
+LARGE = [(64, (128, 64, 128, 64), 8), (128, (128, 64, 128, 64), 8), (64, (64, 128, 64, 128), 4)]
 
 
 def graph_ms(fn, reps: int = 50) -> float:
@@ -64,20 +69,33 @@ def main() -> None:
         ref = experts_reference(x.double(), pieces, wts.double(), w13.double(), w2.double())
         row = {"tokens": T, "distinct": distinct, "floor_ms": floor,
                "grouped_ms": graph_ms(functools.partial(experts_grouped, x, pieces, wts, w13, w2))}
-        for tiles in TILES:
+        small = TILES if T * K <= MAX_PAIRS else []
+        for tiles in small:
             out = experts_fused(x, pieces, wts, w13, w2, tiles=tiles)
             err = float((out.double() - ref).norm() / ref.norm())
             t = graph_ms(functools.partial(experts_fused, x, pieces, wts, w13, w2, tiles=tiles))
             row[f"fused{tiles}"] = t
             row[f"err{tiles}"] = err
-        best = min(TILES, key=lambda tl: row[f"fused{tl}"])
-        row["best_tiles"], row["best_ms"] = best, row[f"fused{best}"]
+        flops = T * K * 3 * c * H * 2
+        for bm, tiles, warps in LARGE:
+            run = functools.partial(experts_fused_large, x, pieces, wts, w13, w2, bm=bm,
+                                    tiles=tiles, warps=warps)
+            err = float((run().double() - ref).norm() / ref.norm())
+            row[f"large{bm},{tiles},{warps}"] = t = graph_ms(run)
+            row[f"large_err{bm},{tiles},{warps}"] = err
+            print(f"T={T:5d} prefill tiles BM={bm} {tiles} {warps} warps: {t:.3f} ms "
+                  f"({flops / t / 1e9:.0f} TFLOP/s; grouped {row['grouped_ms']:.3f} ms, "
+                  f"{flops / row['grouped_ms'] / 1e9:.0f}) err {err:.1e}")
         rows.append(row)
-        fused = " ".join(f"{row[f'fused{tl}']:.3f}" for tl in TILES)
+        if not small:
+            continue
+        best = min(small, key=lambda tl: row[f"fused{tl}"])
+        row["best_tiles"], row["best_ms"] = best, row[f"fused{best}"]
+        fused = " ".join(f"{row[f'fused{tl}']:.3f}" for tl in small)
         print(f"T={T:4d} distinct={distinct:3d} floor {floor:.3f} ms | grouped "
               f"{row['grouped_ms']:.3f} | fused {fused} | best {best} {row['best_ms']:.3f} "
               f"({row['best_ms'] / floor:.2f}x floor) max err "
-              f"{max(row[f'err{tl}'] for tl in TILES):.1e}")
+              f"{max(row[f'err{tl}'] for tl in small):.1e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1, default=str)

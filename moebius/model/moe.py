@@ -28,14 +28,19 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
         experts_routed,
         route_topk,
     )
+    from moebius.model.triton_moe_large import experts_fused_large
     from moebius.model.triton_norm import add_rms_norm_route
     from moebius.model.triton_sort import sort_pairs
 except ImportError:  # pragma: no cover - depends on the install
     experts_fused = route_topk = add_rms_norm_route = silu_mul = sort_pairs = None
+    experts_fused_large = None
 
 # CUDA bf16 expert kernels: "auto" (fused Triton up to MAX_PAIRS token-piece pairs, which is
 # decode; grouped GEMM for prefill-sized batches) or "grouped" (benchmarks, debugging).
 MOE_KERNEL = os.environ.get("MOEBIUS_MOE", "auto")
+# Above MAX_PAIRS: "grouped" (the default) or "fused" (triton_moe_large: the fused kernels with
+# prefill tiles, no row gather and no SiLU·up pass; untimed on a GPU, so off).
+MOE_LARGE = os.environ.get("MOEBIUS_MOE_LARGE", "grouped")
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
@@ -123,6 +128,8 @@ def run_experts(x, pieces, weights, w13, w2t, reduce: bool = True):
     fits = experts_fused is not None and pieces.numel() <= MAX_PAIRS
     if fits and MOE_KERNEL != "grouped":
         return experts_fused(x, pieces, weights, w13, w2t, reduce=reduce)
+    if MOE_LARGE == "fused" and MOE_KERNEL != "grouped" and experts_fused_large is not None:
+        return experts_fused_large(x, pieces, weights, w13, w2t, reduce=reduce)
     if hasattr(torch, "_grouped_mm"):
         return experts_grouped(x, pieces, weights, w13, w2t, reduce=reduce)
     return experts_reference(x, pieces, weights, w13, w2t)

@@ -235,19 +235,20 @@ def _tiles(M: int) -> tuple[int, int, int, int]:
 
 
 class _Plan:
-    """The alignment's outputs for M pairs over P pieces (see ``_align_kernel``)."""
+    """The alignment's outputs for M pairs over P pieces in blocks of ``bm`` rows (see
+    ``_align_kernel``; at prefill sizes triton_moe_large fills them)."""
 
-    def __init__(self, M: int, P: int, dev) -> None:
-        self.M, self.P = M, P
-        self.num_blocks = triton.cdiv(M, BM) + min(P, M)
-        self.sorted_rows = torch.empty(self.num_blocks * BM, dtype=torch.int32, device=dev)
+    def __init__(self, M: int, P: int, dev, bm: int = BM) -> None:
+        self.M, self.P, self.bm = M, P, bm
+        self.num_blocks = triton.cdiv(M, bm) + min(P, M)
+        self.sorted_rows = torch.empty(self.num_blocks * bm, dtype=torch.int32, device=dev)
         self.block_piece = torch.empty(self.num_blocks, dtype=torch.int32, device=dev)
         self.p_pad = triton.next_power_of_2(P + 1)
         self.cursor = torch.empty(self.p_pad, dtype=torch.int32, device=dev)
 
     def consts(self) -> dict:
         return dict(P=self.P, P_PAD=self.p_pad, M_PAD=max(16, triton.next_power_of_2(self.M)),
-                    BM=BM, NUM_BLOCKS=self.num_blocks, CHUNK=32)
+                    BM=self.bm, NUM_BLOCKS=self.num_blocks, CHUNK=32)
 
 
 def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int] | None = None,
@@ -292,14 +293,15 @@ def experts_routed(x, routed: Routed, w13, w2t):
                 routed if routed.one else None)
 
 
-def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None):
+def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None,
+         warps: int = 4):
     """The gate/up and down GEMMs over an aligned plan, or over a one-token ``Routed`` ``one``
     whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows."""
     _, two_c, H = w13.shape
     c, M, T = two_c // 2, plan.M, plan.M // K
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
     bn1, bk1, bn2, bk2 = tiles or _tiles(M)
-    act = torch.empty(plan.num_blocks * BM, c, dtype=x.dtype, device=x.device)
+    act = torch.empty(plan.num_blocks * plan.bm, c, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one
     pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False)
@@ -310,7 +312,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
-        TOPK=K, BM=BM, BN=bn1, BK=bk1, **pick, num_warps=4, num_stages=4,
+        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, num_warps=warps, num_stages=4,
         **launch_kw(),
     )
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
@@ -318,7 +320,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     _w2_kernel[(blocks, triton.cdiv(H, bn2))](
         act, w2t, y, plan.sorted_rows, plan.block_piece, ids, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
-        BM=BM, BN=bn2, BK=bk2, ONE=pick["ONE"], num_warps=4, num_stages=4,
+        BM=plan.bm, BN=bn2, BK=bk2, ONE=pick["ONE"], num_warps=warps, num_stages=4,
         **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)

@@ -122,6 +122,28 @@ def gumbel_max() -> None:
         assert torch.equal(gumbel_max(scaled, seeds, steps), (scaled.double() + noise).argmax(-1))
 
 
+def fused_experts_large() -> None:
+    """The fused experts with prefill tiles (sorted, padded into blocks) against the
+    reference: summed (pieces held elsewhere among them) and as unsummed rows."""
+    from moebius.model.moe import experts_reference
+    from moebius.model.triton_moe_large import experts_fused_large
+
+    g = torch.Generator().manual_seed(7)
+    for T, P, K, H, c, held in [(40, 8, 4, 64, 32, True), (33, 6, 2, 64, 48, False)]:
+        x = torch.randn(T, H, generator=g)
+        w13 = torch.randn(P, 2 * c, H, generator=g) * H**-0.5
+        w2 = torch.randn(P, c, H, generator=g) * c**-0.5
+        pieces = torch.randint(0 if held else -1, P, (T, K), generator=g)
+        wts = torch.rand(T, K, generator=g)
+        ref = experts_reference(x, pieces, wts, w13, w2)
+        for bm, tiles in ((16, (32, 32, 32, 32)), (64, (32, 64, 64, 32))):
+            kw = dict(bm=bm, tiles=tiles, warps=4)
+            assert rel(experts_fused_large(x, pieces, wts, w13, w2, **kw), ref) < 1e-5
+            if held:
+                rows = experts_fused_large(x, pieces, wts, w13, w2, reduce=False, **kw)
+                assert rows.shape == (T, K, H) and rel(rows.sum(1), ref) < 1e-5
+
+
 def gemv() -> None:
     """The one-token GEMV on a whole weight and on a column slice (a TP shard's view)."""
     from moebius.model.triton_gemv import gemv
@@ -210,6 +232,7 @@ def mla_decode() -> None:
 
 
 CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
+                                  fused_experts_large,
                                   sort_pairs, gumbel_max, decode_attention, prefill_attention,
                                   mla_decode)}
 

@@ -1,0 +1,73 @@
+"""The fused experts (triton_moe's gate/up and down kernels) at prefill sizes: opt-in with
+``MOEBIUS_MOE_LARGE=fused``, **untimed on a GPU** (docs/decisions.md: off until then).
+
+Above ``triton_moe.MAX_PAIRS`` (token, piece) pairs the engine runs two ``torch._grouped_mm``
+with a gather of the token rows into expert order before them (268 MB a layer at 16 × 512
+prompt tokens) and a SiLU·up pass between them (moe.experts_grouped). triton_moe's kernels
+need neither: the gate/up kernel reads each block's token rows through their indices and
+applies SiLU·up in its epilogue, the down kernel writes each pair's row in place. What they
+lack at these sizes is an alignment for many pairs and larger tiles:
+
+1. ``triton_sort.sort_pairs``: the pairs by piece (a stable counting sort) and each piece's end.
+2. ``_pad_kernel``: per block of BM rows, its piece and its pairs; each piece's pairs padded
+   to whole blocks (the layout ``triton_moe._align_kernel`` makes for few pairs).
+3. ``triton_moe._run`` with BM = 64 rows a block and (128, 64) tiles, 8 warps.
+
+Whether it beats CUTLASS's grouped GEMM (535 TFLOP/s at 16 × 512 on H100, 1.4× the weights'
+bytes at 1 × 2048) is for a GPU run: `python -m moebius.bench.moe_kernels --tokens 2048 8192`
+times both; then the prefill bench with and without the flag.
+
+Shape legend: M pairs, P pieces, BM rows a block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moebius.model.triton_moe import _Plan, _run
+from moebius.model.triton_sort import sort_pairs
+
+BM_LARGE = 64
+TILES_LARGE = (128, 64, 128, 64)  # (BN, BK) of the gate/up kernel, of the down kernel
+WARPS_LARGE = 8
+
+
+@triton.jit
+def _pad_kernel(order, ends, sorted_rows, block_piece, M, P, P_PAD: tl.constexpr,
+                BM: tl.constexpr):
+    b = tl.program_id(0)
+    bins = tl.arange(0, P_PAD)
+    end = tl.load(ends + bins, mask=bins < P, other=0)
+    prev = tl.load(ends + bins - 1, mask=(bins >= 1) & (bins < P), other=0)
+    count = tl.where(bins < P, end - prev, 0)
+    padded = (count + BM - 1) // BM * BM
+    pend = tl.cumsum(padded, 0)
+    total = tl.sum(padded, 0)
+    first = b * BM
+    piece = tl.sum(((pend <= first) & (bins < P)).to(tl.int32), 0)
+    mine = bins == piece
+    n = tl.sum(tl.where(mine, count, 0), 0)
+    j = first - tl.sum(tl.where(mine, pend - padded, 0), 0) + tl.arange(0, BM)
+    used = first < total
+    src = tl.sum(tl.where(mine, end - count, 0), 0) + j
+    rows = tl.load(order + src, mask=used & (j < n), other=M)
+    tl.store(sorted_rows + first + tl.arange(0, BM), rows.to(tl.int32))
+    tl.store(block_piece + b, tl.where(used, piece, -1))
+
+
+def experts_fused_large(x, pieces, weights, w13, w2t, reduce: bool = True, bm: int = BM_LARGE,
+                        tiles=TILES_LARGE, warps: int = WARPS_LARGE):
+    """As ``triton_moe.experts_fused`` for any number of pairs: (T, H) summed, or with
+    ``reduce=False`` (every piece held) the (T, K, H) weighted rows. ``bm``, ``tiles`` and
+    ``warps`` override the prefill tiles (tuning, tests)."""
+    T, K = pieces.shape
+    M, P = T * K, w13.shape[0]
+    assert M > 0
+    flat = torch.where(pieces >= 0, pieces, P).flatten()  # P: not held here, sorts last
+    order, _, ends = sort_pairs(flat, P)
+    plan = _Plan(M, P, x.device, bm)
+    _pad_kernel[(plan.num_blocks,)](order, ends, plan.sorted_rows, plan.block_piece, M, P,
+                                    P_PAD=triton.next_power_of_2(P), BM=bm, num_warps=4)
+    return _run(x, plan, K, weights, w13, w2t, tiles, reduce, warps=warps)
