@@ -35,6 +35,23 @@ TILE = 64  # tokens per inner iteration
 
 
 @triton.jit
+def tile_blocks(table, t0, start, end, first, offs_n, BS: tl.constexpr):
+    """The pool blocks of the tile of tokens t0 .. t0 + len(offs_n) of a split starting at
+    ``start``, from the sequence's block ``table``: the first tile's, ``first``, were read
+    before the PDL wait (``first_blocks``). (tokens, their mask, their blocks)."""
+    tok = t0 + offs_n
+    tmask = tok < end
+    blk = tl.load(table + tok // BS, mask=tmask & (t0 > start), other=0)
+    return tok, tmask, tl.where(t0 > start, blk, first)
+
+
+@triton.jit
+def first_blocks(table, start, end, offs_n, BS: tl.constexpr):
+    """The blocks of a split's first tile (the host wrote the table: read before the wait)."""
+    return tl.load(table + (start + offs_n) // BS, mask=start + offs_n < end, other=0)
+
+
+@triton.jit
 def _tile(q, k, v, tmask, scale, m, l_sum, acc, IEEE: tl.constexpr):
     """The online softmax over one tile of keys k and values v (tmask: the tile's tokens)."""
     if IEEE:
@@ -113,8 +130,7 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, TILE_N)
     gmask = offs_g < GROUP
     heads = h * GROUP + offs_g
-    first = tl.load(tables + b * stride_bt + (start + offs_n) // BS, mask=start + offs_n < end,
-                    other=0)  # the first tile's blocks
+    first = first_blocks(tables + b * stride_bt, start, end, offs_n, BS)
     pdl_wait(PDL)
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -125,10 +141,7 @@ def _decode_split_kernel(
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     for t0 in range(start, end, TILE_N):
-        tok = t0 + offs_n
-        tmask = tok < end
-        blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask & (t0 > start), other=0)
-        blk = tl.where(t0 > start, blk, first)
+        tok, tmask, blk = tile_blocks(tables + b * stride_bt, t0, start, end, first, offs_n, BS)
         off = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + h * stride_kh
         k = tl.load(K + off + offs_d[None, :], mask=tmask[:, None], other=0.0)
         v = tl.load(V + off + offs_d[None, :], mask=tmask[:, None], other=0.0)

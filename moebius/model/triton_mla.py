@@ -17,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_attention import _merge_kernel, num_splits, online_softmax, split_length
+from moebius.model.triton_attention import (
+    _merge_kernel,
+    first_blocks,
+    num_splits,
+    online_softmax,
+    split_length,
+    tile_blocks,
+)
 from moebius.model.triton_pdl import launch_kw, pdl_launch_next, pdl_wait
 
 TILE = 32  # latents per inner iteration
@@ -68,8 +75,7 @@ def _mla_split_kernel(
     offs_r = tl.arange(0, R)
     offs_p = tl.arange(0, DR)
     offs_n = tl.arange(0, TILE_N)
-    first = tl.load(tables + b * stride_bt + (start + offs_n) // BS, mask=start + offs_n < end,
-                    other=0)
+    first = first_blocks(tables + b * stride_bt, start, end, offs_n, BS)
     pdl_wait(PDL)
     q_row = Q + b * stride_qb + heads[:, None] * stride_qh
     q_c = tl.load(q_row + offs_r[None, :], mask=hmask[:, None], other=0.0)
@@ -78,10 +84,7 @@ def _mla_split_kernel(
     l_sum = tl.zeros([HT], tl.float32)
     acc = tl.zeros([HT, R], tl.float32)
     for t0 in range(start, end, TILE_N):
-        tok = t0 + offs_n
-        tmask = tok < end
-        blk = tl.load(tables + b * stride_bt + tok // BS, mask=tmask & (t0 > start), other=0)
-        blk = tl.where(t0 > start, blk, first)
+        tok, tmask, blk = tile_blocks(tables + b * stride_bt, t0, start, end, first, offs_n, BS)
         row = C + blk[:, None] * stride_cb + (tok % BS)[:, None] * stride_cs
         c = tl.load(row + offs_r[None, :], mask=tmask[:, None], other=0.0)
         pe = tl.load(row + R + offs_p[None, :], mask=tmask[:, None], other=0.0)
