@@ -45,6 +45,10 @@ ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one
 # itself, with no top-k + alignment launch between (``Routed.one``): batch 1 3.28 -> 3.12 ms a
 # step on H100 (session 10). MOEBIUS_SELF_ROUTE=0 keeps the launch.
 SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
+# There, the top-k on this many copies of the token's logits (one a warp of the gate/up
+# program): 4 compiles to shuffles alone, 2 to 35 shared-memory barriers before the weights
+# stream (sm_90 SASS, session 11). Untimed on a GPU, so 2 until then.
+TOPK_ROWS = int(os.environ.get("MOEBIUS_TOPK_ROWS", "2"))
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
 SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
@@ -89,18 +93,23 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 @triton.jit
 def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
                 BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
-                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+                K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
+                ROWS: tl.constexpr):
     """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
     gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
-    else read back from ``ids``."""
+    else read back from ``ids``. ROWS: copies of the logits the top-k runs on (``TOPK_ROWS``)."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
         if PICK:
-            picked_i, picked_w = _topk(logits, 1, E, stride_lt, tl.arange(0, 2), 2, K, K_PAD,
-                                       E_PAD, RENORM)
-            mine = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
+            if ROWS == 2:
+                offs_t = tl.arange(0, 2)  # the token and a masked row
+            else:
+                offs_t = tl.arange(0, ROWS) * 0  # ROWS copies of the token's logits
+            picked_i, picked_w = _topk(logits, 1, E, stride_lt, offs_t, ROWS, K, K_PAD, E_PAD,
+                                       RENORM)
+            mine = (tl.arange(0, ROWS)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
             piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
             if tl.program_id(1) == 0:
                 tl.store(ids + pid_m, piece)
@@ -142,13 +151,14 @@ def _w13_kernel(
     K_PAD: tl.constexpr,
     E_PAD: tl.constexpr,
     RENORM: tl.constexpr,
+    ROWS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
-                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM)
+                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS)
     if piece < 0:
         return
     rmask = rows < M
@@ -203,7 +213,7 @@ def _w2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
-                              BM, ONE, False, 1, 1, 1, False)
+                              BM, ONE, False, 1, 1, 1, False, 1)
     if piece < 0:
         return
     rmask = rows < M
@@ -304,11 +314,12 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     act = torch.empty(plan.num_blocks * plan.bm, c, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one
-    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False)
+    pick = dict(ONE=False, K_PAD=1, E_PAD=1, RENORM=False, ROWS=1)
     if one is not None:
         blocks, logits, ids = K, one.logits, one.ids
         pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
-                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize)
+                    E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize,
+                    ROWS=TOPK_ROWS)
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),

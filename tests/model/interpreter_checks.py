@@ -82,6 +82,11 @@ def norm_route_align_experts() -> None:
             assert routed.one
             assert torch.equal(experts_routed(h, routed, w13, w2), rows)
             assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
+            triton_moe.TOPK_ROWS = 4  # the top-k on a copy of the logits a warp
+            routed = triton_norm.add_rms_norm_route(x, parts, w, 1e-6, router, K, renorm)[2]
+            assert torch.equal(experts_routed(h, routed, w13, w2), rows)
+            assert torch.equal(routed.ids, ids) and torch.equal(routed.weights, wts)
+            triton_moe.TOPK_ROWS = 2
 
 
 def gated() -> None:

@@ -233,20 +233,25 @@ def test_cuda_graphs_match_eager(qwen_dir, gemv):
 def test_one_token_self_routing_matches_aligned_routing(qwen_dir, monkeypatch):
     """Batch-1 decode in CUDA graphs with the gate/up kernel picking the experts itself
     (``MOEBIUS_SELF_ROUTE=1``) gives the tokens and log-probabilities of the top-k +
-    alignment launch, bit for bit."""
+    alignment launch, bit for bit; with the top-k on a copy of the logits a warp
+    (``MOEBIUS_TOPK_ROWS=4``) the same tokens, log-probabilities to rounding."""
     from moebius import LLM, SamplingParams
     from moebius.model import triton_moe
     from tests.conftest import PROMPTS
 
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     runs = []
-    for route in ("align", "self"):
+    for route in ("align", "self", "self4"):
         monkeypatch.setattr(triton_moe, "SELF_ROUTE", route != "align")
+        monkeypatch.setattr(triton_moe, "TOPK_ROWS", 4 if route == "self4" else 2)
         with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
             outs = [llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0] for p in PROMPTS]
         runs.append([(o.token_ids, [lp[t].logprob for lp, t in
                                     zip(o.logprobs, o.token_ids, strict=True)]) for o in outs])
     assert runs[0] == runs[1]
+    for (ta, la), (tr, lr) in zip(runs[0], runs[2], strict=True):
+        assert ta == tr
+        assert max(abs(a - b) for a, b in zip(la, lr, strict=True)) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -355,11 +360,12 @@ def test_add_rms_norm_matches_eager_ops(dtype, T, R, H):
 
 @pytest.mark.parametrize("T,R,E,K,renorm,route", [
     (1, 8, 128, 8, True, "align"), (1, 8, 128, 8, True, "self"), (1, 0, 8, 2, False, "self"),
-    (1, 0, 60, 4, False, "self"), (3, 8, 128, 8, True, "align"),
+    (1, 0, 60, 4, False, "self"), (1, 8, 128, 8, True, "self4"), (3, 8, 128, 8, True, "align"),
     (16, 8, 128, 8, True, "align"), (7, 1, 8, 2, True, "align"), (4, 0, 60, 4, False, "align")])
 def test_norm_routes_then_aligns(T, R, E, K, renorm, route, monkeypatch):
     """The add + norm + router launch, then top-k + alignment in one more launch (or, at one
-    token, in the gate/up kernel: "self"): the norm's outputs are
+    token, in the gate/up kernel: "self"; on a copy of the logits a warp, MOEBIUS_TOPK_ROWS=4:
+    "self4", whose weights may differ from route_topk's by a rounding): the norm's outputs are
     add_rms_norm's bit for bit, the logits the router GEMM's up to bf16 rounding, top-k and
     the experts' rows those of the separate kernels on those logits bit for bit, close to the
     float64 reference; replayed in a graph on fresh inputs too."""
@@ -367,6 +373,7 @@ def test_norm_routes_then_aligns(T, R, E, K, renorm, route, monkeypatch):
     from moebius.model.triton_moe import experts_fused, experts_routed, route_topk
 
     monkeypatch.setattr(triton_moe, "SELF_ROUTE", route != "align")
+    monkeypatch.setattr(triton_moe, "TOPK_ROWS", 4 if route == "self4" else 2)
 
     H, c = 2048, 128
     g = torch.Generator(device="cuda").manual_seed(T * 13 + E + R)
@@ -385,6 +392,9 @@ def test_norm_routes_then_aligns(T, R, E, K, renorm, route, monkeypatch):
         rows = experts_routed(out, routed, w13, w2)  # (at one token it fills ids and weights)
         ids, wts = route_topk(routed.logits, K, renorm, x.dtype)
         assert torch.equal(routed.ids, ids)
+        if route == "self4":  # another reduction order for the softmax's sum
+            assert rel(routed.weights, wts) < 1e-2
+            wts = routed.weights
         assert torch.equal(routed.weights, wts)
         assert torch.equal(rows, experts_fused(out, ids, wts, w13, w2, reduce=False))
         ref = experts_reference(out.double(), ids, wts.double(), w13.double(), w2.double())
