@@ -2,7 +2,7 @@
 attention at every (BM, BN, warps, stages) of a sweep, checked against SDPA and timed (median
 of ``triton.testing.do_bench``) in TFLOP/s of causal attention; the gated activation of the
 grouped-GEMM rows, torch.compile's kernel against ``triton_gated``, in GB/s. Prints tables;
-``triton_prefill.config`` should name the fastest tiles.
+``triton_prefill.LAUNCH`` should name the fastest tiles.
 
     python -m moebius.bench.prefill_kernels --shapes 1x2048 16x512 2x4096 --out r.json
 """
@@ -21,7 +21,7 @@ from moebius.bench.decode import copy_bandwidth
 from moebius.model.attention import PrefillChunk
 from moebius.model.moe import _gated
 from moebius.model.triton_gated import silu_mul
-from moebius.model.triton_prefill import PrefillPlan, config, paged_prefill_attention
+from moebius.model.triton_prefill import LAUNCH, PrefillPlan, paged_prefill_attention
 
 SWEEP = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
 
@@ -62,7 +62,7 @@ def attention(shapes, nh=32, kvh=4, d=128, bs=16) -> list[dict]:
                 F.scaled_dot_product_attention(qc, kk, vv, is_causal=True)
 
         row = {"shape": f"{n}x{length}", "sdpa_dense_tflops": flops / do_bench(dense) / 1e9,
-               "default": list(config(n * length)), "configs": {}}
+               "default": list(LAUNCH), "configs": {}}
         for launch in SWEEP:
             plan = PrefillPlan.build(chunks, "cuda", launch)
             out = torch.full_like(q, float("nan"))

@@ -23,9 +23,9 @@ from moebius.model.triton_attention import online_softmax
 LOG2E = 1.4426950408889634
 
 
-def config(tokens: int) -> tuple[int, int, int, int]:
-    """(BM, BN, warps, stages) for a step of ``tokens`` prefill tokens."""
-    return 64, 64, 4, 2
+# (BM, BN, warps, stages): best at 1 × 2048 and within 6% at 16 × 512 and 2 × 4096 of a
+# 36-point sweep on H100 (session 11, `python -m moebius.bench.prefill_kernels`).
+LAUNCH = (64, 64, 4, 2)
 
 
 @triton.jit
@@ -136,8 +136,8 @@ class PrefillPlan:
     @classmethod
     def build(cls, chunks, device, launch=None) -> PrefillPlan:
         """From ``attention.PrefillChunk``s (token_start, num_tokens, start_pos, block_table);
-        ``launch`` overrides ``config`` (tuning)."""
-        launch = launch or config(sum(c.num_tokens for c in chunks))
+        ``launch`` overrides ``LAUNCH`` (tuning)."""
+        launch = launch or LAUNCH
         width = max(len(c.block_table) for c in chunks)
         tables = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
         for i, c in enumerate(chunks):
