@@ -244,9 +244,8 @@ def run_prefill(model: ModelConfig, shapes: list[tuple[int, int]], seed: int = 0
         step = times[1]
         attn = m.num_layers * n * 2 * length * length * m.num_heads * m.head_dim  # causal ½·4
         compute = (2 * active * n * length + attn) / flops_rate
-        need = step_floor_bytes(m, n * length, 0)
-        kv_written = n * length * m.num_layers * m.kv_planes * m.kv_size * 2
-        memory = (need["weights"] + kv_written) / bw
+        need = step_floor_bytes(m, n * length, 1)  # its kv: one row a token, here written
+        memory = (need["weights"] + need["kv"]) / bw
         floor = max(compute, memory)
         rows.append(
             {

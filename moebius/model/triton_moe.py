@@ -282,8 +282,8 @@ def experts_fused(x, pieces, weights, w13, w2t, tiles: tuple[int, int, int, int]
 class Routed:
     """One rank's routing of T tokens, computed with the norm before the block: router ``logits``
     (T, E), top-k ``ids`` (T, K), ``weights`` (T, K) and the alignment ``plan`` of the T·K
-    pairs over every expert. ``one`` (one token, ``SELF_ROUTE``): no plan is made; the gate/up
-    kernel picks the experts from the logits and fills ``ids`` and ``weights``."""
+    pairs over every expert. ``one`` (one token, ``SELF_ROUTE``): the plan is left unfilled;
+    the gate/up kernel picks the experts from the logits and fills ``ids`` and ``weights``."""
 
     def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev,
                  renormalize: bool) -> None:
