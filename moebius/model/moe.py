@@ -38,9 +38,14 @@ except ImportError:  # pragma: no cover - depends on the install
 # CUDA bf16 expert kernels: "auto" (fused Triton up to MAX_PAIRS token-piece pairs, which is
 # decode; grouped GEMM for prefill-sized batches) or "grouped" (benchmarks, debugging).
 MOE_KERNEL = os.environ.get("MOEBIUS_MOE", "auto")
-# Above MAX_PAIRS: "grouped" (the default) or "fused" (triton_moe_large: the fused kernels with
-# prefill tiles, no row gather and no SiLU·up pass; untimed on a GPU, so off).
-MOE_LARGE = os.environ.get("MOEBIUS_MOE_LARGE", "grouped")
+# Above MAX_PAIRS: "auto" (triton_moe_large's fused kernels with prefill tiles, no row gather
+# and no SiLU·up pass, up to LARGE_FUSED_MAX_PAIRS; grouped GEMM above), "fused" or "grouped".
+# Session 12, one H100, Qwen3-30B-A3B prefill: 1 x 2048 (16,384 pairs) fused 46.4 ms against
+# grouped 47.9; 16 x 512 in one step (65,536 pairs) fused 139.0 against 116.5 (CUTLASS's
+# grouped GEMM runs at ~540 TFLOP/s there, our kernels at ~320). 2,048 tokens is the default
+# max_num_batched_tokens, so a default engine's prefill chunks all take the fused kernels.
+MOE_LARGE = os.environ.get("MOEBIUS_MOE_LARGE", "auto")
+LARGE_FUSED_MAX_PAIRS = 16384
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
@@ -128,7 +133,9 @@ def run_experts(x, pieces, weights, w13, w2t, reduce: bool = True):
     fits = experts_fused is not None and pieces.numel() <= MAX_PAIRS
     if fits and MOE_KERNEL != "grouped":
         return experts_fused(x, pieces, weights, w13, w2t, reduce=reduce)
-    if MOE_LARGE == "fused" and MOE_KERNEL != "grouped" and experts_fused_large is not None:
+    large = MOE_LARGE == "fused" or (MOE_LARGE == "auto"
+                                      and pieces.numel() <= LARGE_FUSED_MAX_PAIRS)
+    if large and MOE_KERNEL != "grouped" and experts_fused_large is not None:
         return experts_fused_large(x, pieces, weights, w13, w2t, reduce=reduce)
     if hasattr(torch, "_grouped_mm"):
         return experts_grouped(x, pieces, weights, w13, w2t, reduce=reduce)

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from moebius.model.triton_attention import (
-    _merge_kernel,
     first_blocks,
+    merge_splits,
     num_splits,
     online_softmax,
     split_length,
@@ -152,22 +152,5 @@ def paged_mla_decode(q, cache, block_tables, ctx_lens, scale: float, max_context
         **launch_kw(),
     )
     out = q.new_empty(B, nh, r)
-    _merge_kernel[(B, nh)](
-        mid,
-        lse,
-        out,
-        ctx_lens,
-        mid.stride(0),
-        mid.stride(1),
-        mid.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        S=splits,
-        S_PAD=max(2, triton.next_power_of_2(splits)),
-        UNIT=TILE,
-        D=r,
-        **launch_kw(),
-    )
+    merge_splits(mid, lse, out, ctx_lens, unit=TILE)
     return out
