@@ -17,15 +17,18 @@ from dataclasses import dataclass
 import torch
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model.triton_sample import gumbel_max
+    from moebius.model.triton_sample import filtered_draw, gumbel_max
 except ImportError:  # pragma: no cover - depends on the install
-    gumbel_max = None
+    filtered_draw = gumbel_max = None
 
 # On CUDA the draw is one Triton pass over the logits (model/triton_sample.py) instead of ~24
 # torch passes over (B, V) int64/float64 noise; the same tokens. Session 12, one H100: the
 # draw at batch 256 5.50 -> 0.59 ms, a Qwen3-30B-A3B decode step with temperature 1 at batch
 # 256 31.30 -> 26.47 ms (`python -m moebius.bench.sampling`). MOEBIUS_FUSED_SAMPLING=0: torch.
 FUSED_DRAW = os.environ.get("MOEBIUS_FUSED_SAMPLING", "1") == "1"
+# With top-k/top-p/min-p, the filter and the draw in one Triton kernel without sorting the row
+# (triton_sample.filtered_draw, session 12): untimed on a GPU, so off (MOEBIUS_FUSED_FILTER=1).
+FUSED_FILTER = os.environ.get("MOEBIUS_FUSED_FILTER", "0") == "1"
 
 _MASK32 = 0xFFFFFFFF
 
@@ -67,9 +70,14 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         return greedy
     temp = torch.where(st.temperature > 0, st.temperature, 1.0)
     scaled = logits / temp[:, None]
+    fused = FUSED_DRAW and gumbel_max is not None and logits.is_cuda
+    if fused and st.need_filter and FUSED_FILTER:
+        drawn = filtered_draw(scaled.contiguous(), st.top_k, st.top_p, st.min_p, st.seeds,
+                              st.steps)
+        return torch.where(st.temperature > 0, drawn, greedy)
     if st.need_filter:
         scaled = _filter(scaled, st)
-    if FUSED_DRAW and gumbel_max is not None and logits.is_cuda:
+    if fused:
         drawn = gumbel_max(scaled.contiguous(), st.seeds, st.steps)
     else:
         gumbel = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, logits.shape[-1])))
@@ -78,18 +86,20 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def _filter(scaled: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """Mask tokens outside top-k / top-p / min-p with -inf (per row)."""
-    sorted_logits, idx = scaled.sort(dim=-1, descending=True)
+    """Mask tokens outside top-k / top-p / min-p with -inf (per row). Each filter keeps a
+    prefix of the sorted row; every token equal to the prefix's last is kept too (ties at the
+    cut do not depend on the sort's order; ``triton_sample.filtered_draw`` keeps the same)."""
+    sorted_logits = scaled.sort(dim=-1, descending=True).values
     probs = sorted_logits.softmax(dim=-1)
     V = scaled.shape[-1]
     rank = torch.arange(V, device=scaled.device)[None, :]
     k = torch.where(st.top_k > 0, st.top_k, V)[:, None]
     drop = rank >= k
-    drop |= (probs.cumsum(dim=-1) - probs) >= st.top_p[:, None]
+    drop |= ((probs.cumsum(dim=-1) - probs) >= st.top_p[:, None]) & (st.top_p[:, None] < 1)
     drop |= probs < st.min_p[:, None] * probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(scaled).scatter_(1, idx, sorted_logits)
+    last = (~drop).sum(-1, keepdim=True) - 1  # every filter drops a suffix
+    return scaled.masked_fill(scaled < sorted_logits.gather(1, last), float("-inf"))
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int):

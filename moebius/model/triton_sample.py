@@ -9,6 +9,19 @@ as ``sampler.uniform_noise`` does (the same 32-bit mix on int64, the same float6
 and keeps the first maximum; a second small step picks the first of the slices' maxima, so
 ties go to the lowest token id as ``torch.argmax`` sends them. Same draws as the eager path.
 
+``filtered_draw`` does the same draw under top-k / top-p / min-p without sorting the row
+(the eager filter sorts each (B, V) row: ~5 ms at batch 256 on H100, session 12). Each
+filter keeps an upper set of the row (token x is kept iff fewer than k tokens and less than
+top_p of the probability lie strictly above it, and p(x) >= min_p · p_max), so the Gumbel
+argmax over the kept tokens can be found by rejection: take the argmax over every token; if
+it is not kept, no token at or below it is, so take the argmax over the tokens above it;
+repeat. Each round is one pass over the row that also counts the tokens and mass above the
+candidate; the first pass also finds the row's max and softmax sum. A candidate drawn from
+a softmax is kept with high probability, so few rounds run (mass-weighted pivots: about
+log2 of the dropped mass over the kept one). Same tokens as the eager filter + draw, ties
+at the cut included (the eager filter keeps every token equal to its last kept one), except
+where a token's mass above lies within float32 rounding of top_p.
+
 Shape legend: B rows, V vocabulary, S slices a row.
 """
 
@@ -33,14 +46,27 @@ def _hash32(x):
 
 
 @triton.jit
+def _gumbel(base, v):
+    """The float64 Gumbel noise of token ids v in the row whose hash base is ``base``."""
+    bits = _hash32(base + v)
+    u = ((bits >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)  # exact: a power of 2
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _row_base(seeds, steps, r):
+    """A row's hash base, as sampler.uniform_noise builds it from its seed and step."""
+    seed = tl.load(seeds + r).to(tl.int64)
+    step = tl.load(steps + r).to(tl.int64)
+    return _hash32(_hash32(seed) ^ (step * 0x9E3779B1)) * 0x85EBCA6B + 0x632BE5AB
+
+
+@triton.jit
 def _gumbel_max_kernel(scaled, seeds, steps, best_val, best_idx, V, stride_s, per_slice,
                        S: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     sl = tl.program_id(1)
-    seed = tl.load(seeds + r).to(tl.int64)
-    step = tl.load(steps + r).to(tl.int64)
-    row = _hash32(_hash32(seed) ^ (step * 0x9E3779B1))
-    base = row * 0x85EBCA6B + 0x632BE5AB
+    base = _row_base(seeds, steps, r)
     lo = sl * per_slice
     hi = tl.minimum(lo + per_slice, V)
     best = tl.full([], float("-inf"), tl.float64)
@@ -49,9 +75,7 @@ def _gumbel_max_kernel(scaled, seeds, steps, best_val, best_idx, V, stride_s, pe
         v = v0 + tl.arange(0, BLOCK)
         keep = v < hi
         x = tl.load(scaled + r.to(tl.int64) * stride_s + v, mask=keep, other=float("-inf"))
-        bits = _hash32(base + v)
-        u = ((bits >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)  # exact: a power of 2
-        y = tl.where(keep, x.to(tl.float64) - tl.log(-tl.log(u)), float("-inf"))
+        y = tl.where(keep, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
         m = tl.max(y, 0)
         i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
         take = m > best  # strictly: an earlier block keeps a tie
@@ -75,3 +99,69 @@ def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -
         _gumbel_max_kernel[(B, S)](scaled, seeds, steps, vals, idx, V, scaled.stride(0),
                                    per_slice, S=S, BLOCK=BLOCK, num_warps=8)
     return idx.gather(1, vals.argmax(1, keepdim=True)).squeeze(1)
+
+
+@triton.jit
+def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, stride_s,
+                          BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    row = scaled + r.to(tl.int64) * stride_s
+    base = _row_base(seeds, steps, r)
+    k = tl.load(top_k + r)
+    k = tl.where(k > 0, k, V)
+    p = tl.load(top_p + r)
+    floor = tl.load(min_p + r)
+    # First pass: the row's max and softmax sum, and the argmax of x + noise over every token.
+    mx = tl.full([], float("-inf"), tl.float32)
+    z = tl.full([], 0.0, tl.float32)
+    best = tl.full([], float("-inf"), tl.float64)
+    arg = tl.full([], 0, tl.int64)
+    for v0 in range(0, V, BLOCK):
+        v = v0 + tl.arange(0, BLOCK)
+        x = tl.load(row + v, mask=v < V, other=float("-inf"))
+        m_new = tl.maximum(mx, tl.max(x, 0))
+        z = z * tl.exp(mx - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        mx = m_new
+        y = tl.where(v < V, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
+        i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
+        take = tl.max(y, 0) > best  # strictly: an earlier block keeps a tie
+        arg = tl.where(take, i, arg)
+        best = tl.where(take, tl.max(y, 0), best)
+    # Rounds: is the candidate kept? If not, the argmax over the tokens above it (same pass).
+    kept = arg < 0  # a false scalar tensor
+    while kept == 0:
+        xc = tl.load(row + arg)
+        count = tl.full([], 0, tl.int32)
+        mass = tl.full([], 0.0, tl.float32)
+        best = tl.full([], float("-inf"), tl.float64)
+        nxt = arg
+        for v0 in range(0, V, BLOCK):
+            v = v0 + tl.arange(0, BLOCK)
+            x = tl.load(row + v, mask=v < V, other=float("-inf"))
+            above = x > xc
+            count += tl.sum(above.to(tl.int32), 0)
+            mass += tl.sum(tl.where(above, tl.exp(x - mx), 0.0), 0)
+            y = tl.where(above, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
+            i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
+            take = tl.max(y, 0) > best
+            nxt = tl.where(take, i, nxt)
+            best = tl.where(take, tl.max(y, 0), best)
+        # the row's max is always kept (count 0), as the eager filter keeps its first token
+        kept = (count == 0) | ((count < k) & ((p >= 1.0) | (mass < p * z))
+                               & (tl.exp(xc - mx) >= floor))
+        arg = tl.where(kept, arg, nxt)
+    tl.store(out + r, arg)
+
+
+def filtered_draw(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``gumbel_max`` of ``sampler._filter(scaled)`` without its sort: scaled (B, V) float32
+    (temperature applied); top_k (B,) long (0: off), top_p, min_p (B,) float32; seeds, steps
+    (B,) int64. Token ids (B,) long. One program a row."""
+    B, V = scaled.shape
+    assert scaled.stride(1) == 1
+    out = torch.empty(B, dtype=torch.long, device=scaled.device)
+    if B:
+        _filtered_draw_kernel[(B,)](scaled, top_k, top_p, min_p, seeds, steps, out, V,
+                                    scaled.stride(0), BLOCK=BLOCK, num_warps=8)
+    return out

@@ -127,6 +127,32 @@ def gumbel_max() -> None:
         assert torch.equal(gumbel_max(scaled, seeds, steps), (scaled.double() + noise).argmax(-1))
 
 
+def filtered_draw() -> None:
+    """The sort-free top-k/top-p/min-p draw against the sampler's sort filter and eager draw:
+    the same tokens, rows with every filter and none, ties (bfloat16-rounded logits)."""
+    from moebius.model.sampler import SamplingTensors, _filter, uniform_noise
+    from moebius.model.triton_sample import filtered_draw
+
+    g = torch.Generator().manual_seed(8)
+    B, V = 12, 3000
+    scaled = (torch.randn(B, V, generator=g) * 3).bfloat16().float()
+    st = SamplingTensors(
+        temperature=torch.ones(B),
+        top_k=torch.tensor([0, 1, 5, 50, 0, 0, 0, 20, 0, 3000, 0, 7]),
+        top_p=torch.tensor([1.0, 1, 1, 1, 0.9, 0.3, 1, 0.8, 0.05, 1, 0.999, 0.5]),
+        min_p=torch.tensor([0.0, 0, 0, 0, 0, 0, 0.1, 0.01, 0, 0, 0, 0.2]),
+        seeds=torch.randint(-2**62, 2**62, (B,), generator=g),
+        steps=torch.randint(0, 10**6, (B,), generator=g),
+        need_filter=True, all_greedy=False)
+    noise = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, V)))
+    for _ in range(3):
+        ref = (_filter(scaled, st).double() + noise).argmax(-1)
+        got = filtered_draw(scaled, st.top_k, st.top_p, st.min_p, st.seeds, st.steps)
+        assert torch.equal(got, ref), (got, ref)
+        st.steps += 1
+        noise = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, V)))
+
+
 def fused_experts_large() -> None:
     """The fused experts with prefill tiles (sorted, padded into blocks) against the
     reference: summed (pieces held elsewhere among them) and as unsummed rows."""
@@ -237,9 +263,8 @@ def mla_decode() -> None:
 
 
 CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
-                                  fused_experts_large,
-                                  sort_pairs, gumbel_max, decode_attention, prefill_attention,
-                                  mla_decode)}
+                                  fused_experts_large, sort_pairs, gumbel_max, filtered_draw,
+                                  decode_attention, prefill_attention, mla_decode)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -491,9 +491,11 @@ def test_pair_sort_matches_argsort(M, P):
 
 
 @pytest.mark.parametrize("B,V", [(1, 151936), (5, 1000), (300, 151936)])
-def test_fused_gumbel_draw_matches_eager(B, V, monkeypatch):
-    """sampler.sample with the fused Triton draw gives the eager path's tokens, for a batch
-    mixing greedy, temperature-only and filtered (top-k, top-p, min-p) rows."""
+@pytest.mark.parametrize("fused_filter", [False, True])
+def test_fused_gumbel_draw_matches_eager(B, V, fused_filter, monkeypatch):
+    """sampler.sample with the fused Triton draw (and with the sort-free filter) gives the
+    eager path's tokens, for a batch mixing greedy, temperature-only and filtered (top-k,
+    top-p, min-p) rows."""
     from moebius.model import sampler
     from moebius.model.sampler import SamplingTensors
 
@@ -513,6 +515,7 @@ def test_fused_gumbel_draw_matches_eager(B, V, monkeypatch):
     monkeypatch.setattr(sampler, "FUSED_DRAW", False)
     eager = sampler.sample(logits, st)
     monkeypatch.setattr(sampler, "FUSED_DRAW", True)
+    monkeypatch.setattr(sampler, "FUSED_FILTER", fused_filter)
     assert torch.equal(sampler.sample(logits, st), eager)
 
 
