@@ -120,7 +120,8 @@ def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, str
         v = v0 + tl.arange(0, BLOCK)
         x = tl.load(row + v, mask=v < V, other=float("-inf"))
         m_new = tl.maximum(mx, tl.max(x, 0))
-        z = z * tl.exp(mx - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked (-inf) logits so far
+        z = z * tl.exp(mx - shift) + tl.sum(tl.exp(x - shift), 0)
         mx = m_new
         y = tl.where(v < V, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
         i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
@@ -138,14 +139,15 @@ def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, str
         for v0 in range(0, V, BLOCK):
             v = v0 + tl.arange(0, BLOCK)
             x = tl.load(row + v, mask=v < V, other=float("-inf"))
-            above = x > xc
-            count += tl.sum(above.to(tl.int32), 0)
-            mass += tl.sum(tl.where(above, tl.exp(x - mx), 0.0), 0)
-            y = tl.where(above, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
-            i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
-            take = tl.max(y, 0) > best
-            nxt = tl.where(take, i, nxt)
-            best = tl.where(take, tl.max(y, 0), best)
+            if tl.max(x, 0) > xc:  # late rounds: most blocks hold nothing above, no noise
+                above = x > xc
+                count += tl.sum(above.to(tl.int32), 0)
+                mass += tl.sum(tl.where(above, tl.exp(x - mx), 0.0), 0)
+                y = tl.where(above, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
+                i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
+                take = tl.max(y, 0) > best
+                nxt = tl.where(take, i, nxt)
+                best = tl.where(take, tl.max(y, 0), best)
         # the row's max is always kept (count 0), as the eager filter keeps its first token
         kept = (count == 0) | ((count < k) & ((p >= 1.0) | (mass < p * z))
                                & (tl.exp(xc - mx) >= floor))

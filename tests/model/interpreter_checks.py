@@ -136,6 +136,7 @@ def filtered_draw() -> None:
     g = torch.Generator().manual_seed(8)
     B, V = 12, 3000
     scaled = (torch.randn(B, V, generator=g) * 3).bfloat16().float()
+    scaled[:2, :2500] = float("-inf")  # masked tokens, a whole first block of them
     st = SamplingTensors(
         temperature=torch.ones(B),
         top_k=torch.tensor([0, 1, 5, 50, 0, 0, 0, 20, 0, 3000, 0, 7]),
