@@ -25,7 +25,7 @@ from moebius.model.triton_attention import (
     split_length,
     tile_blocks,
 )
-from moebius.model.triton_pdl import launch_kw, pdl_launch_next, pdl_wait
+from moebius.model.triton_pdl import launch_kw, pdl_wait
 
 TILE = 32  # latents per inner iteration
 HEAD_TILE = 16
@@ -61,13 +61,14 @@ def _mla_split_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_launch_next(PDL)
     b = tl.program_id(0)
     heads = tl.program_id(1) * HT + tl.arange(0, HT)
     split = tl.program_id(2)
     hmask = heads < NH
     # Before the wait, as triton_attention's split kernel: the host's context length and the
-    # first tile's block ids.
+    # first tile's block ids. Unlike it, no pdl_launch_next: with it the merge's programs sat
+    # resident early and DeepSeek-V2-Lite batch 8 took 11.13 -> 13.80 ms (session 12, H100,
+    # with the one-program-a-head merge; not timed with merge_splits' 128-column programs).
     ctx = tl.load(ctx_lens + b)
     split_len = split_length(ctx, S, UNIT)
     start = split * split_len
