@@ -247,8 +247,9 @@ def mla_decode() -> None:
     from moebius.model.triton_mla import paged_mla_decode
 
     g = torch.Generator().manual_seed(6)
-    for B, nh, ctx_max in [(1, 4, 200), (3, 8, 40), (1, 4, 2200)]:  # 2200: 2 tiles a split
-        r, dr, bs = 64, 16, 16
+    # 2200: 2 tiles a split; r = 256: two merge programs a head (merge_splits' 128 columns)
+    for B, nh, ctx_max, r in [(1, 4, 200, 64), (3, 8, 40, 64), (1, 4, 2200, 64), (2, 4, 300, 256)]:
+        dr, bs = 16, 16
         NB = max(64, B * ((ctx_max + bs - 1) // bs))
         cache = torch.randn(NB, bs, 1, r + dr, generator=g)
         q = torch.randn(B, nh, r + dr, generator=g) * 0.1
