@@ -15,12 +15,13 @@ filter keeps an upper set of the row (token x is kept iff fewer than k tokens an
 top_p of the probability lie strictly above it, and p(x) >= min_p · p_max), so the Gumbel
 argmax over the kept tokens can be found by rejection: take the argmax over every token; if
 it is not kept, no token at or below it is, so take the argmax over the tokens above it;
-repeat. Each round is one pass over the row that also counts the tokens and mass above the
-candidate; the first pass also finds the row's max and softmax sum. A candidate drawn from
-a softmax is kept with high probability, so few rounds run (mass-weighted pivots: about
-log2 of the dropped mass over the kept one). Same tokens as the eager filter + draw, ties
-at the cut included (the eager filter keeps every token equal to its last kept one), except
-where a token's mass above lies within float32 rounding of top_p.
+repeat. The first pass finds the row's max and softmax sum with the first candidate; a
+check counts the tokens and mass above a candidate (no noise, so a kept first candidate, the
+common case, costs one cheap pass); a dropped one costs a noise pass over the blocks holding
+tokens above it. Mass-weighted pivots: about log2 of the dropped mass over the kept one
+rounds. Same tokens as the eager filter + draw, ties at the cut included (the eager filter
+keeps every token equal to its last kept one), except where a token's mass above lies
+within float32 rounding of top_p. One program a row: at batch 1 one SM does it all.
 
 Shape legend: B rows, V vocabulary, S slices a row.
 """
@@ -102,6 +103,44 @@ def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -
 
 
 @triton.jit
+def _kept(row, arg, mx, z, k, p, floor, V, BLOCK: tl.constexpr):
+    """Whether the filters keep token ``arg``: fewer than k tokens and less than top_p of the
+    mass (z: the row's softmax sum after subtracting its max mx) strictly above it, and
+    p(arg) >= min_p · p_max. The row's max is always kept, as the eager filter's first token.
+    One pass over the row, no noise."""
+    xc = tl.load(row + arg)
+    count = tl.full([], 0, tl.int32)
+    mass = tl.full([], 0.0, tl.float32)
+    for v0 in range(0, V, BLOCK):
+        v = v0 + tl.arange(0, BLOCK)
+        x = tl.load(row + v, mask=v < V, other=float("-inf"))
+        above = x > xc
+        count += tl.sum(above.to(tl.int32), 0)
+        mass += tl.sum(tl.where(above, tl.exp(x - mx), 0.0), 0)
+    return (count == 0) | ((count < k) & ((p >= 1.0) | (mass < p * z))
+                           & (tl.exp(xc - mx) >= floor))
+
+
+@triton.jit
+def _argmax_above(row, base, arg, V, BLOCK: tl.constexpr):
+    """The first argmax of x + noise over the tokens with x above token ``arg``'s; blocks
+    with none above make no noise (in late rounds, most)."""
+    xc = tl.load(row + arg)
+    best = tl.full([], float("-inf"), tl.float64)
+    nxt = arg
+    for v0 in range(0, V, BLOCK):
+        v = v0 + tl.arange(0, BLOCK)
+        x = tl.load(row + v, mask=v < V, other=float("-inf"))
+        if tl.max(x, 0) > xc:
+            y = tl.where(x > xc, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
+            i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
+            take = tl.max(y, 0) > best  # strictly: an earlier block keeps a tie
+            nxt = tl.where(take, i, nxt)
+            best = tl.where(take, tl.max(y, 0), best)
+    return nxt
+
+
+@triton.jit
 def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, stride_s,
                           BLOCK: tl.constexpr):
     r = tl.program_id(0)
@@ -128,30 +167,11 @@ def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, str
         take = tl.max(y, 0) > best  # strictly: an earlier block keeps a tie
         arg = tl.where(take, i, arg)
         best = tl.where(take, tl.max(y, 0), best)
-    # Rounds: is the candidate kept? If not, the argmax over the tokens above it (same pass).
-    kept = arg < 0  # a false scalar tensor
+    # Rounds: a candidate the filters drop takes every token at or below it along.
+    kept = _kept(row, arg, mx, z, k, p, floor, V, BLOCK)
     while kept == 0:
-        xc = tl.load(row + arg)
-        count = tl.full([], 0, tl.int32)
-        mass = tl.full([], 0.0, tl.float32)
-        best = tl.full([], float("-inf"), tl.float64)
-        nxt = arg
-        for v0 in range(0, V, BLOCK):
-            v = v0 + tl.arange(0, BLOCK)
-            x = tl.load(row + v, mask=v < V, other=float("-inf"))
-            if tl.max(x, 0) > xc:  # late rounds: most blocks hold nothing above, no noise
-                above = x > xc
-                count += tl.sum(above.to(tl.int32), 0)
-                mass += tl.sum(tl.where(above, tl.exp(x - mx), 0.0), 0)
-                y = tl.where(above, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
-                i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
-                take = tl.max(y, 0) > best
-                nxt = tl.where(take, i, nxt)
-                best = tl.where(take, tl.max(y, 0), best)
-        # the row's max is always kept (count 0), as the eager filter keeps its first token
-        kept = (count == 0) | ((count < k) & ((p >= 1.0) | (mass < p * z))
-                               & (tl.exp(xc - mx) >= floor))
-        arg = tl.where(kept, arg, nxt)
+        arg = _argmax_above(row, base, arg, V, BLOCK)
+        kept = _kept(row, arg, mx, z, k, p, floor, V, BLOCK)
     tl.store(out + r, arg)
 
 
