@@ -47,11 +47,12 @@ def _hash32(x):
 
 
 @triton.jit
-def _gumbel(base, v):
-    """The float64 Gumbel noise of token ids v in the row whose hash base is ``base``."""
+def _neg_gumbel(base, v):
+    """Minus the float64 Gumbel noise of token ids v in the row whose hash base is ``base``
+    (subtracted as the eager path's ``x - log(-log(u))``: the same SASS as before)."""
     bits = _hash32(base + v)
     u = ((bits >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)  # exact: a power of 2
-    return -tl.log(-tl.log(u))
+    return tl.log(-tl.log(u))
 
 
 @triton.jit
@@ -63,8 +64,11 @@ def _row_base(seeds, steps, r):
 
 
 @triton.jit
-def _gumbel_max_kernel(scaled, seeds, steps, best_val, best_idx, V, stride_s, per_slice,
-                       S: tl.constexpr, BLOCK: tl.constexpr):
+def _gumbel_max_kernel(scaled, seeds, steps, best_val, best_idx, slice_max, slice_sum, V,
+                       stride_s, per_slice, S: tl.constexpr, BLOCK: tl.constexpr,
+                       STATS: tl.constexpr):
+    """A slice's first maximum of x + noise (value, token); with STATS also its max x and
+    the sum of exp(x - that max) (filtered_draw's softmax sum)."""
     r = tl.program_id(0)
     sl = tl.program_id(1)
     base = _row_base(seeds, steps, r)
@@ -72,11 +76,18 @@ def _gumbel_max_kernel(scaled, seeds, steps, best_val, best_idx, V, stride_s, pe
     hi = tl.minimum(lo + per_slice, V)
     best = tl.full([], float("-inf"), tl.float64)
     arg = tl.full([], 0, tl.int64)
+    mx = tl.full([], float("-inf"), tl.float32)
+    z = tl.full([], 0.0, tl.float32)
     for v0 in range(lo, hi, BLOCK):
         v = v0 + tl.arange(0, BLOCK)
         keep = v < hi
         x = tl.load(scaled + r.to(tl.int64) * stride_s + v, mask=keep, other=float("-inf"))
-        y = tl.where(keep, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
+        if STATS:
+            m_new = tl.maximum(mx, tl.max(x, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked (-inf) logits so far
+            z = z * tl.exp(mx - shift) + tl.sum(tl.exp(x - shift), 0)
+            mx = m_new
+        y = tl.where(keep, x.to(tl.float64) - _neg_gumbel(base, v), float("-inf"))
         m = tl.max(y, 0)
         i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
         take = m > best  # strictly: an earlier block keeps a tie
@@ -84,21 +95,36 @@ def _gumbel_max_kernel(scaled, seeds, steps, best_val, best_idx, V, stride_s, pe
         best = tl.where(take, m, best)
     tl.store(best_val + r * S + sl, best)
     tl.store(best_idx + r * S + sl, arg)
+    if STATS:
+        tl.store(slice_max + r * S + sl, mx)
+        tl.store(slice_sum + r * S + sl, z)
 
 
-def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """``argmax(scaled.double() + gumbel)`` per row, the noise ``sampler.uniform_noise``'s:
-    scaled (B, V) float32 (temperature applied, filtered tokens -inf); seeds, steps (B,) int64.
-    Token ids (B,) long."""
+def _slices(scaled: torch.Tensor, seeds, steps, stats: bool):
+    """``_gumbel_max_kernel`` over (B, S) programs, S slices a row (enough programs for the
+    GPU at small batches): per slice (best value, its token, max x, softmax sum) or, without
+    ``stats``, the first two."""
     B, V = scaled.shape
     assert scaled.stride(1) == 1
     S = max(1, min(32, triton.cdiv(256, max(B, 1)), triton.cdiv(V, BLOCK)))
     per_slice = triton.cdiv(triton.cdiv(V, S), BLOCK) * BLOCK
     vals = torch.empty(B, S, dtype=torch.float64, device=scaled.device)
     idx = torch.empty(B, S, dtype=torch.long, device=scaled.device)
+    mx = z = vals  # unused without stats
+    if stats:
+        mx = torch.empty(B, S, dtype=torch.float32, device=scaled.device)
+        z = torch.empty(B, S, dtype=torch.float32, device=scaled.device)
     if B:
-        _gumbel_max_kernel[(B, S)](scaled, seeds, steps, vals, idx, V, scaled.stride(0),
-                                   per_slice, S=S, BLOCK=BLOCK, num_warps=8)
+        _gumbel_max_kernel[(B, S)](scaled, seeds, steps, vals, idx, mx, z, V, scaled.stride(0),
+                                   per_slice, S=S, BLOCK=BLOCK, STATS=stats, num_warps=8)
+    return vals, idx, mx, z
+
+
+def gumbel_max(scaled: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``argmax(scaled.double() + gumbel)`` per row, the noise ``sampler.uniform_noise``'s:
+    scaled (B, V) float32 (temperature applied, filtered tokens -inf); seeds, steps (B,) int64.
+    Token ids (B,) long."""
+    vals, idx, _, _ = _slices(scaled, seeds, steps, stats=False)
     return idx.gather(1, vals.argmax(1, keepdim=True)).squeeze(1)
 
 
@@ -132,7 +158,7 @@ def _argmax_above(row, base, arg, V, BLOCK: tl.constexpr):
         v = v0 + tl.arange(0, BLOCK)
         x = tl.load(row + v, mask=v < V, other=float("-inf"))
         if tl.max(x, 0) > xc:
-            y = tl.where(x > xc, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
+            y = tl.where(x > xc, x.to(tl.float64) - _neg_gumbel(base, v), float("-inf"))
             i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
             take = tl.max(y, 0) > best  # strictly: an earlier block keeps a tie
             nxt = tl.where(take, i, nxt)
@@ -141,8 +167,9 @@ def _argmax_above(row, base, arg, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, stride_s,
-                          BLOCK: tl.constexpr):
+def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, best_val, best_idx,
+                          slice_max, slice_sum, out, V, stride_s, S: tl.constexpr,
+                          S_PAD: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     row = scaled + r.to(tl.int64) * stride_s
     base = _row_base(seeds, steps, r)
@@ -150,23 +177,16 @@ def _filtered_draw_kernel(scaled, top_k, top_p, min_p, seeds, steps, out, V, str
     k = tl.where(k > 0, k, V)
     p = tl.load(top_p + r)
     floor = tl.load(min_p + r)
-    # First pass: the row's max and softmax sum, and the argmax of x + noise over every token.
-    mx = tl.full([], float("-inf"), tl.float32)
-    z = tl.full([], 0.0, tl.float32)
-    best = tl.full([], float("-inf"), tl.float64)
-    arg = tl.full([], 0, tl.int64)
-    for v0 in range(0, V, BLOCK):
-        v = v0 + tl.arange(0, BLOCK)
-        x = tl.load(row + v, mask=v < V, other=float("-inf"))
-        m_new = tl.maximum(mx, tl.max(x, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked (-inf) logits so far
-        z = z * tl.exp(mx - shift) + tl.sum(tl.exp(x - shift), 0)
-        mx = m_new
-        y = tl.where(v < V, x.to(tl.float64) + _gumbel(base, v), float("-inf"))
-        i = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + v0
-        take = tl.max(y, 0) > best  # strictly: an earlier block keeps a tie
-        arg = tl.where(take, i, arg)
-        best = tl.where(take, tl.max(y, 0), best)
+    # The slices' first pass: the row's max and softmax sum, the first argmax of x + noise.
+    offs = tl.arange(0, S_PAD)
+    smask = offs < S
+    ms = tl.load(slice_max + r * S + offs, mask=smask, other=float("-inf"))
+    mx = tl.max(ms, 0)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    z = tl.sum(tl.load(slice_sum + r * S + offs, mask=smask, other=0.0) * tl.exp(ms - shift), 0)
+    vals = tl.load(best_val + r * S + offs, mask=smask, other=float("-inf"))
+    idxs = tl.load(best_idx + r * S + offs, mask=smask, other=0)
+    arg = tl.min(tl.where(vals == tl.max(vals, 0), idxs, V), 0)  # the first slice's: lowest
     # Rounds: a candidate the filters drop takes every token at or below it along.
     kept = _kept(row, arg, mx, z, k, p, floor, V, BLOCK)
     while kept == 0:
@@ -179,11 +199,15 @@ def filtered_draw(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
                   min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """``gumbel_max`` of ``sampler._filter(scaled)`` without its sort: scaled (B, V) float32
     (temperature applied); top_k (B,) long (0: off), top_p, min_p (B,) float32; seeds, steps
-    (B,) int64. Token ids (B,) long. One program a row."""
+    (B,) int64. Token ids (B,) long. The first pass is gumbel_max's slices (with each slice's
+    max and softmax sum); then one program a row checks candidates and draws again above."""
     B, V = scaled.shape
-    assert scaled.stride(1) == 1
+    vals, idx, mx, z = _slices(scaled, seeds, steps, stats=True)
     out = torch.empty(B, dtype=torch.long, device=scaled.device)
     if B:
-        _filtered_draw_kernel[(B,)](scaled, top_k, top_p, min_p, seeds, steps, out, V,
-                                    scaled.stride(0), BLOCK=BLOCK, num_warps=8)
+        S = vals.shape[1]
+        _filtered_draw_kernel[(B,)](scaled, top_k, top_p, min_p, seeds, steps, vals, idx, mx,
+                                    z, out, V, scaled.stride(0), S=S,
+                                    S_PAD=max(2, triton.next_power_of_2(S)), BLOCK=BLOCK,
+                                    num_warps=8)
     return out
