@@ -21,7 +21,8 @@ common case, costs one cheap pass); a dropped one costs a noise pass over the bl
 tokens above it. Mass-weighted pivots: about log2 of the dropped mass over the kept one
 rounds. Same tokens as the eager filter + draw, ties at the cut included (the eager filter
 keeps every token equal to its last kept one), except where a token's mass above lies
-within float32 rounding of top_p. One program a row: at batch 1 one SM does it all.
+within float32 rounding of top_p. The first pass runs on gumbel_max's slices (up to 32
+programs a row at small batches); the checks and redraws in one program a row.
 
 Shape legend: B rows, V vocabulary, S slices a row.
 """
