@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moebius.model.sampler import SamplingTensors, sample
+from moebius.model.sampler import SamplingTensors, _filter, sample
 
 
 def _st(B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed0=0):
@@ -34,6 +34,20 @@ def test_top_k_top_p_min_p_filter():
     assert set(sample(logits, _st(4000, top_p=0.7)).tolist()) == {0, 1}
     assert set(sample(logits, _st(4000, min_p=0.35)).tolist()) == {0, 1}
     assert set(sample(logits, _st(4000, top_p=0.01)).tolist()) == {0}
+
+
+def test_filters_keep_ties_at_the_cut_and_top_p_one_drops_nothing():
+    """A filter keeps every token tied with its last kept one, whatever order the sort gave
+    the ties (docs/decisions.md; triton_sample.filtered_draw keeps the same set); top_p = 1
+    drops nothing even where float32's cumulative sum reaches 1 before the last token."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0], [3.0, 3.0, 1.0, 0.0, -1.0]])
+    kept = torch.isfinite(_filter(logits, _st(2, top_k=2)))
+    assert kept.tolist() == [[True, True, True, True, False], [True, True, False, False, False]]
+    kept = torch.isfinite(_filter(logits, _st(2, top_k=1)))
+    assert kept.tolist() == [[True, False, False, False, False], [True, True, False, False, False]]
+    wide = torch.cat([torch.tensor([[40.0]]), torch.zeros(1, 1000)], 1)  # mass 1 - 4e-15 first
+    assert torch.isfinite(_filter(wide, _st(1, top_p=1.0, top_k=5000))).all()
+    assert torch.isfinite(_filter(wide, _st(1, top_p=0.999))).sum() == 1
 
 
 def test_same_seed_and_step_same_draw_regardless_of_row():
