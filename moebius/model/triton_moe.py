@@ -47,7 +47,8 @@ ROUTE_FUSED_TOKENS = 16  # up to this many tokens, top-k and alignment share one
 SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
 # There, the top-k on this many copies of the token's logits (one a warp of the gate/up
 # program): 4 compiles to shuffles alone, 2 to 35 shared-memory barriers before the weights
-# stream (sm_90 SASS, session 11). Untimed on a GPU, so 2 until then.
+# stream (sm_90 SASS, session 11). Timed in session 12 (H100): batch 1 2.98 ms with 4 against
+# 3.00 with 2, within the run-to-run spread, so 2 stays.
 TOPK_ROWS = int(os.environ.get("MOEBIUS_TOPK_ROWS", "2"))
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
@@ -338,20 +339,6 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
 
 
 @triton.jit
-def _pack_keys(p, offs_e, E_PAD: tl.constexpr):
-    """Each probability with its expert index as one int64 that orders as the top-k does: the
-    probability's bits (a float >= 0 orders as an integer) above the reversed index, so equal
-    probabilities go to the lowest index."""
-    return (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs_e)
-
-
-@triton.jit
-def _unpack_key(key, E_PAD: tl.constexpr):
-    """(expert index, probability) of a ``_pack_keys`` key."""
-    return E_PAD - 1 - (key & 0xFFFFFFFF), (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
           K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
     """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
@@ -363,15 +350,18 @@ def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
-    key = _pack_keys(p, offs_e[None, :], E_PAD)  # one max a pick, not a max and an argmax
+    # One max a pick, not a max and an argmax: a probability's bits (a float >= 0) order as
+    # integers; below them the reversed index, so equal probabilities go to the lowest index.
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - offs_e)[None, :]
     cols = tl.arange(0, K_PAD)
     picked_w = tl.zeros([BT, K_PAD], tl.float32)
     picked_i = tl.zeros([BT, K_PAD], tl.int64)
     for k in tl.static_range(K):
         best = tl.max(key, 1)
-        i, w = _unpack_key(best, E_PAD)
+        w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         picked_w = tl.where(cols[None, :] == k, w[:, None], picked_w)
-        picked_i = tl.where(cols[None, :] == k, i[:, None], picked_i)
+        picked_i = tl.where(cols[None, :] == k, (E_PAD - 1 - (best & 0xFFFFFFFF))[:, None],
+                            picked_i)
         key = tl.where(key == best[:, None], -1, key)
     if RENORM:
         picked_w = picked_w / tl.sum(picked_w, 1)[:, None]
