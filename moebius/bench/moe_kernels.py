@@ -6,6 +6,11 @@ with their TFLOP/s: whether ``MOEBIUS_MOE_LARGE=fused`` should become the defaul
 
     python -m moebius.bench.moe_kernels --preset qwen3-30b-a3b --tokens 1 8 16 64 256 512
     python -m moebius.bench.moe_kernels --tokens 512 2048 8192
+    python -m moebius.bench.moe_kernels --one-sweep   # batch 1's path: tiles, warps, stages
+
+``--one-sweep`` times the engine's one-token path (``experts_routed``: the gate/up kernel
+routes the token itself) over gate/up and down tiles, warps and pipeline stages, each call of
+a graph on another token's experts (no L2 reuse), against the bytes of its 8 experts.
 """
 
 from __future__ import annotations
@@ -45,11 +50,68 @@ def graph_ms(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps / 10
 
 
+ONE_W13 = [(64, 128), (32, 128), (32, 256), (64, 256), (128, 64), (16, 256), (16, 512)]
+ONE_W2 = [(64, 128), (32, 256), (128, 64), (64, 256), (128, 128), (32, 512)]
+ONE_LAUNCH = [(w, s) for w in (2, 4, 8) for s in (2, 3, 4, 6)]
+
+
+def one_sweep(m, w13, w2, bw: float, out: str | None) -> None:
+    """The one-token experts over ONE_W13 x ONE_LAUNCH (down at its default), then ONE_W2 x
+    ONE_LAUNCH (gate/up at its default); prints each and the best, µs a layer."""
+    from moebius.model.triton_moe import Routed, _tiles, experts_routed
+
+    P, H, c, K = m.num_experts, m.hidden_size, m.moe_intermediate_size, m.top_k
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, H, device="cuda", generator=g).bfloat16()
+    routeds = []
+    for _ in range(10):
+        r = Routed(1, K, P, torch.bfloat16, "cuda", renormalize=m.norm_topk_prob)
+        r.logits.copy_(torch.randn(1, P, device="cuda", generator=g))
+        routeds.append(r)
+    floor_us = K * 3 * c * H * 2 / bw * 1e6
+    base = _tiles(K)
+    ref = [experts_routed(x, r, w13, w2).float().clone() for r in routeds]
+    rows = []
+
+    def timed(tiles, launch, label):
+        calls = iter(range(10**9))
+        try:
+            err = 0.0
+            for r, want in zip(routeds, ref, strict=True):
+                got = experts_routed(x, r, w13, w2, tiles=tiles, launch=launch).float()
+                err = max(err, float((got - want).norm() / want.norm()))
+            us = graph_ms(lambda: experts_routed(x, routeds[next(calls) % 10], w13, w2,
+                                                 tiles=tiles, launch=launch)) * 1e3
+        except Exception as e:  # out of shared memory or registers at this shape
+            print(f"{label}: {type(e).__name__}")
+            return
+        rows.append({"part": label.split()[0], "tiles": tiles, "launch": launch, "us": us,
+                     "err": err})
+        print(f"{label}: {us:6.1f} us ({floor_us / us:.0%} of bandwidth) err {err:.1e}")
+
+    print(f"one token, {K} experts: floor {floor_us:.1f} us a layer; default tiles {base}")
+    for bn, bk in ONE_W13:
+        for w, st in ONE_LAUNCH:
+            timed((bn, bk) + base[2:], (w, st, 4, 4), f"w13 {bn}x{bk} {w}w {st}s")
+    for bn, bk in ONE_W2:
+        for w, st in ONE_LAUNCH:
+            timed(base[:2] + (bn, bk), (4, 4, w, st), f"w2 {bn}x{bk} {w}w {st}s")
+    for part in ("w13", "w2"):
+        best = sorted((r for r in rows if r["part"] == part), key=lambda r: r["us"])[:3]
+        print(f"best {part}: " + "; ".join(f"{r['tiles']} {r['launch']} {r['us']:.1f} us"
+                                           for r in best))
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256, 512])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--one-sweep", action="store_true",
+                    help="only the one-token path's tiles, warps and stages")
     args = ap.parse_args()
     m = preset(args.preset)
     P, H, c, K = m.num_experts, m.hidden_size, m.moe_intermediate_size, m.top_k
@@ -57,6 +119,8 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(P, 2 * c, H, device="cuda", generator=g) * H**-0.5).bfloat16()
     w2 = (torch.randn(P, c, H, device="cuda", generator=g) * c**-0.5).bfloat16()
+    if args.one_sweep:
+        return one_sweep(m, w13, w2, bw, args.out)
     rows = []
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; P={P} H={H} c={c} K={K}")
     for T in args.tokens:

@@ -50,9 +50,12 @@ SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
 # stream (sm_90 SASS, session 11). Timed in session 12 (H100): batch 1 2.98 ms with 4 against
 # 3.00 with 2, within the run-to-run spread, so 2 stays.
 TOPK_ROWS = int(os.environ.get("MOEBIUS_TOPK_ROWS", "2"))
-# Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8).
+# Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8);
+# "W1,S1,W2,S2" the gate/up and down kernels' warps and pipeline stages (default 4 each).
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
 SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
+_LAUNCH = os.environ.get("MOEBIUS_MOE_LAUNCH_SMALL", "")
+SMALL_LAUNCH = tuple(int(v) for v in _LAUNCH.split(",")) if _LAUNCH else None
 
 
 @triton.jit
@@ -296,22 +299,26 @@ class Routed:
         self.one = SELF_ROUTE and T == 1
 
 
-def experts_routed(x, routed: Routed, w13, w2t):
+def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None):
     """The two expert GEMMs of tokens ``x`` on a ``Routed`` plan: the (T, K, H) weighted
-    rows, unsummed (as ``reduce=False``)."""
+    rows, unsummed (as ``reduce=False``). ``tiles``, ``launch``: as ``_run`` (tuning)."""
     assert routed.plan.M <= MAX_PAIRS and w13.shape[0] == routed.plan.P
-    return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, None, False,
-                routed if routed.one else None)
+    return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, tiles, False,
+                routed if routed.one else None, launch=launch)
 
 
 def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None,
-         warps: int = 4):
+         warps: int = 4, launch: tuple[int, int, int, int] | None = None):
     """The gate/up and down GEMMs over an aligned plan, or over a one-token ``Routed`` ``one``
-    whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows."""
+    whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows. ``launch``:
+    (warps, stages) of the gate/up and of the down kernel; default ``warps`` and 4 stages,
+    up to 8 pairs ``SMALL_LAUNCH`` where set."""
     _, two_c, H = w13.shape
     c, M, T = two_c // 2, plan.M, plan.M // K
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
     bn1, bk1, bn2, bk2 = tiles or _tiles(M)
+    small = SMALL_LAUNCH if M <= 8 else None
+    w1, s1, w2, s2 = launch or small or (warps, 4, warps, 4)
     act = torch.empty(plan.num_blocks * plan.bm, c, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one
@@ -324,7 +331,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
-        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, num_warps=warps, num_stages=4,
+        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, num_warps=w1, num_stages=s1,
         **launch_kw(),
     )
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
@@ -332,7 +339,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     _w2_kernel[(blocks, triton.cdiv(H, bn2))](
         act, w2t, y, plan.sorted_rows, plan.block_piece, ids, route_w, M, H, c,
         act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
-        BM=plan.bm, BN=bn2, BK=bk2, ONE=pick["ONE"], num_warps=warps, num_stages=4,
+        BM=plan.bm, BN=bn2, BK=bk2, ONE=pick["ONE"], num_warps=w2, num_stages=s2,
         **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)
