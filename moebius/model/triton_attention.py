@@ -150,17 +150,21 @@ def _decode_split_kernel(
         out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=gmask[:, None])
-    else:  # a split past the context stores nothing (the merge reads only the ones before)
-        empty = start >= ctx
-        keep = gmask & (~empty | (split == 0))
-        out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
-        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
-        tl.store(
-            Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-            out,
-            mask=keep[:, None],
-        )
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
+    else:
+        store_partial(Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms
+                      + offs_d[None, :], Lse + b * stride_lb + heads * stride_lh + split,
+                      acc, m, l_sum, start >= ctx, gmask, split)
+
+
+@triton.jit
+def store_partial(mid_ptrs, lse_ptrs, acc, m, l_sum, empty, rmask, split):
+    """A split's normalised partial output and log-sum-exp for the merge. A split past the
+    context (``empty``) stores nothing but the first: the merge reads only the ones before."""
+    keep = rmask & (~empty | (split == 0))
+    out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
+    tl.store(mid_ptrs, out, mask=keep[:, None])
+    tl.store(lse_ptrs, lse, mask=keep)
 
 
 @triton.jit

@@ -23,6 +23,7 @@ from moebius.model.triton_attention import (
     num_splits,
     online_softmax,
     split_length,
+    store_partial,
     tile_blocks,
 )
 from moebius.model.triton_pdl import launch_kw, pdl_wait
@@ -97,16 +98,9 @@ def _mla_split_kernel(
             s += tl.dot(q_p, tl.trans(pe))
         s = tl.where(tmask[None, :], s * scale, float("-inf"))
         m, l_sum, acc = online_softmax(s, c, m, l_sum, acc, IEEE, False)
-    empty = start >= ctx
-    keep = hmask & (~empty | (split == 0))  # as triton_attention: the merge reads no others
-    out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_sum)[:, None])
-    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
-    tl.store(
-        Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_r[None, :],
-        out,
-        mask=keep[:, None],
-    )
-    tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=keep)
+    store_partial(Mid + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms
+                  + offs_r[None, :], Lse + b * stride_lb + heads * stride_lh + split,
+                  acc, m, l_sum, start >= ctx, hmask, split)
 
 
 def supported(r: int, dr: int) -> bool:
