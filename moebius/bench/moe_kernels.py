@@ -50,9 +50,9 @@ def graph_ms(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps / 10
 
 
-ONE_W13 = [(64, 128), (32, 128), (32, 256), (64, 256), (128, 64), (16, 512)]
-ONE_W2 = [(64, 128), (32, 256), (128, 64), (64, 256), (128, 128)]
-ONE_LAUNCH = [(w, s) for w in (2, 4, 8) for s in (3, 4, 6)]
+ONE_W13 = [(64, 128), (32, 128), (32, 256), (16, 512)]
+ONE_W2 = [(64, 128), (32, 256), (128, 64), (64, 256)]
+ONE_LAUNCH = [(4, 4), (4, 6), (2, 4), (8, 4), (8, 6)]  # (warps, stages)
 
 
 def one_sweep(m, w13, w2, bw: float, out: str | None) -> None:
