@@ -18,7 +18,7 @@ PY
 )
 echo "best: MOEBIUS_MOE_TILES_SMALL=$TILES MOEBIUS_MOE_LAUNCH_SMALL=$LAUNCH"
 run() {  # $1 tag; env passes through
-  timeout 60 python3 -m moebius.bench.decode --batches 1 8 --out "$OUT/decode_$1.json" 2>&1 \
+  timeout 90 python3 -m moebius.bench.decode --batches 1 8 --out "$OUT/decode_$1.json" 2>&1 \
     | quiet | grep -v '^{' | grep "^ *[18] " | sed "s/^/[$1] /"; lap "$1"
 }
 for i in 1 2; do
