@@ -216,7 +216,8 @@ def merge_splits(mid, lse, out, ctx_lens, unit: int = TILE) -> None:
     exps lse (B, nh, S); ``unit``: the split kernel's UNIT (splits hold whole units). A
     program sums MERGE_COLUMNS columns of one head: MLA's 512-wide latent in one program held
     a (64, 512) float32 tile, spilled, and cost DeepSeek-V2-Lite batch 8 +1.2 ms a step
-    (session 12, H100)."""
+    (session 12, H100). With four programs a latent (session 13, H100): its merge 455 -> 204
+    µs a step at batch 8, the step 9.82 -> 9.55 ms, batch 1 5.14 -> 4.88 ms."""
     B, nh, S, d = mid.shape
     dt = min(d, MERGE_COLUMNS)
     assert d % dt == 0

@@ -69,7 +69,8 @@ def _mla_split_kernel(
     # Before the wait, as triton_attention's split kernel: the host's context length and the
     # first tile's block ids. Unlike it, no pdl_launch_next: with it the merge's programs sat
     # resident early and DeepSeek-V2-Lite batch 8 took 11.13 -> 13.80 ms (session 12, H100,
-    # with the one-program-a-head merge; not timed with merge_splits' 128-column programs).
+    # with the one-program-a-head merge); with merge_splits' 128-column programs it still
+    # costs batch 1 4.88 -> 4.95 ms and batch 8 9.55 -> 9.67 (session 13, H100).
     ctx = tl.load(ctx_lens + b)
     split_len = split_length(ctx, S, UNIT)
     start = split * split_len

@@ -22,7 +22,9 @@ tokens above it. Mass-weighted pivots: about log2 of the dropped mass over the k
 rounds. Same tokens as the eager filter + draw, ties at the cut included (the eager filter
 keeps every token equal to its last kept one), except where a token's mass above lies
 within float32 rounding of top_p. The first pass runs on gumbel_max's slices (up to 32
-programs a row at small batches); the checks and redraws in one program a row.
+programs a row at small batches); the checks and redraws in one program a row. Session 13,
+one H100 (`python -m moebius.bench.sampling`): at batch 256 the draw with top-p 0.9 5.68 ->
+1.08 ms, with top-k 50 + min-p 5.68 -> 1.30 ms, the same tokens.
 
 Shape legend: B rows, V vocabulary, S slices a row.
 """
