@@ -52,6 +52,9 @@ SELF_ROUTE = os.environ.get("MOEBIUS_SELF_ROUTE", "1") != "0"
 TOPK_ROWS = int(os.environ.get("MOEBIUS_TOPK_ROWS", "2"))
 # Tuning: "BN1,BK1,BN2,BK2" replaces ``_tiles`` up to 8 pairs (one token of Qwen3's top-8);
 # "W1,S1,W2,S2" the gate/up and down kernels' warps and pipeline stages (default 4 each).
+# Session 13 (H100, `bench.moe_kernels --one-sweep`): alone, 6 stages or a 32x256 gate/up tile
+# on 2 warps took the pair 40.4 -> ~35 us, but end to end the best pair lost (batch 1 3.06 ->
+# 3.13 ms): PDL already hides the ramp those shorten. Defaults kept.
 _SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
 SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
 _LAUNCH = os.environ.get("MOEBIUS_MOE_LAUNCH_SMALL", "")
