@@ -246,9 +246,11 @@ def _w2_kernel(
 def _tiles(M: int) -> tuple[int, int, int, int]:
     """(BN, BK) of the w13 kernel and of the w2 kernel, by pair count (H200, Qwen3-30B-A3B
     shapes, ``python -m moebius.bench.moe_kernels``)."""
+    if M <= 8 and SMALL_TILES:
+        return SMALL_TILES
     if 8 < M <= 2048:
         return 64, 256, 128, 64
-    return SMALL_TILES or (64, 128, 64, 128)
+    return 64, 128, 64, 128
 
 
 class _Plan:
