@@ -7,6 +7,11 @@ with their TFLOP/s: whether ``MOEBIUS_MOE_LARGE=fused`` should become the defaul
     python -m moebius.bench.moe_kernels --preset qwen3-30b-a3b --tokens 1 8 16 64 256 512
     python -m moebius.bench.moe_kernels --tokens 512 2048 8192
     python -m moebius.bench.moe_kernels --one-sweep   # batch 1's path: tiles, warps, stages
+    python -m moebius.bench.moe_kernels --down-sweep 2048  # the prefill down kernel's tiles
+
+``--down-sweep`` times the prefill-size fused experts (``triton_moe_large``) at 2,048 tokens
+with the gate/up kernel at its tiles and the down kernel over tiles, warps and stages (it ran
+at half the gate/up kernel's rate in session 12), in TFLOP/s.
 
 ``--one-sweep`` times the engine's one-token path (``experts_routed``: the gate/up kernel
 routes the token itself) over gate/up and down tiles, warps and pipeline stages, each call of
@@ -105,6 +110,46 @@ def one_sweep(m, w13, w2, bw: float, out: str | None) -> None:
             json.dump(rows, f, indent=1)
 
 
+DOWN_TILES = [(128, 64), (128, 128), (64, 128), (256, 64), (128, 32)]
+DOWN_LAUNCH = [(8, 4), (8, 3), (4, 4), (8, 5)]  # (warps, stages)
+
+
+def down_sweep(m, w13, w2, tokens: int, out: str | None) -> None:
+    """The prefill fused experts at ``tokens`` tokens over DOWN_TILES x DOWN_LAUNCH for the
+    down kernel (gate/up as TILES_LARGE); grouped GEMM for reference; TFLOP/s of the pair."""
+    from moebius.model.triton_moe_large import TILES_LARGE, WARPS_LARGE
+
+    P, H, K = m.num_experts, m.hidden_size, m.top_k
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(tokens, H, device="cuda", generator=g).bfloat16()
+    wts, pieces = torch.rand(tokens, P, device="cuda", generator=g).topk(K, dim=-1)
+    wts = (wts / wts.sum(-1, keepdim=True)).bfloat16()
+    flops = tokens * K * 3 * m.moe_intermediate_size * H * 2
+    want = experts_grouped(x, pieces, wts, w13, w2).float()
+    grouped = graph_ms(functools.partial(experts_grouped, x, pieces, wts, w13, w2))
+    print(f"{tokens} tokens: grouped GEMM {grouped:.3f} ms ({flops / grouped / 1e9:.0f} TFLOP/s)")
+    rows = [{"down": "grouped", "ms": grouped}]
+    for bn, bk in DOWN_TILES:
+        for w, st in DOWN_LAUNCH:
+            run = functools.partial(experts_fused_large, x, pieces, wts, w13, w2,
+                                    tiles=TILES_LARGE[:2] + (bn, bk),
+                                    launch=(WARPS_LARGE, 4, w, st))
+            try:
+                err = float((run().float() - want).norm() / want.norm())
+                ms = graph_ms(run, reps=10)
+            except Exception as e:  # out of shared memory or registers at this shape
+                print(f"down {bn}x{bk} {w}w {st}s: {type(e).__name__}")
+                continue
+            rows.append({"down": (bn, bk, w, st), "ms": ms, "err": err})
+            print(f"down {bn}x{bk} {w}w {st}s: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s) "
+                  f"err {err:.1e}")
+    best = min(rows[1:], key=lambda r: r["ms"])
+    print(f"best down {best['down']}: {best['ms']:.3f} ms against grouped {grouped:.3f}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
@@ -112,6 +157,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--one-sweep", action="store_true",
                     help="only the one-token path's tiles, warps and stages")
+    ap.add_argument("--down-sweep", type=int, default=0, metavar="TOKENS",
+                    help="only the prefill down kernel's tiles at TOKENS tokens")
     args = ap.parse_args()
     m = preset(args.preset)
     P, H, c, K = m.num_experts, m.hidden_size, m.moe_intermediate_size, m.top_k
@@ -121,6 +168,8 @@ def main() -> None:
     w2 = (torch.randn(P, c, H, device="cuda", generator=g) * c**-0.5).bfloat16()
     if args.one_sweep:
         return one_sweep(m, w13, w2, bw, args.out)
+    if args.down_sweep:
+        return down_sweep(m, w13, w2, args.down_sweep, args.out)
     rows = []
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; P={P} H={H} c={c} K={K}")
     for T in args.tokens:

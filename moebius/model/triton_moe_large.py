@@ -60,10 +60,11 @@ def _pad_kernel(order, ends, sorted_rows, block_piece, M, P, P_PAD: tl.constexpr
 
 
 def experts_fused_large(x, pieces, weights, w13, w2t, reduce: bool = True, bm: int = BM_LARGE,
-                        tiles=TILES_LARGE, warps: int = WARPS_LARGE):
+                        tiles=TILES_LARGE, warps: int = WARPS_LARGE, launch=None):
     """As ``triton_moe.experts_fused`` for any number of pairs: (T, H) summed, or with
-    ``reduce=False`` (every piece held) the (T, K, H) weighted rows. ``bm``, ``tiles`` and
-    ``warps`` override the prefill tiles (tuning, tests)."""
+    ``reduce=False`` (every piece held) the (T, K, H) weighted rows. ``bm``, ``tiles``,
+    ``warps`` and ``launch`` ((warps, stages) of each kernel, as ``triton_moe._run``) override
+    the prefill tiles (tuning, tests)."""
     T, K = pieces.shape
     M, P = T * K, w13.shape[0]
     assert M > 0
@@ -72,4 +73,4 @@ def experts_fused_large(x, pieces, weights, w13, w2t, reduce: bool = True, bm: i
     plan = _Plan(M, P, x.device, bm)
     _pad_kernel[(plan.num_blocks,)](order, ends, plan.sorted_rows, plan.block_piece, M, P,
                                     P_PAD=triton.next_power_of_2(P), BM=bm, num_warps=4)
-    return _run(x, plan, K, weights, w13, w2t, tiles, reduce, warps=warps)
+    return _run(x, plan, K, weights, w13, w2t, tiles, reduce, warps=warps, launch=launch)
