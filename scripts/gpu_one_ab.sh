@@ -14,7 +14,7 @@ if [ -n "${LADDER:-}" ] || nvidia-smi --query-gpu=name --format=csv,noheader | g
     2>&1 | quiet | grep "best\|floor"; lap sweep
 fi
 run() {  # $1 tag; env passes through
-  timeout 90 python3 -m moebius.bench.decode --batches 1 8 --out "$OUT/ab_$1.json" 2>&1 \
+  timeout 90 python3 -m moebius.bench.decode --batches 1 8 2>&1 \
     | quiet | grep -v '^{' | grep "^ *[18] " | sed "s/^/[$1] /"
 }
 for i in 1 2; do
