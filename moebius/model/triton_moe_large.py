@@ -24,6 +24,8 @@ Shape legend: M pairs, P pieces, BM rows a block.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,12 @@ from moebius.model.triton_moe import _Plan, _run
 from moebius.model.triton_sort import sort_pairs
 
 BM_LARGE = 64
-TILES_LARGE = (128, 64, 128, 64)  # (BN, BK) of the gate/up kernel, of the down kernel
+# (BN, BK) of the gate/up kernel, of the down kernel. The down kernel's 256-column tiles:
+# session 13, one H100, `python -m moebius.bench.moe_kernels --down-sweep 2048`: the experts of
+# 2,048 tokens 0.796 -> 0.720 ms a layer (grouped GEMM 0.956) against 128 columns.
+# MOEBIUS_MOE_TILES_LARGE="BN1,BK1,BN2,BK2" replaces them (tuning).
+_LARGE = os.environ.get("MOEBIUS_MOE_TILES_LARGE", "128,64,256,64")
+TILES_LARGE = tuple(int(v) for v in _LARGE.split(","))
 WARPS_LARGE = 8
 
 
