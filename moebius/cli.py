@@ -42,6 +42,21 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per rank (EP view)")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=byte_size,
+        default=0,
+        help="bytes of KV pool per rank, e.g. 20G or 512M (default: from "
+        "--gpu-memory-utilization on CUDA, 64 MiB on CPU)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of each GPU's memory the engine may hold; the KV pool gets what the "
+        "weights, graphs and workspace leave",
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: eager decode")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -64,13 +79,33 @@ def engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, str], ...]:
+    """'5:ep,9:tp' -> ((5, 'ep'), (9, 'tp'))."""
     if not text:
         return ()
     out = []
     for item in text.split(","):
-        step, layout = item.split(":")
+        step, _, layout = item.partition(":")
+        if not step.strip().isdigit() or not layout.strip():
+            raise ValueError(f"--switch-schedule wants STEP:LAYOUT items, e.g. '5:ep,9:tp'; "
+                             f"got {item!r}")
         out.append((int(step), layout.strip()))
     return tuple(out)
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """'20G', '512M', '1.5G', '4096' (binary units; a trailing 'iB' or 'B' is allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20G, 512M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value * _UNITS[unit])
 
 
 def engine_config(args, model_dir: str) -> EngineConfig:
@@ -87,6 +122,9 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         dtype=args.dtype,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

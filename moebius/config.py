@@ -443,6 +443,12 @@ class EngineConfig:
             raise ConfigError("block_size must be a positive power of two")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
             raise ConfigError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory < 0 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
+            raise ConfigError("kv_cache_memory must be >= 0 and num_kv_blocks >= 1")
         m = self.model
         if self.ranks > 1:
             if m.num_experts % self.ranks:
