@@ -57,6 +57,8 @@ def engine_args(p: argparse.ArgumentParser) -> None:
         "weights, graphs and workspace leave",
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: eager decode")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file (or its text) instead of the checkpoint's")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -125,6 +127,7 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        chat_template=args.chat_template,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -420,6 +420,7 @@ class EngineConfig:
     seed: int = 0
     switch_schedule: tuple[tuple[int, str], ...] = ()  # (engine step, layout) pairs
     enforce_eager: bool = False
+    chat_template: str | None = None  # a file or the Jinja text; None: the checkpoint's
     # schedule step N+1 while step N runs on the device (its tokens stay there as N+1's
     # inputs): None = on for CUDA (docs/async-scheduling.md)
     async_scheduling: bool | None = None

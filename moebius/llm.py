@@ -65,11 +65,24 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the checkpoint's chat template, then generate."""
+        """Render each conversation with the checkpoint's chat template (``chat_template_kwargs``
+        become template variables, e.g. Qwen3's ``enable_thinking``), then generate. The text
+        is encoded without special tokens: the template writes its own BOS."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        render = self.tokenizer.apply_chat_template
+        prompts = [render(c, add_generation_prompt, chat_template_kwargs) for c in convs]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per conversation")
+        ids = [
+            self.engine.add_request(p, sp, final_only=True, add_special_tokens=False)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        return self._run(ids, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

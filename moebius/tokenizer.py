@@ -1,5 +1,5 @@
-"""Tokenizer of a checkpoint folder: tokenizer.json through `tokenizers`, the chat template of
-tokenizer_config.json rendered with jinja2, and incremental detokenization for streaming.
+"""Tokenizer of a checkpoint folder: tokenizer.json through `tokenizers`, its chat template
+(moebius/chat_template.py), and incremental detokenization for streaming.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import os
 from dataclasses import dataclass
 
-import jinja2
 from tokenizers import Tokenizer as HFTokenizer
 
+from moebius.chat_template import compile_template, find_template, render
 from moebius.config import ConfigError
 
 
@@ -23,7 +23,7 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     """Encode, decode and render chat templates for one checkpoint folder."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise ConfigError(f"{model_dir!r} has no tokenizer.json")
@@ -36,20 +36,19 @@ class Tokenizer:
         if os.path.isfile(cfg_path):
             with open(cfg_path) as f:
                 cfg = json.load(f)
-        self.chat_template: str | None = cfg.get("chat_template")
+        self.chat_template = find_template(model_dir, cfg, chat_template)
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
+        self.special_tokens = {  # as transformers hands them to the template
+            name: text
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (text := _token_text(cfg.get(name))) is not None
+        }
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        self._template = None
-        if self.chat_template:
-            env = jinja2.Environment(
-                trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
-            )
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(self.chat_template)
+        self._template = compile_template(self.chat_template) if self.chat_template else None
 
     @property
     def vocab_size(self) -> int:
@@ -65,21 +64,20 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
     ) -> str:
+        """The prompt text of a conversation; ``chat_template_kwargs`` become template
+        variables. Encode it with ``add_special_tokens=False``: templates write their BOS."""
         if self._template is None:
-            raise ConfigError("this checkpoint has no chat_template in tokenizer_config.json")
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **kwargs,
-        )
-
-
-def _raise_template_error(message: str):
-    raise ValueError(f"chat template: {message}")
+            raise ConfigError(
+                "this checkpoint has no chat template (chat_template.jinja or tokenizer_config."
+                "json's chat_template); give one with --chat-template"
+            )
+        return render(self._template, messages, add_generation_prompt, self.special_tokens,
+                      chat_template_kwargs or {})
 
 
 @dataclass

@@ -88,7 +88,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         tune_gc()
         self.cfg = cfg
-        self.tokenizer = Tokenizer(cfg.model_dir) if cfg.model_dir else None
+        self.tokenizer = Tokenizer(cfg.model_dir, cfg.chat_template) if cfg.model_dir else None
         t0 = time.perf_counter()
         self.executor = make_executor(cfg)
         self.startup_seconds = time.perf_counter() - t0
@@ -145,17 +145,19 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         final_only: bool = False,
+        add_special_tokens: bool = True,
     ) -> str:
         """Admit a prompt; returns its request id. ``final_only``: ``step()`` reports it once,
         finished, and skips the per-step detokenisation and output building (as vLLM's
-        ``RequestOutputKind.FINAL_ONLY``); stop strings still detokenise every step."""
+        ``RequestOutputKind.FINAL_ONLY``); stop strings still detokenise every step.
+        ``add_special_tokens=False``: a text prompt gets no BOS (a rendered chat has its own)."""
         rid = request_id or self.next_request_id()
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("this engine has no tokenizer: pass token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens)
         else:
             text, ids = None, list(prompt)
         self.check_prompt(ids, params)

@@ -55,13 +55,14 @@ class Responder:
 
     def prepare_chat(self, req: P.ChatCompletionRequest) -> Job:
         messages = [m.render() for m in req.messages]
-        text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt,
+                                                  req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens or req.max_tokens
         return self._job(
             "chat",
             P.random_id("chatcmpl"),
             req,
-            [self._encode(text)],
+            [self.tokenizer.encode(text, add_special_tokens=False)],  # the template has its BOS
             max_tokens,
             req.num_logprobs(),
         )

@@ -207,6 +207,30 @@ def test_chat_matches_offline(client, offline):
     assert chunks[-1].usage.prompt_tokens > 0 and chunks[-1].usage.completion_tokens == 10
 
 
+def test_chat_template_kwargs(client, offline):
+    """vLLM's chat_template_kwargs reach the template (the tiny one, like Qwen3's, opens an
+    empty think block with enable_thinking=False); names the server sets are refused (400)."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = offline.chat(messages, sp, chat_template_kwargs={"enable_thinking": False})[0]
+    assert want.prompt.endswith("<think>\n\n</think>\n\n")
+    plain, off = (
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, temperature=0,
+            extra_body={"ignore_eos": True, **extra},
+        )
+        for extra in ({}, {"chat_template_kwargs": {"enable_thinking": False}})
+    )
+    assert off.usage.prompt_tokens == len(want.prompt_token_ids) > plain.usage.prompt_tokens
+    assert off.choices[0].message.content == want.outputs[0].text
+    for bad in ({"messages": []}, {"add_generation_prompt": False}, ["not", "a", "dict"]):
+        with pytest.raises(openai.BadRequestError, match="chat_template_kwargs"):
+            client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=2,
+                extra_body={"chat_template_kwargs": bad},
+            )
+
+
 def test_several_prompts_and_n(client):
     r = client.completions.create(
         model=MODEL, prompt=["Hello", "def add(a, b):"], n=2, max_tokens=4, temperature=0.8, seed=7
