@@ -48,21 +48,12 @@ class LLM:
         """One ``RequestOutput`` per prompt, in order. Prompts are strings or token-id lists."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [
-            self.engine.add_request(p, sp, final_only=True)
-            for p, sp in zip(prompts, params, strict=True)
-        ]
-        return self._run(ids, use_tqdm)
+        return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=True)
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
@@ -73,13 +64,16 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         render = self.tokenizer.apply_chat_template
         prompts = [render(c, add_generation_prompt, chat_template_kwargs) for c in convs]
+        return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool, add_special_tokens: bool):
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError("give one SamplingParams, or one per conversation")
+            raise ValueError("give one SamplingParams, or one per prompt")
         ids = [
-            self.engine.add_request(p, sp, final_only=True, add_special_tokens=False)
+            self.engine.add_request(p, sp, final_only=True, add_special_tokens=add_special_tokens)
             for p, sp in zip(prompts, params, strict=True)
         ]
         return self._run(ids, use_tqdm)
