@@ -39,6 +39,10 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token, besides the sampled one
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # OpenAI's: a token's logit minus presence_penalty if it is among the outputs so far, and
+    # minus frequency_penalty times its count there (the prompt does not count)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +71,10 @@ class SamplingParams:
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (
+                -2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2,
+                "presence_penalty and frequency_penalty must be in [-2, 2]",
+            ),
+            (
                 self.seed is None or isinstance(self.seed, int),
                 f"seed must be an integer, got {self.seed!r}",
             ),
@@ -80,6 +88,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 class RequestStatus(enum.Enum):

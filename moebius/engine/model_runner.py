@@ -28,7 +28,7 @@ from moebius.model.decoder import forward
 from moebius.model.loader import load_weights
 from moebius.model.mla import MLARotary
 from moebius.model.ops import Rotary
-from moebius.model.sampler import SamplingTensors, logprobs_of, sample
+from moebius.model.sampler import SamplingTensors, apply_penalties, logprobs_of, sample
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
@@ -373,6 +373,7 @@ class ModelRunner:
         for i, s in enumerate(work):
             if s.banned_token_ids:
                 logits[i].index_fill_(0, self._h2d(s.banned_token_ids), float("-inf"))
+        self._penalize(logits, work)
         all_greedy = all(s.temperature == 0 for s in work)
         st = SamplingTensors(
             temperature=self._h2d([s.temperature for s in work], torch.float32),
@@ -396,6 +397,38 @@ class ModelRunner:
         if not (self._reports_here() if report is None else report):
             return PendingStep(self.rank)
         return PendingStep(self.rank, work, tokens, lps)
+
+    def _penalize(self, logits, work: list[SeqWork]) -> None:
+        """Presence and frequency penalties of the rows that set them. A row's outputs are the
+        ones the scheduler sent plus, once there is one, the newest: this step's last input
+        token, read on the device where it is still in flight (as ``_fill_inflight``)."""
+        rows = [i for i, s in enumerate(work) if s.penalties is not None]
+        if not rows:
+            return
+        V = logits.shape[1]
+        width = 1 + max(len(work[i].penalties[2]) for i in rows)
+        seen, inflight, dst = [], [], []
+        for j, i in enumerate(rows):
+            s = work[i]
+            last = s.token_ids[-1] if s.output_index > 0 else V  # no output yet: nothing
+            if last == INFLIGHT:
+                inflight.append(self._last_rows[s.request_id])
+                dst.append(j * width + width - 1)
+                last = V
+            history = s.penalties[2]
+            seen.extend(history)
+            seen.extend([V] * (width - 1 - len(history)))
+            seen.append(last)
+        seen_t = self._h2d(seen)
+        if inflight:
+            seen_t.index_copy_(0, self._h2d(dst), self._last_tokens[self._h2d(inflight)])
+        apply_penalties(
+            logits,
+            self._h2d(rows),
+            self._h2d([work[i].penalties[0] for i in rows], logits.dtype),
+            self._h2d([work[i].penalties[1] for i in rows], logits.dtype),
+            seen_t.view(len(rows), width),
+        )
 
     # ------------------------------------------------------------------ disaggregation
     def _token_slots(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:

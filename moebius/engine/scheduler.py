@@ -309,9 +309,14 @@ class Scheduler:
         # positional (SeqWork's field order): this runs for every sequence of every step.
         # The table is sliced (a copy): an abort from another thread may clear the request's
         # table before a rank's message is pickled
+        # penalties: the outputs before the newest one (at most one is in flight, and it, or
+        # the newest landed one, is this step's last input token)
+        penalties = (p.presence_penalty, p.frequency_penalty, out_ids[: max(num_out - 1, 0)]
+                     ) if do_sample and p.penalized else None
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
-                       -1 if p.logprobs is None else p.logprobs, banned, -1, None, since)
+                       -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,
+                       penalties)
 
     eos_ids: tuple[int, ...] = ()
     record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)

@@ -87,6 +87,18 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return torch.where(st.temperature > 0, drawn, greedy)
 
 
+def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, seen: torch.Tensor) -> None:
+    """OpenAI's presence and frequency penalties, in place on ``logits`` (B, V) rows ``rows``
+    (n,): seen (n, L) holds each row's output token ids so far, padded with V."""
+    V = logits.shape[1]
+    counts = torch.zeros(len(rows), V + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, seen, torch.ones_like(seen, dtype=logits.dtype))
+    counts = counts[:, :V]
+    penalty = presence[:, None] * (counts > 0) + frequency[:, None] * counts
+    logits.index_put_((rows,), logits[rows] - penalty)
+
+
 def _filter(scaled: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """Mask tokens outside top-k / top-p / min-p with -inf (per row). Each filter keeps a
     prefix of the sorted row; every token equal to the prefix's last is kept too (ties at the

@@ -56,10 +56,6 @@ class _SamplingFields(_Strict):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination."""
-        if self.presence_penalty or self.frequency_penalty:
-            from moebius.core import SamplingError
-
-            raise SamplingError("presence_penalty and frequency_penalty are not supported")
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -75,6 +71,8 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
 

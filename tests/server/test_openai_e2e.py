@@ -231,6 +231,15 @@ def test_chat_template_kwargs(client, offline):
             )
 
 
+def test_penalties_match_offline(client, offline):
+    kw = dict(presence_penalty=0.6, frequency_penalty=1.5)
+    want = offline.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12,
+                                                      ignore_eos=True, **kw))[0].outputs[0]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True}, **kw)
+    assert r.choices[0].text == want.text
+
+
 def test_several_prompts_and_n(client):
     r = client.completions.create(
         model=MODEL, prompt=["Hello", "def add(a, b):"], n=2, max_tokens=4, temperature=0.8, seed=7
