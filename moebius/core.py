@@ -89,10 +89,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
-
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

@@ -311,8 +311,9 @@ class Scheduler:
         # table before a rank's message is pickled
         # penalties: the outputs before the newest one (at most one is in flight, and it, or
         # the newest landed one, is this step's last input token)
-        penalties = (p.presence_penalty, p.frequency_penalty, out_ids[: max(num_out - 1, 0)]
-                     ) if do_sample and p.penalized else None
+        penalties = None
+        if do_sample and (p.presence_penalty or p.frequency_penalty):
+            penalties = (p.presence_penalty, p.frequency_penalty, out_ids[: max(num_out - 1, 0)])
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
                        -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,
