@@ -74,9 +74,11 @@ def test_penalties_match_transformers(qwen_dir, reference, overlap):
     assert all(got[i] == plain[i] for i in range(1, len(prompts), 2))
 
 
-def test_penalties_through_layout_switches(qwen_dir, reference):
+@pytest.mark.parametrize("progressive", [0, 1])
+def test_penalties_through_layout_switches(qwen_dir, reference, progressive):
     prompts, params, want = reference
     with LLM(qwen_dir, ranks=2, layout="tp", async_scheduling=True,
+             progressive_layers=progressive,
              switch_schedule=[(3, "ep"), (8, "tp"), (13, "ep")]) as llm:
         assert _tokens(llm.generate(prompts, params)) == want
 
