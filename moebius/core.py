@@ -43,6 +43,9 @@ class SamplingParams:
     # minus frequency_penalty times its count there (the prompt does not count)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # transformers' and vLLM's: the logit of a token in the prompt or the outputs divided by it
+    # where positive, multiplied where negative (applied before the two above)
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +76,10 @@ class SamplingParams:
             (
                 -2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2,
                 "presence_penalty and frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                0 < self.repetition_penalty <= 10,
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
             ),
             (
                 self.seed is None or isinstance(self.seed, int),

@@ -40,9 +40,10 @@ class SeqWork:
     owner: int = -1
     alt_block_ids: list[int] | None = None
     blocks_from: int = 0
-    # (presence, frequency, the outputs before the last one sampled) where penalties are set;
-    # the last one is this step's last input token (ModelRunner._penalize)
-    penalties: tuple[float, float, list[int]] | None = None
+    # (presence, frequency, repetition, the outputs before the last one sampled, the prompt
+    # where repetition != 1) where penalties are set; the last output is this step's last
+    # input token (ModelRunner._penalize)
+    penalties: tuple[float, float, float, list[int], list[int]] | None = None
 
 
 @dataclass

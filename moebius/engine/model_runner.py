@@ -399,15 +399,17 @@ class ModelRunner:
         return PendingStep(self.rank, work, tokens, lps)
 
     def _penalize(self, logits, work: list[SeqWork]) -> None:
-        """Presence and frequency penalties of the rows that set them. A row's outputs are the
-        ones the scheduler sent plus, once there is one, the newest: this step's last input
-        token, read on the device where it is still in flight (as ``_fill_inflight``)."""
+        """Repetition, presence and frequency penalties of the rows that set them. A row's
+        outputs are the ones the scheduler sent plus, once there is one, the newest: this
+        step's last input token, read on the device where it is still in flight (as
+        ``_fill_inflight``). The prompt comes along only where repetition_penalty != 1."""
         rows = [i for i, s in enumerate(work) if s.penalties is not None]
         if not rows:
             return
         V = logits.shape[1]
-        width = 1 + max(len(work[i].penalties[2]) for i in rows)
-        seen, inflight, dst = [], [], []
+        width = 1 + max(len(work[i].penalties[3]) for i in rows)
+        prompt_width = max(len(work[i].penalties[4]) for i in rows)
+        seen, inflight, dst, prompts = [], [], [], []
         for j, i in enumerate(rows):
             s = work[i]
             last = s.token_ids[-1] if s.output_index > 0 else V  # no output yet: nothing
@@ -415,10 +417,12 @@ class ModelRunner:
                 inflight.append(self._last_rows[s.request_id])
                 dst.append(j * width + width - 1)
                 last = V
-            history = s.penalties[2]
+            history, prompt = s.penalties[3], s.penalties[4]
             seen.extend(history)
             seen.extend([V] * (width - 1 - len(history)))
             seen.append(last)
+            prompts.extend(prompt)
+            prompts.extend([V] * (prompt_width - len(prompt)))
         seen_t = self._h2d(seen)
         if inflight:
             seen_t.index_copy_(0, self._h2d(dst), self._last_tokens[self._h2d(inflight)])
@@ -427,7 +431,9 @@ class ModelRunner:
             self._h2d(rows),
             self._h2d([work[i].penalties[0] for i in rows], logits.dtype),
             self._h2d([work[i].penalties[1] for i in rows], logits.dtype),
+            self._h2d([work[i].penalties[2] for i in rows], logits.dtype),
             seen_t.view(len(rows), width),
+            self._h2d(prompts).view(len(rows), prompt_width),
         )
 
     # ------------------------------------------------------------------ disaggregation

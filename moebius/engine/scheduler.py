@@ -312,8 +312,10 @@ class Scheduler:
         # penalties: the outputs before the newest one (at most one is in flight, and it, or
         # the newest landed one, is this step's last input token)
         penalties = None
-        if do_sample and (p.presence_penalty or p.frequency_penalty):
-            penalties = (p.presence_penalty, p.frequency_penalty, out_ids[: max(num_out - 1, 0)])
+        if do_sample and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
+            rep = p.repetition_penalty
+            penalties = (p.presence_penalty, p.frequency_penalty, rep,
+                         out_ids[: max(num_out - 1, 0)], req.prompt_token_ids if rep != 1 else [])
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
                        -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,

@@ -88,15 +88,26 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor, seen: torch.Tensor) -> None:
-    """OpenAI's presence and frequency penalties, in place on ``logits`` (B, V) rows ``rows``
-    (n,): seen (n, L) holds each row's output token ids so far, padded with V."""
+                    frequency: torch.Tensor, repetition: torch.Tensor, seen: torch.Tensor,
+                    prompt: torch.Tensor) -> None:
+    """Penalties in place on ``logits`` (B, V) rows ``rows`` (n,): first the repetition
+    penalty over prompt and outputs (a positive logit divided by it, a negative one
+    multiplied), then OpenAI's presence and frequency penalties over the outputs. seen (n, L)
+    holds each row's output token ids so far, prompt (n, P) its prompt's where repetition
+    != 1, both padded with V."""
     V = logits.shape[1]
     counts = torch.zeros(len(rows), V + 1, dtype=logits.dtype, device=logits.device)
     counts.scatter_add_(1, seen, torch.ones_like(seen, dtype=logits.dtype))
     counts = counts[:, :V]
-    penalty = presence[:, None] * (counts > 0) + frequency[:, None] * counts
-    logits.index_put_((rows,), logits[rows] - penalty)
+    x = logits[rows]
+    if prompt.shape[1]:
+        in_prompt = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=logits.device)
+        in_prompt.scatter_(1, prompt, True)
+        rep = repetition[:, None]
+        hit = in_prompt[:, :V] | (counts > 0)
+        x = torch.where(hit, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - (presence[:, None] * (counts > 0) + frequency[:, None] * counts)
+    logits.index_put_((rows,), x)
 
 
 def _filter(scaled: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

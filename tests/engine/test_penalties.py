@@ -1,7 +1,8 @@
-"""OpenAI's presence and frequency penalties against an independent reference: transformers'
-own model class generating greedily with a logits processor that applies them (outputs only),
-token for token. In one batch with requests that set none, with steps overlapped (the newest
-token still on the device), and on two ranks through live layout switches."""
+"""Penalties against an independent reference: transformers' own model class generating
+greedily, with its repetition penalty (prompt and outputs) and a logits processor applying
+OpenAI's presence and frequency penalties (outputs only) after it, token for token. In one
+batch with requests that set none, with steps overlapped (the newest token still on the
+device), and on two ranks through live layout switches."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from tests.conftest import PROMPTS
 
 MAX_NEW = 20
 PENALTIES = [dict(presence_penalty=0.6, frequency_penalty=0.9),
+             dict(repetition_penalty=1.4),
              dict(presence_penalty=-0.4, frequency_penalty=0.0),
+             dict(repetition_penalty=0.7, frequency_penalty=0.5),
              dict(presence_penalty=0.0, frequency_penalty=1.5)]
 
 
@@ -39,20 +42,21 @@ def reference(qwen_dir):
 
     tok = Tokenizer(qwen_dir)
     model = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32).eval()
-    prompts = [tok.encode(p) for p in PROMPTS]
+    prompts = [tok.encode(p) for p in PROMPTS * 2 + PROMPTS[:2]]  # PENALTIES on even rows
     want = []
     for i, ids in enumerate(prompts):
-        pen = PENALTIES[i % len(PENALTIES)] if i % 2 == 0 else None  # every other one: none
-        procs = LogitsProcessorList(
-            [_OpenAIPenalties(len(ids), pen["presence_penalty"], pen["frequency_penalty"])]
-            if pen else [])
-        with torch.no_grad():
+        pen = PENALTIES[i // 2] if i % 2 == 0 else None  # every other one: none
+        pen = pen or {}
+        procs = LogitsProcessorList([_OpenAIPenalties(
+            len(ids), pen.get("presence_penalty", 0.0), pen.get("frequency_penalty", 0.0))])
+        with torch.no_grad():  # transformers runs its repetition penalty before custom ones
             y = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
                                eos_token_id=None, pad_token_id=0, min_new_tokens=MAX_NEW,
+                               repetition_penalty=pen.get("repetition_penalty", 1.0),
                                logits_processor=procs)
         want.append(y[0, len(ids):].tolist())
     params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True,
-                             **(PENALTIES[i % len(PENALTIES)] if i % 2 == 0 else {}))
+                             **(PENALTIES[i // 2] if i % 2 == 0 else {}))
               for i in range(len(prompts))]
     return prompts, params, want
 
@@ -69,8 +73,8 @@ def test_penalties_match_transformers(qwen_dir, reference, overlap):
         plain = _tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW,
                                                              ignore_eos=True)))
     assert got == want
-    # the penalties change the greedy tokens of every penalized prompt here (the test can fail)
-    assert all(got[i] != plain[i] for i in range(0, len(prompts), 2))
+    # the penalties change the greedy tokens here (the test can fail)
+    assert sum(got[i] != plain[i] for i in range(0, len(prompts), 2)) >= 3
     assert all(got[i] == plain[i] for i in range(1, len(prompts), 2))
 
 
@@ -83,7 +87,8 @@ def test_penalties_through_layout_switches(qwen_dir, reference, progressive):
         assert _tokens(llm.generate(prompts, params)) == want
 
 
-@pytest.mark.parametrize("kw", [dict(presence_penalty=2.5), dict(frequency_penalty=-3)])
+@pytest.mark.parametrize("kw", [dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+                                dict(repetition_penalty=0), dict(repetition_penalty=11)])
 def test_penalties_out_of_range(kw):
     with pytest.raises(SamplingError, match="penalty"):
         SamplingParams(**kw)
