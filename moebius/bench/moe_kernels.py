@@ -55,6 +55,20 @@ def graph_ms(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps / 10
 
 
+def _checked(label: str, check, run, reps: int = 50):
+    """(check(): the largest relative error, graph ms of ``run``), or None where the shape
+    does not compile (out of shared memory or registers): the sweeps' one trial."""
+    try:
+        return check(), graph_ms(run, reps)
+    except Exception as e:
+        print(f"{label}: {type(e).__name__}")
+        return None
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
 ONE_W13 = [(64, 128), (32, 128), (32, 256), (16, 512)]
 ONE_W2 = [(64, 128), (32, 256), (128, 64), (64, 256)]
 ONE_LAUNCH = [(4, 4), (4, 6), (2, 4), (8, 4), (8, 6)]  # (warps, stages)
@@ -80,16 +94,16 @@ def one_sweep(m, w13, w2, bw: float, out: str | None) -> None:
 
     def timed(tiles, launch, label):
         calls = iter(range(10**9))
-        try:
-            err = 0.0
-            for r, want in zip(routeds, ref, strict=True):
-                got = experts_routed(x, r, w13, w2, tiles=tiles, launch=launch).float()
-                err = max(err, float((got - want).norm() / want.norm()))
-            us = graph_ms(lambda: experts_routed(x, routeds[next(calls) % 10], w13, w2,
-                                                 tiles=tiles, launch=launch)) * 1e3
-        except Exception as e:  # out of shared memory or registers at this shape
-            print(f"{label}: {type(e).__name__}")
+        trial = _checked(
+            label,
+            lambda: max(_rel(experts_routed(x, r, w13, w2, tiles=tiles, launch=launch), want)
+                        for r, want in zip(routeds, ref, strict=True)),
+            lambda: experts_routed(x, routeds[next(calls) % 10], w13, w2, tiles=tiles,
+                                   launch=launch),
+        )
+        if trial is None:
             return
+        err, us = trial[0], trial[1] * 1e3
         rows.append({"part": label.split()[0], "tiles": tiles, "launch": launch, "us": us,
                      "err": err})
         print(f"{label}: {us:6.1f} us ({floor_us / us:.0%} of bandwidth) err {err:.1e}")
@@ -134,12 +148,11 @@ def down_sweep(m, w13, w2, tokens: int, out: str | None) -> None:
             run = functools.partial(experts_fused_large, x, pieces, wts, w13, w2,
                                     tiles=TILES_LARGE[:2] + (bn, bk),
                                     launch=(WARPS_LARGE, 4, w, st))
-            try:
-                err = float((run().float() - want).norm() / want.norm())
-                ms = graph_ms(run, reps=10)
-            except Exception as e:  # out of shared memory or registers at this shape
-                print(f"down {bn}x{bk} {w}w {st}s: {type(e).__name__}")
+            trial = _checked(f"down {bn}x{bk} {w}w {st}s", lambda r=run: _rel(r(), want), run,
+                             reps=10)
+            if trial is None:
                 continue
+            err, ms = trial
             rows.append({"down": (bn, bk, w, st), "ms": ms, "err": err})
             print(f"down {bn}x{bk} {w}w {st}s: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s) "
                   f"err {err:.1e}")

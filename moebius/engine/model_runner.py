@@ -237,14 +237,20 @@ class ModelRunner:
     def _fill_inflight(self, input_ids: torch.Tensor, seqs: list[SeqWork]) -> None:
         """Write into the flat ``input_ids`` of ``seqs``, on the device, the token the last
         launch sampled for each ``INFLIGHT`` input (no wait on that launch)."""
-        dst, src, start = [], [], 0
+        dst, rids, start = [], [], 0
         for s in seqs:
             if s.token_ids[-1] == INFLIGHT:
                 dst.append(start + len(s.token_ids) - 1)
-                src.append(self._last_rows[s.request_id])
+                rids.append(s.request_id)
             start += len(s.token_ids)
-        if dst:
-            input_ids.index_copy_(0, self._h2d(dst), self._last_tokens[self._h2d(src)])
+        self._copy_inflight(input_ids, dst, rids)
+
+    def _copy_inflight(self, out: torch.Tensor, positions: list[int], rids: list[str]) -> None:
+        """Write at ``positions`` of the flat ``out`` the tokens the last launch sampled for
+        requests ``rids``, on the device (no wait on that launch)."""
+        if positions:
+            src = [self._last_rows[r] for r in rids]
+            out.index_copy_(0, self._h2d(positions), self._last_tokens[self._h2d(src)])
 
     def _graph_bucket(self, step: StepInput) -> int:
         """The captured batch size this step replays, or 0 to run eagerly. Every rank derives
@@ -402,20 +408,20 @@ class ModelRunner:
         """Repetition, presence and frequency penalties of the rows that set them. A row's
         outputs are the ones the scheduler sent plus, once there is one, the newest: this
         step's last input token, read on the device where it is still in flight (as
-        ``_fill_inflight``). The prompt comes along only where repetition_penalty != 1."""
+        ``_copy_inflight``). The prompt comes along only where repetition_penalty != 1."""
         rows = [i for i, s in enumerate(work) if s.penalties is not None]
         if not rows:
             return
         V = logits.shape[1]
         width = 1 + max(len(work[i].penalties[3]) for i in rows)
         prompt_width = max(len(work[i].penalties[4]) for i in rows)
-        seen, inflight, dst, prompts = [], [], [], []
+        seen, dst, rids, prompts = [], [], [], []
         for j, i in enumerate(rows):
             s = work[i]
             last = s.token_ids[-1] if s.output_index > 0 else V  # no output yet: nothing
             if last == INFLIGHT:
-                inflight.append(self._last_rows[s.request_id])
                 dst.append(j * width + width - 1)
+                rids.append(s.request_id)
                 last = V
             history, prompt = s.penalties[3], s.penalties[4]
             seen.extend(history)
@@ -424,8 +430,7 @@ class ModelRunner:
             prompts.extend(prompt)
             prompts.extend([V] * (prompt_width - len(prompt)))
         seen_t = self._h2d(seen)
-        if inflight:
-            seen_t.index_copy_(0, self._h2d(dst), self._last_tokens[self._h2d(inflight)])
+        self._copy_inflight(seen_t, dst, rids)
         apply_penalties(
             logits,
             self._h2d(rows),

@@ -99,14 +99,15 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, presence: torch.Te
     counts = torch.zeros(len(rows), V + 1, dtype=logits.dtype, device=logits.device)
     counts.scatter_add_(1, seen, torch.ones_like(seen, dtype=logits.dtype))
     counts = counts[:, :V]
+    present = counts > 0
     x = logits[rows]
     if prompt.shape[1]:
         in_prompt = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=logits.device)
         in_prompt.scatter_(1, prompt, True)
         rep = repetition[:, None]
-        hit = in_prompt[:, :V] | (counts > 0)
+        hit = in_prompt[:, :V] | present
         x = torch.where(hit, torch.where(x > 0, x / rep, x * rep), x)
-    x = x - (presence[:, None] * (counts > 0) + frequency[:, None] * counts)
+    x = x - (presence[:, None] * present + frequency[:, None] * counts)
     logits.index_put_((rows,), x)
 
 

@@ -16,7 +16,6 @@ import logging
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
-import jinja2
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -81,7 +80,8 @@ def to_api_error(e: BaseException) -> APIError:
         if err["type"] == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {err['msg']}")
         return APIError(400, f"{loc or 'body'}: {err['msg']}", param=loc or None)
-    if isinstance(e, (ValueError, jinja2.TemplateError)):  # SamplingError, PromptTooLongError
+    # SamplingError, PromptTooLongError, chat template errors (chat_template.render)
+    if isinstance(e, ValueError):
         return APIError(400, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_server_error")
 
