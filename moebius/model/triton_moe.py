@@ -332,18 +332,18 @@ def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None, prefetc
 
 
 def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None,
-         warps: int = 4, launch: tuple[int, int, int, int] | None = None, prefetch=None):
+         launch: tuple[int, int, int, int] | None = None, prefetch=None):
     """The gate/up and down GEMMs over an aligned plan, or over a one-token ``Routed`` ``one``
     whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows. ``launch``:
-    (warps, stages) of the gate/up and of the down kernel; default ``warps`` and 4 stages,
-    up to 8 pairs ``SMALL_LAUNCH`` where set. One token: the gate/up programs ask L2 for
+    (warps, stages) of the gate/up and of the down kernel; default 4 and 4, up to 8 pairs
+    ``SMALL_LAUNCH`` where set. One token: the gate/up programs ask L2 for
     their picks' down weights (triton_prefetch.DOWN), the down programs for ``prefetch``."""
     _, two_c, H = w13.shape
     c, M, T = two_c // 2, plan.M, plan.M // K
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
     bn1, bk1, bn2, bk2 = tiles or _tiles(M)
     small = SMALL_LAUNCH if M <= 8 else None
-    w1, s1, w2, s2 = launch or small or (warps, 4, warps, 4)
+    w1, s1, w2, s2 = launch or small or (4, 4, 4, 4)
     act = torch.empty(plan.num_blocks * plan.bm, c, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1)
     blocks, logits, ids = plan.num_blocks, plan.block_piece, plan.block_piece  # unread unless one

@@ -82,4 +82,5 @@ def experts_fused_large(x, pieces, weights, w13, w2t, reduce: bool = True, bm: i
     plan = _Plan(M, P, x.device, bm)
     _pad_kernel[(plan.num_blocks,)](order, ends, plan.sorted_rows, plan.block_piece, M, P,
                                     P_PAD=triton.next_power_of_2(P), BM=bm, num_warps=4)
-    return _run(x, plan, K, weights, w13, w2t, tiles, reduce, warps=warps, launch=launch)
+    return _run(x, plan, K, weights, w13, w2t, tiles, reduce,
+                launch=launch or (warps, 4, warps, 4))
