@@ -9,9 +9,10 @@ tokenizer_config.json: a string, or a list of named templates of which "default"
 Rendering: a sandboxed Jinja environment with transformers' options (trim_blocks,
 lstrip_blocks, the loopcontrols extension, lenient undefined names: Qwen3's template opens
 with ``{% if tools %}``), its ``tojson`` (json.dumps, non-ASCII kept), ``raise_exception`` and
-``strftime_now``; the variables it passes: ``messages``, ``tools`` and ``documents`` (None),
-``add_generation_prompt``, the special tokens, and the caller's keyword arguments (the chat
-request's ``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking``).
+``strftime_now``; the variables it passes: ``messages``, ``tools`` (the OpenAI tool dicts,
+``{"type": "function", "function": {name, description, parameters}}``, or None), ``documents``
+(None), ``add_generation_prompt``, the special tokens, and the caller's keyword arguments (the
+chat request's ``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def compile_template(text: str) -> jinja2.Template:
 
 
 def render(template: jinja2.Template, messages: list[dict], add_generation_prompt: bool,
-           special_tokens: dict[str, str], variables: dict) -> str:
+           special_tokens: dict[str, str], variables: dict,
+           tools: list[dict] | None = None) -> str:
     clash = RESERVED & variables.keys()
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {sorted(clash)}")
@@ -86,7 +88,7 @@ def render(template: jinja2.Template, messages: list[dict], add_generation_promp
         raise ValueError("chat_template_kwargs' keys must be identifiers")
     variables = {**special_tokens, **variables}
     try:
-        return template.render(messages=messages, tools=None, documents=None,
+        return template.render(messages=messages, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as e:  # e.g. a message shape the template does not handle
         raise ValueError(f"chat template: {e}") from e

@@ -215,7 +215,10 @@ def cmd_serve(args) -> None:
 
 def server_kwargs(args) -> dict:
     """``run_server`` keyword arguments from the serve flags (shared by every serve entry)."""
+    from moebius.server.tool_parsers import ToolCallConfig
+
     return dict(
+        tool_calls=ToolCallConfig(args.tool_call_parser, args.enable_auto_tool_choice),
         host=args.host,
         port=args.port,
         api_key=args.api_key,
@@ -291,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         help="requests that may wait for their first token before 429",
     )
     p.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM drain period")
+    p.add_argument("--tool-call-parser", default=None,
+                   help="read OpenAI tool calls from chat outputs in this format: hermes "
+                   "(Qwen2.5/Qwen3, NousHermes)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto" (the default with tools); needs '
+                   "--tool-call-parser")
     add_role_args(p)
     engine_args(p)
     p.set_defaults(fn=cmd_serve)

@@ -57,13 +57,15 @@ class LLM:
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the checkpoint's chat template (``chat_template_kwargs``
-        become template variables, e.g. Qwen3's ``enable_thinking``), then generate. The text
-        is encoded without special tokens: the template writes its own BOS."""
+        become template variables, e.g. Qwen3's ``enable_thinking``; ``tools``, OpenAI's tool
+        dicts, its ``tools``), then generate. The text is encoded without special tokens: the
+        template writes its own BOS. Tool calls in the output are left in the text."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         render = self.tokenizer.apply_chat_template
-        prompts = [render(c, add_generation_prompt, chat_template_kwargs) for c in convs]
+        prompts = [render(c, add_generation_prompt, chat_template_kwargs, tools) for c in convs]
         return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=False)
 
     def _generate(self, prompts, sampling_params, use_tqdm: bool, add_special_tokens: bool):

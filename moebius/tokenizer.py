@@ -68,16 +68,18 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> str:
         """The prompt text of a conversation; ``chat_template_kwargs`` become template
-        variables. Encode it with ``add_special_tokens=False``: templates write their BOS."""
+        variables, ``tools`` (OpenAI's tool dicts) the template's ``tools``. Encode it with
+        ``add_special_tokens=False``: templates write their BOS."""
         if self._template is None:
             raise ConfigError(
                 "this checkpoint has no chat template (chat_template.jinja or tokenizer_config."
                 "json's chat_template); give one with --chat-template"
             )
         return render(self._template, messages, add_generation_prompt, self.special_tokens,
-                      chat_template_kwargs or {})
+                      chat_template_kwargs or {}, tools)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random checkpoints written once per session, and the transformers
-reference generation."""
+"""Shared fixtures: tiny random checkpoints written once per session, the transformers
+reference generation, and a Qwen-style chat template with tool support."""
 
 from __future__ import annotations
 
@@ -14,6 +14,57 @@ PROMPTS = [
     "def add(a, b):",
     "What is the capital of France? Paris is the capital of France. Numbers: 0 1 2 3 4 5 6 7",
 ]
+
+# Qwen2.5/Qwen3-style tool template (our own text, the same structure): tools as JSON lines in
+# the system turn, assistant calls as <tool_call> JSON with `arguments | tojson`, consecutive
+# tool results in one user turn. Unlike Qwen's it also writes tool_call_id, so a test sees it
+# reach the template. Without tools it renders as the tiny checkpoint's ChatML template.
+TOOLS_TEMPLATE = r"""
+{%- if tools %}
+  {{- '<|im_start|>system\n' }}
+  {%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}
+  {{- '# Tools\n\n<tools>' }}
+  {%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}
+  {{- '\n</tools>\n\nCall them as <tool_call>\n{"name": ..., "arguments": {...}}\n'
+      '</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+  {%- if message.role == 'system' and loop.first and tools %}{% continue %}{% endif %}
+  {%- if message.role == 'assistant' and message.tool_calls %}
+    {{- '<|im_start|>assistant' }}
+    {%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+    {%- for tool_call in message.tool_calls %}
+      {%- set call = tool_call.function if tool_call.function is defined else tool_call %}
+      {{- '\n<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
+      {{- call.arguments | tojson }}
+      {{- '}\n</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\n' }}
+  {%- elif message.role == 'tool' %}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+      {{- '<|im_start|>user' }}
+    {%- endif %}
+    {{- '\n<tool_response id="' + (message.tool_call_id or '') + '">\n' + message.content }}
+    {{- '\n</tool_response>' }}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
+  {%- else %}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+  {{- '<|im_start|>assistant\n' }}
+  {%- if enable_thinking is defined and enable_thinking is false %}
+    {{- '<think>\n\n</think>\n\n' }}
+  {%- endif %}
+{%- endif %}
+"""
+
+
+@pytest.fixture(scope="session")
+def tools_template_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("templates") / "tools.jinja"
+    path.write_text(TOOLS_TEMPLATE)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def add_handoff_routes(app: FastAPI, role: str, transport: KVTransport, served_n
     """Add `/internal/*` for ``role`` to an app made by `moebius.server.api.create_app`."""
     aengine = app.state.engine
     engine = aengine.engine
-    responder = Responder(aengine, served_name)
+    responder: Responder = app.state.responder  # the OpenAI routes' (tool-call flags too)
     exports: dict[str, tuple[object, int, float]] = {}  # handoff id -> (payload, tag, time)
     tags = itertools.count(1)
     peer_locks: dict[str, asyncio.Lock] = {}

@@ -31,6 +31,7 @@ from moebius.server.async_engine import (
 )
 from moebius.server.metrics import ServerMetrics
 from moebius.server.responses import Responder
+from moebius.server.tool_parsers import ToolCallConfig
 
 log = logging.getLogger("moebius.server")
 
@@ -93,12 +94,15 @@ def create_app(
     admin_key: str | None = None,
     max_queue: int = 1024,
     owns_engine: bool = True,
+    tool_calls: ToolCallConfig | None = None,
 ) -> FastAPI:
     """The app around a started ``LLMEngine``. Its lifespan starts the engine thread and, on
-    shutdown, stops it (and the engine's workers when ``owns_engine``)."""
+    shutdown, stops it (and the engine's workers when ``owns_engine``). ``tool_calls``: the
+    tool-call flags (default: none, so requests with tools answer 400 unless tool_choice is
+    "none")."""
     metrics = ServerMetrics(served_model_name)
     aengine = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
-    responder = Responder(aengine, served_model_name)
+    responder = Responder(aengine, served_model_name, tool_calls)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -110,6 +114,7 @@ def create_app(
     app = FastAPI(title="moebius", version=moebius.__version__, lifespan=lifespan)
     app.state.engine = aengine
     app.state.metrics = metrics
+    app.state.responder = responder
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

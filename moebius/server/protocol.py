@@ -6,10 +6,16 @@ Requests are validated strictly (no "1" for 1, no true for 1) and with OpenAI's 
 body is a 400 here and never reaches a worker. Unknown fields are ignored, as vLLM does.
 vLLM's extra sampling fields (top_k, min_p, min_tokens, ignore_eos, stop_token_ids, ...) and
 ``return_tokens_as_token_ids`` are accepted.
+
+Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
+assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
+the dicts transformers' chat templates read (arguments parsed from their JSON text, as vLLM
+does). Which parser reads the output is the server's business (moebius/server/tool_parsers.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -98,20 +104,79 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(_Strict):
+    """A call in an assistant message: sent back by clients, and in our responses."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def render(self) -> dict[str, Any]:
+        """The dict a chat template reads: ``function.arguments`` parsed (vLLM's choice; the
+        templates write them with ``tojson``)."""
+        try:
+            args = json.loads(self.function.arguments)
+        except ValueError as e:
+            raise ValueError(f"function.arguments is not valid JSON: {e}") from None
+        call = {"type": "function", "function": {"name": self.function.name, "arguments": args}}
+        return call if self.id is None else {"id": self.id, **call}
+
+
 class ChatMessage(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
 
     def render(self) -> dict[str, Any]:
+        """The message as a chat template reads it; ValueError names a bad field."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        msg = {"role": self.role, "content": content or ""}
+        msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise ValueError("tool_calls: only assistant messages carry tool calls")
+            calls = []
+            for i, call in enumerate(self.tool_calls):
+                try:
+                    calls.append(call.render())
+                except ValueError as e:
+                    raise ValueError(f"tool_calls[{i}].{e}") from None
+            msg["tool_calls"] = calls
+        if self.role == "tool" and self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -122,9 +187,51 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # template variables (vLLM's field)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # False: at most the first call is returned
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def rendered_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template reads them; ValueError (a 400) names the field."""
+        out = []
+        for i, m in enumerate(self.messages):
+            try:
+                out.append(m.render())
+            except ValueError as e:
+                raise ValueError(f"messages[{i}].{e}") from None
+        return out
+
+    def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
+        """OpenAI's default: "auto" with tools, "none" without. Raises ValueError (a 400) for a
+        choice that contradicts ``tools``."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        if choice == "none":
+            return "none"
+        if not self.tools:
+            raise ValueError(f"tool_choice: {_choice_text(choice)} needs tools")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(
+                    f"tool_choice: the function {choice.function.name!r} is not in tools"
+                )
+            return "named"
+        return choice
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The ``tools`` handed to the chat template: the request's definitions (fields left
+        out stay out), or None without tools or with tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+def _choice_text(choice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
 
 
 # ---------------------------------------------------------------- responses
@@ -175,6 +282,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -5,6 +5,11 @@ A request with several prompts (completions) becomes one engine request per prom
 outputs are merged as they come. Choice ``i * n + j`` is completion ``j`` of prompt ``i``.
 While streaming, text that could still turn out to be the start of a stop string is held back,
 so a streamed text always equals the non-streamed one.
+
+Tool calls (chat requests with tools, on a server with a tool-call parser): a choice whose text
+holds calls answers ``message.tool_calls`` and ``finish_reason: "tool_calls"``; streamed, its
+content stops at the first call's start tag and the calls follow as ``delta.tool_calls``
+chunks once it finishes (moebius/server/tool_parsers.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from moebius.core import RequestOutput, SamplingParams
 from moebius.server import protocol as P
 from moebius.server.async_engine import AsyncEngine
+from moebius.server.tool_parsers import ParsedOutput, ToolCallConfig, ToolCallStream, ToolParser
 
 
 @dataclass
@@ -33,14 +39,26 @@ class Job:
     token_ids_as_tokens: bool = False
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_parser: ToolParser | None = None  # chat with tools: find calls in the output
+    parallel_tool_calls: bool = True
+
+    def parse_tools(self, text: str) -> ParsedOutput:
+        parsed = self.tool_parser.parse(text)
+        if not self.parallel_tool_calls and len(parsed.tool_calls) > 1:
+            return ParsedOutput(parsed.content, parsed.tool_calls[:1])
+        return parsed
 
 
 class Responder:
-    def __init__(self, aengine: AsyncEngine, model_name: str) -> None:
+    def __init__(
+        self, aengine: AsyncEngine, model_name: str, tool_calls: ToolCallConfig | None = None
+    ) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
         self.tokenizer = aengine.engine.tokenizer
         self.model_name = model_name
+        self.tool_calls = tool_calls or ToolCallConfig()
+        self.tool_parser = self.tool_calls.make_parser()
 
     # ---------------------------------------------------------------- requests
     def prepare_completion(self, req: P.CompletionRequest) -> Job:
@@ -54,11 +72,12 @@ class Responder:
         )
 
     def prepare_chat(self, req: P.ChatCompletionRequest) -> Job:
-        messages = [m.render() for m in req.messages]
+        parser = self._tool_parser(req)
+        messages = req.rendered_messages()
         text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt,
-                                                  req.chat_template_kwargs)
+                                                  req.chat_template_kwargs, req.template_tools())
         max_tokens = req.max_completion_tokens or req.max_tokens
-        return self._job(
+        job = self._job(
             "chat",
             P.random_id("chatcmpl"),
             req,
@@ -66,6 +85,26 @@ class Responder:
             max_tokens,
             req.num_logprobs(),
         )
+        job.tool_parser, job.parallel_tool_calls = parser, req.parallel_tool_calls
+        return job
+
+    def _tool_parser(self, req: P.ChatCompletionRequest) -> ToolParser | None:
+        """The parser for this request's output (None: no tools, or tool_choice "none");
+        ValueError (a 400) for a tool_choice this server cannot serve, as vLLM answers."""
+        mode = req.tool_mode()
+        if mode == "none":
+            return None
+        if mode == "auto" and not self.tool_calls.enable_auto_tool_choice:
+            raise ValueError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set"
+            )
+        if self.tool_parser is None:  # required / named: no guided decoding to force a call
+            raise ValueError(
+                f"tool_choice {mode!r} requires --tool-call-parser: calls are read from the "
+                "output (this server has no guided decoding)"
+            )
+        return self.tool_parser
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -148,12 +187,18 @@ class Responder:
                 index = i * job.params[i].n + c.index
                 lps = self._logprobs(job, c.token_ids, c.logprobs, 0, c.text)
                 if job.kind == "chat":
+                    message, finish = P.AssistantMessage(content=c.text), c.finish_reason
+                    parsed = job.parse_tools(c.text) if job.tool_parser else None
+                    if parsed and parsed.tool_calls:
+                        calls = [P.MessageToolCall(**t.to_openai()) for t in parsed.tool_calls]
+                        message = P.AssistantMessage(content=parsed.content, tool_calls=calls)
+                        finish = "tool_calls"
                     choices.append(
                         P.ChatChoice(
                             index=index,
-                            message=P.AssistantMessage(content=c.text),
+                            message=message,
                             logprobs=lps,
-                            finish_reason=c.finish_reason,
+                            finish_reason=finish,
                             stop_reason=c.stop_reason,
                         )
                     )
@@ -182,6 +227,7 @@ class Responder:
         sent_tokens: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
         closed: set[int] = set()
+        tool_streams: dict[int, ToolCallStream] = {}
         try:
             async with aclosing(self._run(job)) as outs:
                 async for i, out in outs:
@@ -197,6 +243,16 @@ class Responder:
                         if done:
                             closed.add(index)
                         safe = len(c.text) if done else max(len(c.text) - hold, 0)
+                        calls = None
+                        if job.tool_parser is not None:  # content stops at a call's start tag
+                            if done:
+                                parsed = job.parse_tools(c.text)
+                                if parsed.tool_calls:
+                                    calls, safe = parsed.tool_calls, len(parsed.content or "")
+                            else:
+                                if index not in tool_streams:
+                                    tool_streams[index] = ToolCallStream(job.tool_parser)
+                                safe = tool_streams[index].content_end(c.text[:safe])
                         start, tok_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
                         if safe <= start and len(c.token_ids) == tok_start and not done:
                             continue
@@ -210,6 +266,14 @@ class Responder:
                             start,
                             delta,
                         )
+                        if calls:
+                            if delta or new_ids:
+                                yield self._chunk(job, index, delta, lps)
+                            for k, call in enumerate(calls):
+                                tool_delta = {"tool_calls": [{"index": k, **call.to_openai()}]}
+                                yield self._chunk(job, index, tool_delta)
+                            yield self._chunk(job, index, "", None, "tool_calls")
+                            continue
                         yield self._chunk(job, index, delta, lps, c.finish_reason if done else None)
                     if out.finished:
                         finals[i] = out

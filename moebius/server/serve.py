@@ -19,6 +19,7 @@ from moebius.config import EngineConfig
 from moebius.engine.llm_engine import LLMEngine
 from moebius.server.api import create_app
 from moebius.server.async_engine import AsyncEngine
+from moebius.server.tool_parsers import ToolCallConfig
 
 log = logging.getLogger("moebius.server")
 
@@ -65,14 +66,17 @@ def run_server(
     engine_class=LLMEngine,
     extend=None,
     describe: str | None = None,
+    tool_calls: ToolCallConfig | None = None,
 ) -> None:
     """Serve ``engine_cfg``'s model until SIGTERM/SIGINT, draining in-flight requests first;
     returns after a clean shutdown. The PD roles pass their ``engine_class`` and ``extend``
-    (``extend(app, served_name)`` adds their routes)."""
+    (``extend(app, served_name)`` adds their routes). ``tool_calls``: ``--tool-call-parser``
+    and ``--enable-auto-tool-choice``."""
     engine = engine_class(engine_cfg)
     name = served_model_name or engine_cfg.model_dir or "moebius"
     try:
-        app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue)
+        app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue,
+                         tool_calls=tool_calls)
         if extend is not None:
             extend(app, name)
         config = uvicorn.Config(

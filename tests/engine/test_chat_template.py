@@ -1,7 +1,8 @@
 """Chat templates render as transformers renders them (its AutoTokenizer on the same folder is
 the reference): where the template is found, the Jinja environment (lenient undefined names,
-loop controls, tojson, namespace), template variables from the caller, and one BOS when the
-template writes it and the tokenizer also adds one."""
+loop controls, tojson, namespace), template variables from the caller, tools and tool-call
+messages as a chat request sends them, and one BOS when the template writes it and the
+tokenizer also adds one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 
 from moebius import LLM, SamplingParams
 from moebius.config import ConfigError
+from moebius.server.protocol import ChatCompletionRequest
 from moebius.tokenizer import Tokenizer
+from tests.conftest import TOOLS_TEMPLATE
 
 # Exercises what real templates use (Qwen3's opens with `{% if tools %}`; our own text).
 RICH = """{{- bos_token if bos_token else '' -}}
@@ -120,3 +123,91 @@ def test_a_template_that_writes_bos_gets_one_bos(qwen_dir, tmp_path):
     assert bos is not None and out.prompt_token_ids.count(bos) == 1
     assert plain.prompt_token_ids == list(want)
     assert out.prompt.endswith("<think>\n\n</think>\n\n") and out.prompt.startswith("<|endoftext|>")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city, now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "clock"}}  # no description, no parameters
+
+
+def _call(call_id, name, args):  # as a client sends it: arguments are JSON text
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+# (messages as a chat request sends them, the same as transformers takes them: arguments as
+# objects, as vLLM hands them over)
+TOOL_CONVERSATIONS = [
+    ([{"role": "user", "content": "Weather in Paris?"}],
+     [{"role": "user", "content": "Weather in Paris?"}]),
+    ([{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Weather in Paris and in Zürich, and the time?"},
+      {"role": "assistant", "content": None, "tool_calls": [
+          _call("call_1", "get_weather", {"city": "Paris"}),
+          _call("call_2", "get_weather", {"city": "Zürich", "unit": "C"}),
+          _call("call_3", "clock", {})]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21"},
+      {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "rain"}]},
+      {"role": "tool", "tool_call_id": "call_3", "content": "12:00"},
+      {"role": "assistant", "content": "Sunny in Paris, rain in Zürich; it is noon."},
+      {"role": "user", "content": "Thanks"}],
+     [{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Weather in Paris and in Zürich, and the time?"},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"id": "call_1", "type": "function",
+           "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+          {"id": "call_2", "type": "function",
+           "function": {"name": "get_weather", "arguments": {"city": "Zürich", "unit": "C"}}},
+          {"id": "call_3", "type": "function", "function": {"name": "clock", "arguments": {}}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21"},
+      {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
+      {"role": "tool", "tool_call_id": "call_3", "content": "12:00"},
+      {"role": "assistant", "content": "Sunny in Paris, rain in Zürich; it is noon."},
+      {"role": "user", "content": "Thanks"}]),
+]
+
+
+@pytest.fixture(scope="module")
+def tools_dir(qwen_dir, tmp_path_factory):
+    return _folder(qwen_dir, str(tmp_path_factory.mktemp("tools") / "ckpt"), TOOLS_TEMPLATE)
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "required", "none"])
+@pytest.mark.parametrize("conv", range(len(TOOL_CONVERSATIONS)))
+def test_tools_render_as_transformers(tools_dir, conv, choice):
+    """A chat request's tools and tool-call messages reach the template as transformers'
+    apply_chat_template(tools=...) takes them; tool_choice "none" renders no tools."""
+    from transformers import AutoTokenizer
+
+    sent, reference = TOOL_CONVERSATIONS[conv]
+    body = {"model": "m", "messages": sent, "tools": [WEATHER, CLOCK]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    req = ChatCompletionRequest.model_validate_json(json.dumps(body))
+    ours = Tokenizer(tools_dir).apply_chat_template(req.rendered_messages(), True, None,
+                                                    req.template_tools())
+    tools = None if choice == "none" else [WEATHER, CLOCK]
+    want = AutoTokenizer.from_pretrained(tools_dir).apply_chat_template(
+        reference, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert ours == want
+    assert ("<tools>" in ours) == (choice != "none")
+    if conv == 1:
+        assert '"arguments": {"city": "Zürich", "unit": "C"}' in ours  # an object, not a string
+        assert '<tool_response id="call_2">\nrain' in ours
+
+
+def test_bad_tool_messages_name_the_field():
+    def rendered(message):
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}, message]}
+        return ChatCompletionRequest.model_validate_json(json.dumps(body)).rendered_messages()
+
+    bad_json = {"role": "assistant", "tool_calls": [
+        _call("c", "f", {}), {"id": "d", "type": "function",
+                              "function": {"name": "f", "arguments": "{oops"}}]}
+    with pytest.raises(ValueError, match=r"messages\[1\]\.tool_calls\[1\]\.function\.arguments"):
+        rendered(bad_json)
+    with pytest.raises(ValueError, match=r"messages\[1\]\.tool_calls: only assistant"):
+        rendered({"role": "user", "content": "x", "tool_calls": [_call("c", "f", {})]})

@@ -1,8 +1,9 @@
 """The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped
-steps as on a GPU) driven by the official ``openai`` client: outputs equal the offline API's, 64
-streams survive two live layout switches token for token, fuzzed bodies never cause a 500, a
-disconnect aborts its request, SIGTERM drains and exits 0. Plus in-process checks of the queue
-bound and of engine failure."""
+steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --tool-call-parser
+hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
+and tool-call history too), 64 streams survive two live layout switches token for token, fuzzed
+bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0. Plus
+in-process checks of the queue bound and of engine failure."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import pytest
 from moebius import LLM, SamplingParams
 from tests.conftest import PROMPTS
 
-MODEL, API_KEY, ADMIN_KEY, MAX_MODEL_LEN = "tiny", "sk-test", "admin-test", 256
+MODEL, API_KEY, ADMIN_KEY, MAX_MODEL_LEN = "tiny", "sk-test", "admin-test", 512
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 EXTRA = {"ignore_eos": True, "return_tokens_as_token_ids": True}
 
@@ -38,7 +39,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(qwen_dir, tmp_path_factory):
+def server(qwen_dir, tools_template_path, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
@@ -64,6 +65,11 @@ def server(qwen_dir, tmp_path_factory):
         str(MAX_MODEL_LEN),
         "--async-scheduling",  # as on a GPU: steps overlap, outputs land a step late
         "on",
+        "--chat-template",
+        tools_template_path,
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
     ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -95,8 +101,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def offline(qwen_dir):
-    llm = LLM(qwen_dir, max_model_len=MAX_MODEL_LEN)
+def offline(qwen_dir, tools_template_path):
+    llm = LLM(qwen_dir, max_model_len=MAX_MODEL_LEN, chat_template=tools_template_path)
     yield llm
     llm.shutdown()
 
@@ -231,6 +237,56 @@ def test_chat_template_kwargs(client, offline):
             )
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {}}}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_tools_reach_the_prompt(client, offline):
+    """With tools the server builds the prompt LLM.chat(tools=...) builds: same prompt length,
+    same greedy text (random text holds no call, so it stays content), streamed or not; a
+    tool-call history (arguments as JSON text) renders as the offline one (as objects)."""
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    plain, want = offline.chat(ASK, sp)[0], offline.chat(ASK, sp, tools=TOOLS)[0]
+    assert "<tools>" in want.prompt and len(want.prompt_token_ids) > len(plain.prompt_token_ids)
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.choices[0].message.content == want.outputs[0].text
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.outputs[0].text
+    none = client.chat.completions.create(**{**kw, "tool_choice": "none"})
+    assert none.usage.prompt_tokens == len(plain.prompt_token_ids)
+
+    args = {"city": "Paris"}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    local = [*ASK, {**history[1], "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": args}}]}, history[2]]
+    want = offline.chat(local, sp, tools=TOOLS)[0]
+    assert '"arguments": {"city": "Paris"}' in want.prompt and 'id="call_1"' in want.prompt
+    r = client.chat.completions.create(**{**kw, "messages": history})
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.choices[0].message.content == want.outputs[0].text
+
+
+def test_bad_tool_fields_are_400(client):
+    named = {"type": "function", "function": {"name": "nope"}}
+    bad_history = [*ASK, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]
+    for kw, match in [({"tools": TOOLS, "tool_choice": named}, "'nope' is not in tools"),
+                      ({"tool_choice": "auto"}, "needs tools"),
+                      ({"messages": bad_history}, "arguments is not valid JSON")]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(**{"model": MODEL, "messages": ASK, "max_tokens": 2,
+                                              **kw})
+
+
 def test_penalties_match_offline(client, offline):
     kw = dict(presence_penalty=0.6, frequency_penalty=1.5)
     want = offline.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12,
@@ -265,7 +321,7 @@ BAD_BODIES = [
     (b'{"model": "tiny", "prompt": "hi", "logprobs": 21}', 400),
     (b'{"model": "tiny", "prompt": "hi", "stop_token_ids": [999999]}', 400),
     (b'{"model": "tiny", "prompt": "hi", "max_tokens": 1000}', 400),  # over the context
-    (json.dumps({"model": "tiny", "prompt": [5] * 300}).encode(), 400),  # prompt too long
+    (json.dumps({"model": "tiny", "prompt": [5] * (MAX_MODEL_LEN + 44)}).encode(), 400),  # long
     (b'{"model": "tiny", "prompt": ""}', 400),  # empty prompt
     (b'{"model": "gpt-4", "prompt": "hi"}', 404),  # unknown model
 ]
@@ -376,6 +432,13 @@ def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
         [{"role": "user"}],
         [{"role": "wizard", "content": "x"}],
         [{"content": 3}],
+        "auto",
+        "required",
+        [{"type": "function", "function": {"name": "f"}}],
+        {"type": "function", "function": {"name": "f"}},
+        [{"role": "assistant", "tool_calls": [{"type": "function",
+                                               "function": {"name": "f", "arguments": "{"}}]}],
+        [{"role": "tool", "tool_call_id": "c", "content": "x"}],
     ]
     keys = [
         "model",
@@ -400,6 +463,9 @@ def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
         "echo",
         "ignore_eos",
         "best_of",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
         "unknown_field",
     ]
     cases = []
