@@ -118,6 +118,7 @@ def _decode_split_kernel(
     S: tl.constexpr,
     IEEE: tl.constexpr,
     PF_N: tl.constexpr,
+    PF_LAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_launch_next(PDL)
@@ -126,7 +127,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     if PF_N > 0:  # a weight read after this kernel (the o projection), a share a program
         prefetch_share(PF, pf_bytes, (b * tl.num_programs(1) + h) * S + split,
-                       tl.num_programs(0) * tl.num_programs(1) * S, PF_N)
+                       tl.num_programs(0) * tl.num_programs(1) * S, PF_N, PF_LAST)
     # Before the wait: what the host wrote before the step (context length, block table);
     # keys and values after it (the q/k kernel just before writes the newest token's).
     ctx = tl.load(ctx_lens + b)
@@ -280,6 +281,7 @@ def paged_decode_attention(
         S=splits,
         IEEE=q.dtype == torch.float32,
         PF_N=triton_prefetch.chunks_per_program(pf_bytes, B * kvh * splits, 4) if pf_bytes else 0,
+        PF_LAST=triton_prefetch.evict_last(),
         **launch_kw(),
     )
     if splits > 1:

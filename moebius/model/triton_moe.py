@@ -165,6 +165,7 @@ def _w13_kernel(
     RENORM: tl.constexpr,
     ROWS: tl.constexpr,
     PF_N: tl.constexpr,
+    PF_LAST: tl.constexpr,
     EVICT: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -177,7 +178,7 @@ def _w13_kernel(
         return
     if PF_N > 0:  # the down kernel's weights of this piece, a share a program, into L2
         prefetch_share(W2 + piece.to(tl.int64) * stride_w2e, w2_bytes, pid_n,
-                       tl.num_programs(1), PF_N)
+                       tl.num_programs(1), PF_N, PF_LAST)
     rmask = rows < M
     tok = tl.where(rmask, rows // TOPK, 0)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -228,6 +229,7 @@ def _w2_kernel(
     BK: tl.constexpr,
     ONE: tl.constexpr,
     PF_N: tl.constexpr,
+    PF_LAST: tl.constexpr,
     EVICT: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -236,7 +238,7 @@ def _w2_kernel(
     pid_n = tl.program_id(1)
     if PF_N > 0:  # a later kernel's weights (the next layer's q/k/v), a share a program
         prefetch_share(PF, pf_bytes, pid_m * tl.num_programs(1) + pid_n,
-                       tl.num_programs(0) * tl.num_programs(1), PF_N)
+                       tl.num_programs(0) * tl.num_programs(1), PF_N, PF_LAST)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
                               BM, ONE, False, 1, 1, 1, False, 1)
     if piece < 0:
@@ -364,6 +366,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
         w2t, w2t.stride(0), w2_bytes,
         TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick,
         PF_N=triton_prefetch.chunks_per_program(w2_bytes, grid1[1], w1) if pf_down else 0,
+        PF_LAST=triton_prefetch.evict_last(),
         EVICT=evict, num_warps=w1, num_stages=s1, **launch_kw(),
     )
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
@@ -375,6 +378,7 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
         BM=plan.bm, BN=bn2, BK=bk2, ONE=pick["ONE"],
         PF_N=triton_prefetch.chunks_per_program(pf_bytes, grid2[0] * grid2[1], w2)
         if pf_next else 0,
+        PF_LAST=triton_prefetch.evict_last(),
         EVICT=evict, num_warps=w2, num_stages=s2, **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)

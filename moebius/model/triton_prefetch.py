@@ -35,6 +35,8 @@ def _switch(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
 
 
+# MOEBIUS_PREFETCH_LAST=1: the prefetched lines marked evict-last (an L2 cache policy)
+LAST = _switch("MOEBIUS_PREFETCH_LAST")
 DOWN = _switch("MOEBIUS_PREFETCH_DOWN")
 O_PROJ = _switch("MOEBIUS_PREFETCH_O")
 QKV = _switch("MOEBIUS_PREFETCH_QKV")
@@ -61,17 +63,30 @@ def chunks_per_program(nbytes: int, programs: int, warps: int) -> int:
                                                               programs)))
 
 
+def evict_last() -> bool:
+    """The ``LAST`` constexpr of ``prefetch_share`` (read at launch, so tests may flip it)."""
+    return LAST
+
+
 @triton.jit
-def prefetch_share(base, nbytes, part, parts, N: tl.constexpr):
+def prefetch_share(base, nbytes, part, parts, N: tl.constexpr, LAST: tl.constexpr = False):
     """Program ``part`` of ``parts`` asks L2 for its share of the ``nbytes`` bytes at ``base``
     (16-byte aligned, nbytes a multiple of 16 and at least CHUNK): chunks part, part + parts,
-    ... (N of them at most), the last one ending at nbytes."""
+    ... (N of them at most), the last one ending at nbytes. LAST: marked evict-last."""
     idx = part + tl.arange(0, N) * parts
     n_chunks = tl.cdiv(nbytes, 4096)
     start = tl.minimum(idx.to(tl.int64) * 4096, nbytes.to(tl.int64) - 4096)
     addr = base.to(tl.pointer_type(tl.int8)).to(tl.int64) + start
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], 4096; mov.u32 $0, 0; }",
-        "=r,l,r", [addr, (idx < n_chunks).to(tl.int32)], dtype=tl.int32, is_pure=False,
-        pack=1)
+    want = (idx < n_chunks).to(tl.int32)
+    if LAST:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $2, 0; "
+            "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
+            "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], 4096, pol; "
+            "mov.u32 $0, 0; }",
+            "=r,l,r", [addr, want], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], 4096; mov.u32 $0, 0; }",
+            "=r,l,r", [addr, want], dtype=tl.int32, is_pure=False, pack=1)

@@ -201,6 +201,8 @@ def test_l2_prefetches_change_no_bit(monkeypatch):
     monkeypatch.setattr(triton_prefetch, "DOWN", True)
     got = experts_routed(x, routed, w13, w2t, prefetch=later)
     assert torch.equal(got, want)
+    monkeypatch.setattr(triton_prefetch, "LAST", True)  # the evict-last cache policy
+    assert torch.equal(experts_routed(x, routed, w13, w2t, prefetch=later), want)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         replayed = experts_routed(x, routed, w13, w2t, prefetch=later)
@@ -216,6 +218,9 @@ def test_l2_prefetches_change_no_bit(monkeypatch):
     lens = torch.tensor([611], device="cuda")
     o_w = torch.randn(H, nh * d, device="cuda", generator=g).bfloat16()
     plain = paged_decode_attention(q, k, v, tables, lens, d**-0.5, 40 * bs)
+    fetched = paged_decode_attention(q, k, v, tables, lens, d**-0.5, 40 * bs, prefetch=o_w)
+    assert torch.equal(plain, fetched)
+    monkeypatch.setattr(triton_prefetch, "LAST", False)
     fetched = paged_decode_attention(q, k, v, tables, lens, d**-0.5, 40 * bs, prefetch=o_w)
     assert torch.equal(plain, fetched)
 
