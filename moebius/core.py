@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
 class SamplingError(ValueError):
     """An invalid sampling parameter (the server maps it to HTTP 400)."""
+
+
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias (OpenAI allows 300)
 
 
 @dataclass
@@ -46,6 +50,11 @@ class SamplingParams:
     # transformers' and vLLM's: the logit of a token in the prompt or the outputs divided by it
     # where positive, multiplied where negative (applied before the two above)
     repetition_penalty: float = 1.0
+    # OpenAI's: token id -> a bias in [-100, 100] added to its logit before the penalties and
+    # any pick, greedy included (an empty dict becomes None)
+    logit_bias: dict[int, float] | None = None
+    # vLLM's: only these tokens may be sampled (non-empty; kept sorted and without repeats)
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,10 +100,51 @@ class SamplingParams:
                 raise SamplingError(message)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingError("min_tokens must not exceed max_tokens")
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not (isinstance(ids, (list, tuple, set, frozenset)) and ids
+                    and all(map(_is_id, ids))):
+                raise SamplingError(
+                    f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), "
+                    f"got {_short(ids)}"
+                )
+            self.allowed_token_ids = sorted(set(ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _checked_logit_bias(bias) -> dict[int, float] | None:
+    """``logit_bias`` as {token id: float bias}, or None where empty; SamplingError names the
+    first bad entry."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise SamplingError(f"logit_bias must map token ids to biases, got {_short(bias)}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise SamplingError(
+            f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}"
+        )
+    out = {}
+    for tid, b in bias.items():
+        if not _is_id(tid):
+            raise SamplingError(f"logit_bias keys must be token ids (integers >= 0), got {tid!r}")
+        ok = isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+        if not (ok and -100 <= b <= 100):
+            raise SamplingError(f"logit_bias values must be in [-100, 100], got {b!r} for {tid}")
+        out[tid] = float(b)
+    return out or None
 
 
 class RequestStatus(enum.Enum):

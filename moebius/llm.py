@@ -74,10 +74,15 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [
-            self.engine.add_request(p, sp, final_only=True, add_special_tokens=add_special_tokens)
-            for p, sp in zip(prompts, params, strict=True)
-        ]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params, strict=True):
+                ids.append(self.engine.add_request(p, sp, final_only=True,
+                                                   add_special_tokens=add_special_tokens))
+        except BaseException:  # a bad prompt or params: none of this call's prompts runs
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

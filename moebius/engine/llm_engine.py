@@ -19,6 +19,7 @@ from moebius.core import (
     Prefix,
     Request,
     RequestOutput,
+    SamplingError,
     SamplingParams,
 )
 from moebius.engine import progressive
@@ -202,11 +203,27 @@ class LLMEngine:
             )
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise (a ValueError: HTTP 400) for a request this engine cannot take: an empty or
+        too long prompt, or token ids outside the vocabulary in the prompt or the params (a
+        worker would fail on them)."""
         if not ids:
             raise PromptTooLongError("the prompt is empty")
         vocab = self.cfg.model.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for name, tokens in (("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", params.logit_bias),
+                             ("allowed_token_ids", params.allowed_token_ids)):
+            bad = [t for t in tokens or () if not 0 <= t < vocab]
+            if bad:
+                raise SamplingError(f"{name} must be token ids in [0, {vocab}), got {bad[0]}")
+        if params.allowed_token_ids and params.min_tokens:
+            stops = set(params.stop_token_ids)
+            stops.update(() if params.ignore_eos else self.scheduler.eos_ids)
+            if stops.issuperset(params.allowed_token_ids):
+                raise SamplingError(
+                    "allowed_token_ids holds only stop tokens, which min_tokens forbids"
+                )
         limit = self.cfg.context_len
         if len(ids) >= limit:
             raise PromptTooLongError(

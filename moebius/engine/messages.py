@@ -44,6 +44,9 @@ class SeqWork:
     # where repetition != 1) where penalties are set; the last output is this step's last
     # input token (ModelRunner._penalize)
     penalties: tuple[float, float, float, list[int], list[int]] | None = None
+    # (allowed_token_ids or None, logit_bias or None) where the request sets either: the
+    # params' own (checked) objects, so a sequence without them adds one None to the message
+    logit_rules: tuple[list[int] | None, dict[int, float] | None] | None = None
 
 
 @dataclass

@@ -28,7 +28,13 @@ from moebius.model.decoder import forward
 from moebius.model.loader import load_weights
 from moebius.model.mla import MLARotary
 from moebius.model.ops import Rotary
-from moebius.model.sampler import SamplingTensors, apply_penalties, logprobs_of, sample
+from moebius.model.sampler import (
+    SamplingTensors,
+    apply_logit_rules,
+    apply_penalties,
+    logprobs_of,
+    sample,
+)
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
@@ -374,8 +380,17 @@ class ModelRunner:
 
     def _sample(self, logits, seqs: list[SeqWork], report: bool | None = None) -> PendingStep:
         """Sample one token for each sequence with ``sample`` set (logits (n_sample, V)) on the
-        device; the tokens stay there as the next launch's ``INFLIGHT`` inputs."""
+        device; the tokens stay there as the next launch's ``INFLIGHT`` inputs.
+
+        The logits change in place, in vLLM v1's order (v1/sample/sampler.py): allowed_token_ids
+        (the others -inf), min_tokens' bans of stop tokens and logit_bias (these three commute:
+        a bias is finite), then the penalties (repetition, then presence and frequency); then
+        ``sample`` divides by the temperature and filters (top-k/p, min-p), eager or fused
+        (Triton on CUDA), greedy rows taking the argmax of the same logits. Logprobs are of
+        the logits after the penalties, before the temperature (vLLM returns the raw model
+        output's by default): a masked token's is -inf."""
         work = [s for s in seqs if s.sample]
+        self._apply_rules(logits, work)
         for i, s in enumerate(work):
             if s.banned_token_ids:
                 logits[i].index_fill_(0, self._h2d(s.banned_token_ids), float("-inf"))
@@ -403,6 +418,28 @@ class ModelRunner:
         if not (self._reports_here() if report is None else report):
             return PendingStep(self.rank)
         return PendingStep(self.rank, work, tokens, lps)
+
+    def _apply_rules(self, logits, work: list[SeqWork]) -> None:
+        """allowed_token_ids and logit_bias of the rows that set them (``logit_rules``)."""
+        allowed_rows, allowed_at, allowed_ids, bias_rows, bias_ids, bias = [], [], [], [], [], []
+        for i, s in enumerate(work):
+            if s.logit_rules is None:
+                continue
+            allowed, lb = s.logit_rules
+            if allowed:
+                allowed_at.extend([len(allowed_rows)] * len(allowed))
+                allowed_rows.append(i)
+                allowed_ids.extend(allowed)
+            if lb:
+                bias_rows.extend([i] * len(lb))
+                bias_ids.extend(lb)
+                bias.extend(lb.values())
+        if not (allowed_rows or bias_rows):
+            return
+        h2d, none = self._h2d, (None, None, None)
+        a = (h2d(allowed_rows), h2d(allowed_at), h2d(allowed_ids)) if allowed_rows else none
+        b = (h2d(bias_rows), h2d(bias_ids), h2d(bias, logits.dtype)) if bias_rows else none
+        apply_logit_rules(logits, *a, *b)
 
     def _penalize(self, logits, work: list[SeqWork]) -> None:
         """Repetition, presence and frequency penalties of the rows that set them. A row's

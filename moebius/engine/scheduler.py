@@ -316,10 +316,13 @@ class Scheduler:
             rep = p.repetition_penalty
             penalties = (p.presence_penalty, p.frequency_penalty, rep,
                          out_ids[: max(num_out - 1, 0)], req.prompt_token_ids if rep != 1 else [])
+        rules = None
+        if do_sample and (p.allowed_token_ids or p.logit_bias):
+            rules = (p.allowed_token_ids, p.logit_bias)
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
                        -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,
-                       penalties)
+                       penalties, rules)
 
     eos_ids: tuple[int, ...] = ()
     record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)

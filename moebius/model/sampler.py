@@ -1,5 +1,6 @@
 """Sampling on the device: greedy, temperature, top-k, top-p, min-p, with a counter-based
-random stream per request.
+random stream per request; before it, the logits' rules: allowed tokens, logit bias,
+penalties (the runner applies them in vLLM's order: ModelRunner._sample).
 
 Each request's noise is a pure function of (seed, output index, token id): a hash, turned
 into Gumbel noise, so ``argmax(logits / T + gumbel)`` is an exact draw from the filtered
@@ -87,6 +88,24 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return torch.where(st.temperature > 0, drawn, greedy)
 
 
+def apply_logit_rules(logits: torch.Tensor, allowed_rows: torch.Tensor | None,
+                      allowed_at: torch.Tensor | None, allowed_ids: torch.Tensor | None,
+                      bias_rows: torch.Tensor | None, bias_ids: torch.Tensor | None,
+                      bias: torch.Tensor | None) -> None:
+    """vLLM's allowed_token_ids, then OpenAI's logit_bias, in place on ``logits`` (B, V).
+    Rows ``allowed_rows`` (n,) keep only their listed tokens and every other one becomes -inf:
+    ``allowed_ids`` (m,) are the kept tokens, ``allowed_at`` (m,) the index in allowed_rows
+    of each one's row. Then ``bias`` (k,) is added at (``bias_rows``, ``bias_ids``) (k,) (a
+    token once a row). None: no such row. A bias cannot revive a masked token (-inf + b)."""
+    if allowed_rows is not None:
+        keep = torch.zeros(len(allowed_rows), logits.shape[1], dtype=torch.bool,
+                           device=logits.device)
+        keep[allowed_at, allowed_ids] = True
+        logits.index_put_((allowed_rows,), logits[allowed_rows].masked_fill(~keep, float("-inf")))
+    if bias_rows is not None:
+        logits.index_put_((bias_rows, bias_ids), bias, accumulate=True)
+
+
 def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, presence: torch.Tensor,
                     frequency: torch.Tensor, repetition: torch.Tensor, seen: torch.Tensor,
                     prompt: torch.Tensor) -> None:
@@ -129,7 +148,9 @@ def _filter(scaled: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int):
-    """(sampled logprob (B,), top ids (B, n), top logprobs (B, n)) from the raw logits."""
+    """(sampled logprob (B,), top ids (B, n), top logprobs (B, n)) of ``logits`` as given:
+    the runner passes them with its masks, logit_bias and penalties applied, before the
+    temperature and the filters (ModelRunner._sample). Masked tokens' logprobs are -inf."""
     lp = torch.log_softmax(logits, dim=-1)
     chosen = lp.gather(1, tokens[:, None]).squeeze(1)
     top_lp, top_ids = lp.topk(num_top, dim=-1) if num_top else (lp[:, :0], tokens[:, None][:, :0])

@@ -4,8 +4,10 @@ responses and stream chunks, usage and the error body, plus the mapping of a req
 
 Requests are validated strictly (no "1" for 1, no true for 1) and with OpenAI's ranges, so a bad
 body is a 400 here and never reaches a worker. Unknown fields are ignored, as vLLM does.
-vLLM's extra sampling fields (top_k, min_p, min_tokens, ignore_eos, stop_token_ids, ...) and
-``return_tokens_as_token_ids`` are accepted.
+vLLM's extra sampling fields (top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
+allowed_token_ids, ...) and ``return_tokens_as_token_ids`` are accepted. There is no guided
+decoding: a ``response_format`` other than "text", and vLLM's ``guided_*`` and
+``structured_outputs`` fields, are a 400 rather than ignored.
 
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
@@ -16,13 +18,14 @@ does). Which parser reads the output is the server's business (moebius/server/to
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moebius.core import SamplingParams
+from moebius.core import MAX_LOGIT_BIAS, SamplingError, SamplingParams
 
 INT64_MAX = 2**63 - 1
 Prompt = str | list[Annotated[int, Field(ge=0)]]
@@ -35,6 +38,19 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+
+
+# vLLM's guided-decoding extras: any value but null asks for what this server cannot do
+GUIDED_FIELDS = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"
+)
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only (int() takes others too)
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class _SamplingFields(_Strict):
@@ -60,9 +76,30 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
     user: str | None = None
+    # OpenAI's: JSON keys are strings, so token ids come as decimal strings ({"50256": -100})
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    allowed_token_ids: TokenIds | None = None  # vLLM's
+    response_format: ResponseFormat | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination."""
+        """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination, a
+        logit_bias key that is not a token id, or a request for guided decoding."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            raise SamplingError(
+                f"guided decoding is not supported: response_format {fmt.type!r} cannot be "
+                f"enforced by this server (only 'text' is accepted)"
+            )
+        for name in GUIDED_FIELDS:
+            if getattr(self, name) is not None:
+                raise SamplingError(
+                    f"guided decoding is not supported: {name} cannot be enforced by this server"
+                )
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -81,7 +118,23 @@ class _SamplingFields(_Strict):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            allowed_token_ids=self.allowed_token_ids,
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        out: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise SamplingError(
+                    f"logit_bias: keys must be token ids written as decimal integers, got {key!r}"
+                )
+            if int(key) in out:
+                raise SamplingError(f"logit_bias: token id {int(key)} is given twice")
+            out[int(key)] = bias
+        return out
 
 
 class CompletionRequest(_SamplingFields):

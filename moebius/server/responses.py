@@ -111,9 +111,6 @@ class Responder:
 
     def _job(self, kind, rid, req, prompts, max_tokens, num_logprobs) -> Job:
         context = self.engine.cfg.context_len
-        vocab = self.engine.cfg.model.vocab_size
-        if any(t >= vocab for t in req.stop_token_ids or []):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         params = []
         for ids in prompts:
             limit = max_tokens if max_tokens is not None else max(context - len(ids), 1)
@@ -336,12 +333,12 @@ class Responder:
                 content.append(
                     P.TokenLogprob(
                         token=tok,
-                        logprob=d[tid].logprob,
+                        logprob=_json_logprob(d[tid].logprob),
                         bytes=list(tok.encode()),
                         top_logprobs=[
                             P.TopLogprob(
                                 token=self._token(job, t),
-                                logprob=v.logprob,
+                                logprob=_json_logprob(v.logprob),
                                 bytes=list(self._token(job, t).encode()),
                             )
                             for t, v in tops
@@ -353,11 +350,19 @@ class Responder:
         for tid, d in zip(ids, lps, strict=False):
             tok = self._token(job, tid)
             out.tokens.append(tok)
-            out.token_logprobs.append(d[tid].logprob)
-            out.top_logprobs.append({self._token(job, t): v.logprob for t, v in d.items()})
+            out.token_logprobs.append(_json_logprob(d[tid].logprob))
+            out.top_logprobs.append(
+                {self._token(job, t): _json_logprob(v.logprob) for t, v in d.items()}
+            )
             out.text_offset.append(offset)
             offset += len(tok)
         return out
+
+
+def _json_logprob(lp: float) -> float:
+    """-inf (a token that allowed_token_ids or min_tokens masked) as -9999.0, which JSON can
+    carry: vLLM's and OpenAI's value."""
+    return max(lp, -9999.0)
 
 
 def _dump(choice) -> dict:

@@ -154,6 +154,37 @@ def filtered_draw() -> None:
         noise = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, V)))
 
 
+def restricted_draw() -> None:
+    """allowed_token_ids and logit_bias (sampler.apply_logit_rules) then the fused draws, as
+    sample() runs them on CUDA: rows whose few kept tokens leave whole slices at -inf, the
+    same tokens as the eager draw and filter, every one among the kept."""
+    from moebius.model.sampler import SamplingTensors, _filter, apply_logit_rules, uniform_noise
+    from moebius.model.triton_sample import filtered_draw, gumbel_max
+
+    g = torch.Generator().manual_seed(9)
+    B, V = 4, 5000
+    logits = torch.randn(B, V, generator=g) * 3
+    allowed = [[7, 4999], [2500, 2501, 2502], [100], list(range(0, V, 97))]
+    at = [j for j, ids in enumerate(allowed) for _ in ids]
+    flat = [t for ids in allowed for t in ids]
+    t = torch.tensor
+    apply_logit_rules(logits, torch.arange(B), t(at), t(flat), t([0, 1, 3]), t([4999, 2502, 97]),
+                      t([-5.0, 8.0, 100.0]))
+    st = SamplingTensors(temperature=torch.full((B,), 0.7), top_k=t([0, 2, 0, 3]),
+                         top_p=t([1.0, 0.9, 1.0, 0.8]), min_p=t([0.0, 0.0, 0.0, 0.05]),
+                         seeds=t([1, 2, 3, 4]), steps=t([5, 6, 7, 8]), need_filter=True,
+                         all_greedy=False)
+    scaled = logits / st.temperature[:, None]
+    noise = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, V)))
+    plain = gumbel_max(scaled, st.seeds, st.steps)
+    filtered = filtered_draw(scaled, st.top_k, st.top_p, st.min_p, st.seeds, st.steps)
+    assert torch.equal(plain, (scaled.double() + noise).argmax(-1))
+    assert torch.equal(filtered, (_filter(scaled, st).double() + noise).argmax(-1))
+    for row, ids in enumerate(allowed):
+        assert int(plain[row]) in ids and int(filtered[row]) in ids
+    assert int(plain[3]) == int(filtered[3]) == 97  # +100: certain
+
+
 def fused_experts_large() -> None:
     """The fused experts with prefill tiles (sorted, padded into blocks) against the
     reference: summed (pieces held elsewhere among them) and as unsummed rows."""
@@ -266,7 +297,8 @@ def mla_decode() -> None:
 
 CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
                                   fused_experts_large, sort_pairs, gumbel_max, filtered_draw,
-                                  decode_attention, prefill_attention, mla_decode)}
+                                  restricted_draw, decode_attention, prefill_attention,
+                                  mla_decode)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moebius.model.sampler import SamplingTensors, _filter, sample
+from moebius.model.sampler import SamplingTensors, _filter, apply_logit_rules, sample
 
 
 def _st(B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed0=0):
@@ -58,3 +58,26 @@ def test_same_seed_and_step_same_draw_regardless_of_row():
     st2 = _st(8)
     st2.seeds = st.seeds[perm]
     assert torch.equal(sample(logits[perm], st2), a[perm])
+
+
+def test_logit_rules_against_hand_computed():
+    """Row 0 keeps tokens 1 and 4 and biases 4 and 0 (0 stays masked); row 1 is biased only;
+    row 2 untouched."""
+    logits = torch.tensor([[0.5, 1.0, -2.0, 3.0, 0.0, 1.5],
+                           [0.5, 1.0, -2.0, 3.0, 0.0, 1.5],
+                           [0.5, 1.0, -2.0, 3.0, 0.0, 1.5]])
+    t = torch.tensor
+    apply_logit_rules(logits, t([0]), t([0, 0]), t([4, 1]), t([0, 0, 1, 1]), t([4, 0, 5, 3]),
+                      t([2.5, 7.0, -100.0, 0.25]))
+    inf = float("-inf")
+    want = torch.tensor([[inf, 1.0, inf, inf, 2.5, inf],
+                         [0.5, 1.0, -2.0, 3.25, 0.0, -98.5],
+                         [0.5, 1.0, -2.0, 3.0, 0.0, 1.5]])
+    assert torch.equal(logits, want)
+    # only the kept tokens are drawn, with or without filters; greedy takes the biased max
+    rows = torch.tensor([[0.0, 2.0, 1.0, 0.5]]).expand(2000, -1).clone()
+    apply_logit_rules(rows, torch.arange(2000), torch.arange(2000).repeat_interleave(2),
+                      torch.tensor([0, 3]).repeat(2000), None, None, None)
+    assert set(sample(rows, _st(2000)).tolist()) == {0, 3}
+    assert set(sample(rows, _st(2000, top_p=0.9)).tolist()) == {0, 3}
+    assert set(sample(rows, _st(2000, temperature=0)).tolist()) == {3}

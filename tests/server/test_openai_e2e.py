@@ -1,9 +1,10 @@
 """The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped
 steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --tool-call-parser
 hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
-and tool-call history too), 64 streams survive two live layout switches token for token, fuzzed
-bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0. Plus
-in-process checks of the queue bound and of engine failure."""
+and tool-call history too, and with logit_bias / allowed_token_ids), 64 streams survive two
+live layout switches token for token, bad logit rules and requests for guided decoding are 400s,
+fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0.
+Plus in-process checks of the queue bound and of engine failure."""
 
 from __future__ import annotations
 
@@ -296,6 +297,73 @@ def test_penalties_match_offline(client, offline):
     assert r.choices[0].text == want.text
 
 
+def test_logit_bias_and_allowed_token_ids(client, offline):
+    """OpenAI's logit_bias (token ids as string keys) on both endpoints and vLLM's
+    allowed_token_ids: the offline API's tokens; top logprobs of masked tokens are -9999.0
+    (vLLM's and OpenAI's stand-in for -inf, which JSON cannot carry), streamed or not."""
+    allowed = [5, 9, 200, 301]
+    want = offline.generate(["Hello"], SamplingParams(
+        temperature=1.0, seed=11, max_tokens=8, ignore_eos=True, logit_bias={9: 2.0, 200: -1.5},
+        allowed_token_ids=allowed))[0].outputs[0]
+    r = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=8, temperature=1.0, seed=11, logprobs=0,
+        logit_bias={"9": 2.0, "200": -1.5}, extra_body={**EXTRA, "allowed_token_ids": allowed})
+    assert ids_of(r.choices[0].logprobs.tokens) == want.token_ids
+    assert set(want.token_ids) <= set(allowed) and len(set(want.token_ids)) >= 2
+    kw = dict(model=MODEL, messages=ASK, max_tokens=5, temperature=0, logprobs=True,
+              top_logprobs=3, logit_bias={"7": 100},
+              extra_body={**EXTRA, "allowed_token_ids": [7, 9]})
+    full = client.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = client.chat.completions.create(stream=True, **kw)
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.content]
+    for lps in (full, streamed):
+        assert ids_of([x.token for x in lps]) == [7] * 5
+        for x in lps:
+            assert ids_of([t.token for t in x.top_logprobs[:2]]) == [7, 9]
+            assert x.top_logprobs[2].logprob == -9999.0
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"logit_bias": {"abc": 1}}, "logit_bias: keys must be token ids"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias: keys must be token ids"),
+    ({"logit_bias": {"\u0663": 1}}, "logit_bias: keys must be token ids"),  # an Arabic 3
+    ({"logit_bias": {"5": 1, "05": 2}}, "token id 5 is given twice"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias.5: Input should be less than or equal to 100"),
+    ({"logit_bias": {"5": -101}}, "logit_bias.5"),
+    ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+    ({"logit_bias": {"999999": 1}}, r"logit_bias must be token ids in \[0, 384\)"),
+    ({"logit_bias": {str(t): 1 for t in range(1025)}}, "logit_bias"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [3, 384]}, r"allowed_token_ids must be token ids in \[0, 384\)"),
+    ({"response_format": {"type": "json_object"}},
+     "guided decoding is not supported: response_format 'json_object'"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "guided decoding is not supported: response_format 'json_schema'"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"guided_json": {"type": "object"}}, "guided decoding is not supported: guided_json"),
+    ({"guided_regex": "[a-z]+"}, "guided decoding is not supported: guided_regex"),
+    ({"guided_choice": ["yes", "no"]}, "guided decoding is not supported: guided_choice"),
+    ({"guided_grammar": "root ::= 'a'"}, "guided decoding is not supported: guided_grammar"),
+])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_bad_logit_rules_and_guided_decoding_are_400(client, endpoint, extra, match):
+    with pytest.raises(openai.BadRequestError, match=match):
+        if endpoint == "chat":
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2,
+                                           extra_body=extra)
+        else:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body=extra)
+
+
+def test_text_response_format_is_accepted(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0,
+                                       response_format={"type": "text"},
+                                       extra_body={"ignore_eos": True, "guided_json": None})
+    assert r.usage.completion_tokens == 3
+
+
 def test_several_prompts_and_n(client):
     r = client.completions.create(
         model=MODEL, prompt=["Hello", "def add(a, b):"], n=2, max_tokens=4, temperature=0.8, seed=7
@@ -439,6 +507,11 @@ def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
         [{"role": "assistant", "tool_calls": [{"type": "function",
                                                "function": {"name": "f", "arguments": "{"}}]}],
         [{"role": "tool", "tool_call_id": "c", "content": "x"}],
+        {"5": 1},
+        {"5": 1e9, "x": 1},
+        [5, 383],
+        {"type": "text"},
+        {"type": "json_object"},
     ]
     keys = [
         "model",
@@ -466,6 +539,10 @@ def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
         "tools",
         "tool_choice",
         "parallel_tool_calls",
+        "logit_bias",
+        "allowed_token_ids",
+        "response_format",
+        "guided_choice",
         "unknown_field",
     ]
     cases = []
