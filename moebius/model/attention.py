@@ -52,16 +52,14 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float,
-                    prefetch=None) -> torch.Tensor:
-    """q (T, nh, d) -> (T, nh, d), keys and values already written. ``prefetch``: a weight
-    the decode kernel asks L2 for (model/triton_prefetch.py), on a decode-only step."""
+def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """q (T, nh, d) -> (T, nh, d), keys and values already written."""
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     triton_ok = q.is_cuda and _triton_decode is not None
     if triton_ok and not meta.prefills and meta.decode_token_idx.numel() == q.shape[0]:
         # decode only (every graph-replayed step): the batch is the kernel's input, in order
         return _triton_decode(q, k_cache, v_cache, meta.decode_block_tables,
-                              meta.decode_ctx_lens, scale, meta.decode_max_context, prefetch)
+                              meta.decode_ctx_lens, scale, meta.decode_max_context)
     out = torch.empty_like(q)
     if meta.decode_token_idx.numel() and triton_ok:
         out[meta.decode_token_idx] = _triton_decode(

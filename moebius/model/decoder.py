@@ -18,17 +18,9 @@ from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model import triton_prefetch, triton_qk
+    from moebius.model import triton_qk
 except ImportError:  # pragma: no cover - depends on the install
-    triton_prefetch = triton_qk = None
-
-
-def _prefetch(switch: str, weight, x):
-    """``weight`` where one decode token's kernels should ask L2 for it ahead of its
-    projection (model/triton_prefetch.py, behind its ``switch``), else None."""
-    if triton_prefetch is None or not getattr(triton_prefetch, switch) or x.shape[0] != 1:
-        return None
-    return weight if triton_prefetch.usable(weight) else None
+    triton_qk = None
 
 
 def attention_block(
@@ -70,9 +62,8 @@ def attention_block(
             k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
         q, k = rotary.apply(q, positions), rotary.apply(k, positions)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
     o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
-    o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5,
-                        prefetch=_prefetch("O_PROJ", o_w, x))
     out = project(o.reshape(T, -1), o_w)
     return comm.all_reduce(out) if layout.is_tp else out
 
@@ -101,9 +92,7 @@ def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, l
     w13, w2t = weights.experts.view(lw.moe_index)
     if expert_ids is not None:  # recomputes the small router GEMM, only when asked
         expert_ids.append(route(h, lw.router, cfg.top_k, cfg.norm_topk_prob)[0])
-    after = weights.layers[i + 1].qkv_proj if i + 1 < len(weights.layers) else None
-    return x, moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max, routed,
-                          _prefetch("QKV", after, x))
+    return x, moe_forward(h, lw.router, w13, w2t, layout, comm, cfg, num_tokens_max, routed)
 
 
 def forward(

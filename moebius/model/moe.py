@@ -157,17 +157,16 @@ def norm_and_route(x, parts, weight, eps: float, router, cfg):
 
 
 def moe_forward(x, router, w13, w2t, layout: Layout, comm: Comm, cfg, num_tokens_max: int,
-                routed=None, prefetch=None):
+                routed=None):
     """MoE block output for this rank's tokens ``x`` (T, H).
 
     TP: every rank holds every token and a 1/N slice of every expert: partial sums, all-reduce.
     EP: ranks hold different tokens and whole experts: ``ep_experts`` moves tokens to the
     experts' ranks and the outputs back. One rank: (T, H) or the unsummed (T, K, H) rows.
-    ``routed``: the routing ``norm_and_route`` computed in the norm before (``routes_fused``);
-    ``prefetch``: a weight its one-token down kernel asks L2 for (model/triton_prefetch.py).
+    ``routed``: the routing ``norm_and_route`` computed in the norm before (``routes_fused``).
     """
     if routed is not None:
-        return experts_routed(x, routed, w13, w2t, prefetch=prefetch)
+        return experts_routed(x, routed, w13, w2t)
     ids, weights = route(x, router, cfg.top_k, cfg.norm_topk_prob)
     if comm.world_size == 1:
         return run_experts(x, ids, weights, w13, w2t, reduce=False)

@@ -29,9 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model import triton_prefetch
 from moebius.model.triton_pdl import launch_kw, pdl_launch_next, pdl_wait
-from moebius.model.triton_prefetch import prefetch_share
 
 TILE = 64  # tokens per inner iteration
 
@@ -108,8 +106,6 @@ def _decode_split_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
-    PF,
-    pf_bytes,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BS: tl.constexpr,
@@ -117,17 +113,12 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,
     S: tl.constexpr,
     IEEE: tl.constexpr,
-    PF_N: tl.constexpr,
-    PF_LAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_launch_next(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    if PF_N > 0:  # a weight read after this kernel (the o projection), a share a program
-        prefetch_share(PF, pf_bytes, (b * tl.num_programs(1) + h) * S + split,
-                       tl.num_programs(0) * tl.num_programs(1) * S, PF_N, PF_LAST)
     # Before the wait: what the host wrote before the step (context length, block table);
     # keys and values after it (the q/k kernel just before writes the newest token's).
     ctx = tl.load(ctx_lens + b)
@@ -252,10 +243,9 @@ def num_splits(batch: int, num_kv_heads: int, max_context: int) -> int:
 
 
 def paged_decode_attention(
-    q, k_cache, v_cache, block_tables, ctx_lens, scale: float, max_context: int, prefetch=None
+    q, k_cache, v_cache, block_tables, ctx_lens, scale: float, max_context: int
 ) -> torch.Tensor:
-    """q (B, nh, d); caches (NB, bs, kvh, d); block_tables (B, max_blocks); ctx_lens (B,).
-    ``prefetch``: a weight the programs ask L2 for before they wait (triton_prefetch.O_PROJ)."""
+    """q (B, nh, d); caches (NB, bs, kvh, d); block_tables (B, max_blocks); ctx_lens (B,)."""
     B, nh, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     group = nh // kvh
@@ -265,14 +255,11 @@ def paged_decode_attention(
     if splits > 1:
         mid = torch.empty(B, nh, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, nh, splits, dtype=torch.float32, device=q.device)
-    pf, pf_bytes = q, 0
-    if triton_prefetch.usable(prefetch):
-        pf, pf_bytes = prefetch, prefetch.numel() * prefetch.element_size()
     _decode_split_kernel[(B, kvh, splits)](
         q, k_cache, v_cache, mid, lse, out, block_tables, ctx_lens, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), pf, pf_bytes,
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BS=bs,
@@ -280,8 +267,6 @@ def paged_decode_attention(
         TILE_N=TILE,
         S=splits,
         IEEE=q.dtype == torch.float32,
-        PF_N=triton_prefetch.chunks_per_program(pf_bytes, B * kvh * splits, 4) if pf_bytes else 0,
-        PF_LAST=triton_prefetch.evict_last(),
         **launch_kw(),
     )
     if splits > 1:

@@ -36,9 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moebius.model import triton_prefetch
 from moebius.model.triton_pdl import launch_kw, pdl_wait
-from moebius.model.triton_prefetch import prefetch_share
 
 MAX_PAIRS = 8192  # one alignment program holds all pairs; above this, grouped GEMM
 BM = 16
@@ -152,9 +150,6 @@ def _w13_kernel(
     stride_wn,
     stride_am,
     stride_lt,
-    W2,
-    stride_w2e,
-    w2_bytes,
     TOPK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -164,9 +159,6 @@ def _w13_kernel(
     E_PAD: tl.constexpr,
     RENORM: tl.constexpr,
     ROWS: tl.constexpr,
-    PF_N: tl.constexpr,
-    PF_LAST: tl.constexpr,
-    EVICT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -176,9 +168,6 @@ def _w13_kernel(
                               stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS)
     if piece < 0:
         return
-    if PF_N > 0:  # the down kernel's weights of this piece, a share a program, into L2
-        prefetch_share(W2 + piece.to(tl.int64) * stride_w2e, w2_bytes, pid_n,
-                       tl.num_programs(1), PF_N, PF_LAST)
     rmask = rows < M
     tok = tl.where(rmask, rows // TOPK, 0)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -192,10 +181,9 @@ def _w13_kernel(
         x = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :],
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         wmask = nmask[:, None] & kmask[None, :]
-        wg = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0,
-                     eviction_policy=EVICT)
+        wg = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
         wu = tl.load(w_base + (C + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask,
-                     other=0.0, eviction_policy=EVICT)
+                     other=0.0)
         acc_g += tl.dot(x, tl.trans(wg))
         acc_u += tl.dot(x, tl.trans(wu))
     g = acc_g.to(A.dtype.element_ty).to(tl.float32)  # round as a bf16 GEMM output would
@@ -222,23 +210,15 @@ def _w2_kernel(
     stride_we,
     stride_wk,
     stride_ym,
-    PF,
-    pf_bytes,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     ONE: tl.constexpr,
-    PF_N: tl.constexpr,
-    PF_LAST: tl.constexpr,
-    EVICT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if PF_N > 0:  # a later kernel's weights (the next layer's q/k/v), a share a program
-        prefetch_share(PF, pf_bytes, pid_m * tl.num_programs(1) + pid_n,
-                       tl.num_programs(0) * tl.num_programs(1), PF_N, PF_LAST)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
                               BM, ONE, False, 1, 1, 1, False, 1)
     if piece < 0:
@@ -256,7 +236,7 @@ def _w2_kernel(
         a = tl.load(A + in_rows[:, None] * stride_am + offs_k[None, :], mask=kmask[None, :],
                     other=0.0)
         w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :],
-                    mask=kmask[:, None] & nmask[None, :], other=0.0, eviction_policy=EVICT)
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.dot(a, w)
     y = acc.to(Y.dtype.element_ty).to(tl.float32) * rw[:, None]
     tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
@@ -324,22 +304,20 @@ class Routed:
         self.one = SELF_ROUTE and T == 1
 
 
-def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None, prefetch=None):
+def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None):
     """The two expert GEMMs of tokens ``x`` on a ``Routed`` plan: the (T, K, H) weighted
-    rows, unsummed (as ``reduce=False``). ``tiles``, ``launch``: as ``_run`` (tuning).
-    ``prefetch``: a weight the down kernel of one token asks L2 for (triton_prefetch.QKV)."""
+    rows, unsummed (as ``reduce=False``). ``tiles``, ``launch``: as ``_run`` (tuning)."""
     assert routed.plan.M <= MAX_PAIRS and w13.shape[0] == routed.plan.P
     return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, tiles, False,
-                routed if routed.one else None, launch=launch, prefetch=prefetch)
+                routed if routed.one else None, launch=launch)
 
 
 def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None,
-         launch: tuple[int, int, int, int] | None = None, prefetch=None):
+         launch: tuple[int, int, int, int] | None = None):
     """The gate/up and down GEMMs over an aligned plan, or over a one-token ``Routed`` ``one``
     whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows. ``launch``:
     (warps, stages) of the gate/up and of the down kernel; default 4 and 4, up to 8 pairs
-    ``SMALL_LAUNCH`` where set. One token: the gate/up programs ask L2 for
-    their picks' down weights (triton_prefetch.DOWN), the down programs for ``prefetch``."""
+    ``SMALL_LAUNCH`` where set."""
     _, two_c, H = w13.shape
     c, M, T = two_c // 2, plan.M, plan.M // K
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2t.stride(2) == 1
@@ -355,31 +333,19 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
         pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
                     E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize,
                     ROWS=TOPK_ROWS)
-    grid1, grid2 = (blocks, triton.cdiv(c, bn1)), (blocks, triton.cdiv(H, bn2))
-    w2_bytes = w2t[0].numel() * w2t.element_size()
-    pf_down = one is not None and triton_prefetch.DOWN and triton_prefetch.usable(w2t[0])
-    pf_next = one is not None and triton_prefetch.usable(prefetch)
-    evict = "evict_first" if pf_down or pf_next else ""
-    _w13_kernel[grid1](
+    _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
-        w2t, w2t.stride(0), w2_bytes,
-        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick,
-        PF_N=triton_prefetch.chunks_per_program(w2_bytes, grid1[1], w1) if pf_down else 0,
-        PF_LAST=triton_prefetch.evict_last(),
-        EVICT=evict, num_warps=w1, num_stages=s1, **launch_kw(),
+        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, num_warps=w1, num_stages=s1,
+        **launch_kw(),
     )
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
     y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=x.device)
-    pf, pf_bytes = (prefetch, prefetch.numel() * prefetch.element_size()) if pf_next else (y, 0)
-    _w2_kernel[grid2](
+    _w2_kernel[(blocks, triton.cdiv(H, bn2))](
         act, w2t, y, plan.sorted_rows, plan.block_piece, ids, route_w, M, H, c,
-        act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0), pf, pf_bytes,
-        BM=plan.bm, BN=bn2, BK=bk2, ONE=pick["ONE"],
-        PF_N=triton_prefetch.chunks_per_program(pf_bytes, grid2[0] * grid2[1], w2)
-        if pf_next else 0,
-        PF_LAST=triton_prefetch.evict_last(),
-        EVICT=evict, num_warps=w2, num_stages=s2, **launch_kw(),
+        act.stride(0), w2t.stride(0), w2t.stride(1), y.stride(0),
+        BM=plan.bm, BN=bn2, BK=bk2, ONE=pick["ONE"], num_warps=w2, num_stages=s2,
+        **launch_kw(),
     )
     return y.view(T, K, H).sum(1) if reduce else y.view(T, K, H)
 

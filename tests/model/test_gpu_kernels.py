@@ -175,56 +175,6 @@ def test_engine_on_cuda_matches_cpu(qwen_dir, gemv):
     assert a == b
 
 
-def test_l2_prefetches_change_no_bit(monkeypatch):
-    """One token's experts and decode attention at Qwen3-30B-A3B shapes, with each L2
-    prefetch on (model/triton_prefetch.py: the picks' down weights, a later weight of an odd
-    size whose last chunk overlaps the one before), give the bits they give without, in a
-    CUDA graph too; the prefetches only move bytes into L2."""
-    from moebius.model import triton_moe, triton_prefetch
-    from moebius.model.triton_attention import paged_decode_attention
-    from moebius.model.triton_moe import Routed, experts_routed
-
-    if not triton_prefetch._hopper(0):
-        pytest.skip("bulk prefetch needs compute capability 9")
-    g = torch.Generator(device="cuda").manual_seed(7)
-    P, K, H, c = 128, 8, 2048, 768
-    x = torch.randn(1, H, device="cuda", generator=g).bfloat16()
-    w13 = (torch.randn(P, 2 * c, H, device="cuda", generator=g) / H**0.5).bfloat16()
-    w2t = (torch.randn(P, c, H, device="cuda", generator=g) / c**0.5).bfloat16()
-    later = torch.randn(4096 * 3 + 8, device="cuda", generator=g).bfloat16()  # 24,592 bytes
-    assert triton_prefetch.usable(later) and triton_prefetch.usable(w2t[0])
-    routed = Routed(1, K, P, torch.bfloat16, "cuda", renormalize=True)
-    assert routed.one
-    routed.logits.copy_(torch.randn(1, P, device="cuda", generator=g))
-    monkeypatch.setattr(triton_prefetch, "DOWN", False)
-    want = experts_routed(x, routed, w13, w2t).clone()
-    monkeypatch.setattr(triton_prefetch, "DOWN", True)
-    got = experts_routed(x, routed, w13, w2t, prefetch=later)
-    assert torch.equal(got, want)
-    monkeypatch.setattr(triton_prefetch, "LAST", True)  # the evict-last cache policy
-    assert torch.equal(experts_routed(x, routed, w13, w2t, prefetch=later), want)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = experts_routed(x, routed, w13, w2t, prefetch=later)
-    graph.replay()
-    assert torch.equal(replayed, want)
-    assert triton_moe.SELF_ROUTE
-
-    kvh, nh, d, bs, NB = 4, 32, 128, 16, 64
-    k = torch.randn(NB, bs, kvh, d, device="cuda", generator=g).bfloat16()
-    v = torch.randn(NB, bs, kvh, d, device="cuda", generator=g).bfloat16()
-    q = torch.randn(1, nh, d, device="cuda", generator=g).bfloat16()
-    tables = torch.randperm(NB, device="cuda", generator=g)[:40].view(1, 40)
-    lens = torch.tensor([611], device="cuda")
-    o_w = torch.randn(H, nh * d, device="cuda", generator=g).bfloat16()
-    plain = paged_decode_attention(q, k, v, tables, lens, d**-0.5, 40 * bs)
-    fetched = paged_decode_attention(q, k, v, tables, lens, d**-0.5, 40 * bs, prefetch=o_w)
-    assert torch.equal(plain, fetched)
-    monkeypatch.setattr(triton_prefetch, "LAST", False)
-    fetched = paged_decode_attention(q, k, v, tables, lens, d**-0.5, 40 * bs, prefetch=o_w)
-    assert torch.equal(plain, fetched)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,nh,kvh,ctx_max", [(1, 32, 4, 700), (7, 16, 2, 130), (64, 4, 4, 33)])
 def test_triton_paged_decode_matches_reference(dtype, B, nh, kvh, ctx_max):
