@@ -40,10 +40,12 @@ class SeqWork:
     owner: int = -1
     alt_block_ids: list[int] | None = None
     blocks_from: int = 0
-    # (presence, frequency, repetition, the outputs before the last one sampled, the prompt
-    # where repetition != 1) where penalties are set; the last output is this step's last
-    # input token (ModelRunner._penalize)
-    penalties: tuple[float, float, float, list[int], list[int]] | None = None
+    # (presence, frequency, repetition, outputs, prompt, counted) where penalties are set: the
+    # sampling rank counts each output once on the device, so ``outputs`` are the ones after
+    # the first ``counted`` (0: all, and the prompt where repetition != 1, else []), up to
+    # the one before the newest; the newest is this step's last input token
+    # (ModelRunner._penalize)
+    penalties: tuple[float, float, float, list[int], list[int], int] | None = None
     # (allowed_token_ids or None, logit_bias or None) where the request sets either: the
     # params' own (checked) objects, so a sequence without them adds one None to the message
     logit_rules: tuple[list[int] | None, dict[int, float] | None] | None = None

@@ -21,6 +21,7 @@ from moebius.engine.messages import (
     StepResult,
     SwitchInput,
 )
+from moebius.engine.penalty_counts import PenaltyCounts
 from moebius.kv.pool import KVPool
 from moebius.model import deepseek
 from moebius.model.attention import AttentionMeta, PrefillChunk
@@ -114,6 +115,7 @@ class ModelRunner:
         self.layer_modes = [self.layout.mode] * cfg.model.num_layers  # differ mid-switch
         self.inflight: deque[PendingStep] = deque()  # launched by a rank process, not finished
         self._tables: dict[str, list[int]] = {}  # request id -> block table, last step's seqs
+        self._penalty_counts: PenaltyCounts | None = None  # made at the first penalised row
         t0 = time.perf_counter()
         self.weights = load_weights(
             self.model, cfg.model_dir, self.layout, self.dtype, self.device, seed=cfg.seed
@@ -442,40 +444,42 @@ class ModelRunner:
         apply_logit_rules(logits, *a, *b)
 
     def _penalize(self, logits, work: list[SeqWork]) -> None:
-        """Repetition, presence and frequency penalties of the rows that set them. A row's
-        outputs are the ones the scheduler sent plus, once there is one, the newest: this
-        step's last input token, read on the device where it is still in flight (as
-        ``_copy_inflight``). The prompt comes along only where repetition_penalty != 1."""
+        """Repetition, presence and frequency penalties of the rows that set them, over the
+        outputs counted on this device (``PenaltyCounts``: each output sent once) plus, once
+        there is one, the newest: this step's last input token, read on the device where it
+        is still in flight (as ``_copy_inflight``)."""
         rows = [i for i, s in enumerate(work) if s.penalties is not None]
-        if not rows:
-            return
+        if self._penalty_counts is None:
+            if not rows:
+                return
+            self._penalty_counts = PenaltyCounts(logits.shape[1], self.device)
         V = logits.shape[1]
-        width = 1 + max(len(work[i].penalties[3]) for i in rows)
-        prompt_width = max(len(work[i].penalties[4]) for i in rows)
-        seen, dst, rids, prompts = [], [], [], []
+        newest, dst, rids = [], [], []
         for j, i in enumerate(rows):
             s = work[i]
             last = s.token_ids[-1] if s.output_index > 0 else V  # no output yet: nothing
             if last == INFLIGHT:
-                dst.append(j * width + width - 1)
+                dst.append(j)
                 rids.append(s.request_id)
                 last = V
-            history, prompt = s.penalties[3], s.penalties[4]
-            seen.extend(history)
-            seen.extend([V] * (width - 1 - len(history)))
-            seen.append(last)
-            prompts.extend(prompt)
-            prompts.extend([V] * (prompt_width - len(prompt)))
-        seen_t = self._h2d(seen)
-        self._copy_inflight(seen_t, dst, rids)
+            newest.append(last)
+        slots = self._penalty_counts.update([work[i].request_id for i in rows],
+                                            [work[i].penalties[3:] for i in rows], self._h2d)
+        if not rows:
+            return
+        newest_t = self._h2d(newest)
+        self._copy_inflight(newest_t, dst, rids)
+        counts = self._penalty_counts.counts[slots]
+        counts.scatter_add_(1, newest_t[:, None], torch.ones(len(rows), 1, device=self.device))
+        repeats = any(work[i].penalties[2] != 1 for i in rows)
         apply_penalties(
             logits,
             self._h2d(rows),
             self._h2d([work[i].penalties[0] for i in rows], logits.dtype),
             self._h2d([work[i].penalties[1] for i in rows], logits.dtype),
             self._h2d([work[i].penalties[2] for i in rows], logits.dtype),
-            seen_t.view(len(rows), width),
-            self._h2d(prompts).view(len(rows), prompt_width),
+            counts[:, :V].to(logits.dtype),
+            self._penalty_counts.in_prompt[slots][:, :V] if repeats else None,
         )
 
     # ------------------------------------------------------------------ disaggregation

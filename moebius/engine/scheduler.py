@@ -57,6 +57,9 @@ class Scheduler:
         # request id -> (its table list, the length sent) for the requests of the last step's
         # inputs: the ranks that got them hold that prefix (see ``_work``)
         self._tables_sent: dict[str, tuple[list[int], int]] = {}
+        # request id -> (its output list, the outputs sent) for the last step's sequences that
+        # carried penalties: the ranks that sampled them count that prefix on the device
+        self._history_sent: dict[str, tuple[list[int], int]] = {}
 
     def _make_managers(self, layout: str) -> list[BlockManager]:
         count = self.world_size if layout == "ep" else 1
@@ -247,10 +250,14 @@ class Scheduler:
             return self._mixed_inputs(items)
         per_rank: list[list[SeqWork]] = [[] for _ in range(self.world_size)]
         sent, self._tables_sent = self._tables_sent, {}
+        history, self._history_sent = self._history_sent, {}
         for req, n in items:
-            work = self._work(req, n, sent.get(req.request_id))
-            self._tables_sent[req.request_id] = (req.block_ids,
-                                                 work.blocks_from + len(work.block_ids))
+            rid = req.request_id
+            work = self._work(req, n, sent.get(rid), history.get(rid))
+            self._tables_sent[rid] = (req.block_ids, work.blocks_from + len(work.block_ids))
+            if work.penalties is not None:
+                self._history_sent[rid] = (req.output_token_ids,
+                                           work.penalties[5] + len(work.penalties[3]))
             if self.layout == "ep":
                 per_rank[req.owner_rank].append(work)
             else:
@@ -265,9 +272,10 @@ class Scheduler:
         """Mid-switch: every rank gets every sequence (its TP layers need them all), with the
         EP owner and both views' tables."""
         works, counts = [], [0] * self.world_size
-        self._tables_sent = {}  # whole tables this step and the next
+        self._tables_sent = {}  # whole tables and histories this step and the next
+        self._history_sent = {}
         for req, n in items:
-            w = self._work(req, n, None)
+            w = self._work(req, n, None, None)
             w.owner, w.alt_block_ids = req.owner_rank, list(req.alt_block_ids)
             works.append(w)
             counts[req.owner_rank] += n
@@ -283,10 +291,14 @@ class Scheduler:
             req.num_tokens + req.num_inflight >= self.cfg.context_len
         )
 
-    def _work(self, req: Request, n: int, sent: tuple[list[int], int] | None) -> SeqWork:
+    def _work(self, req: Request, n: int, sent: tuple[list[int], int] | None,
+              history: tuple[list[int], int] | None) -> SeqWork:
         """``req``'s share of the step; ``sent``: its table and the length the same ranks got
         in the step before (then only the blocks appended since are sent). A table that was
-        replaced (admission, preemption, a switch) is another list object: sent whole."""
+        replaced (admission, preemption, a switch) is another list object: sent whole.
+        ``history``: its output list and the outputs the same ranks counted for its penalties
+        in the step before (then only the outputs since go, and the prompt does not; whole
+        whenever the table goes whole, since the sampling ranks may have changed)."""
         start = req.num_computed_tokens
         out_ids = req.output_token_ids
         known = len(req.prompt_token_ids) + len(out_ids)  # req.num_tokens
@@ -310,12 +322,15 @@ class Scheduler:
         # The table is sliced (a copy): an abort from another thread may clear the request's
         # table before a rank's message is pickled
         # penalties: the outputs before the newest one (at most one is in flight, and it, or
-        # the newest landed one, is this step's last input token)
+        # the newest landed one, is this step's last input token), from those counted before
         penalties = None
         if do_sample and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
-            rep = p.repetition_penalty
-            penalties = (p.presence_penalty, p.frequency_penalty, rep,
-                         out_ids[: max(num_out - 1, 0)], req.prompt_token_ids if rep != 1 else [])
+            rep, upto = p.repetition_penalty, max(num_out - 1, 0)
+            counted = (history[1] if since and history is not None and history[0] is out_ids
+                       and history[1] <= upto else 0)
+            prompt = req.prompt_token_ids if rep != 1 and not counted else []
+            penalties = (p.presence_penalty, p.frequency_penalty, rep, out_ids[counted:upto],
+                         prompt, counted)
         rules = None
         if do_sample and (p.allowed_token_ids or p.logit_bias):
             rules = (p.allowed_token_ids, p.logit_bias)

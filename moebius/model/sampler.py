@@ -107,24 +107,18 @@ def apply_logit_rules(logits: torch.Tensor, allowed_rows: torch.Tensor | None,
 
 
 def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor, repetition: torch.Tensor, seen: torch.Tensor,
-                    prompt: torch.Tensor) -> None:
+                    frequency: torch.Tensor, repetition: torch.Tensor, counts: torch.Tensor,
+                    in_prompt: torch.Tensor | None) -> None:
     """Penalties in place on ``logits`` (B, V) rows ``rows`` (n,): first the repetition
     penalty over prompt and outputs (a positive logit divided by it, a negative one
-    multiplied), then OpenAI's presence and frequency penalties over the outputs. seen (n, L)
-    holds each row's output token ids so far, prompt (n, P) its prompt's where repetition
-    != 1, both padded with V."""
-    V = logits.shape[1]
-    counts = torch.zeros(len(rows), V + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, seen, torch.ones_like(seen, dtype=logits.dtype))
-    counts = counts[:, :V]
+    multiplied), then OpenAI's presence and frequency penalties over the outputs. counts
+    (n, V): how often each token occurs in the row's outputs so far; in_prompt (n, V): the
+    tokens of its prompt (None: no row has a repetition penalty)."""
     present = counts > 0
     x = logits[rows]
-    if prompt.shape[1]:
-        in_prompt = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=logits.device)
-        in_prompt.scatter_(1, prompt, True)
+    if in_prompt is not None:
         rep = repetition[:, None]
-        hit = in_prompt[:, :V] | present
+        hit = in_prompt | present
         x = torch.where(hit, torch.where(x > 0, x / rep, x * rep), x)
     x = x - (presence[:, None] * present + frequency[:, None] * counts)
     logits.index_put_((rows,), x)

@@ -138,7 +138,7 @@ def test_chat_takes_the_rules(qwen_dir):
 # ---------------------------------------------------------------- the runner's order
 def _bare_runner() -> ModelRunner:
     runner = ModelRunner.__new__(ModelRunner)
-    runner.device, runner.rank = torch.device("cpu"), 0
+    runner.device, runner.rank, runner._penalty_counts = torch.device("cpu"), 0, None
     return runner
 
 
@@ -159,7 +159,7 @@ def test_runner_order_against_hand_computed_logits():
     raw = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
     work = [
         _seq("a", token_ids=[5], output_index=2, num_logprobs=2,
-             penalties=(0.5, 0.0, 2.0, [2], [1, 3]),
+             penalties=(0.5, 0.0, 2.0, [2], [1, 3], 0),
              logit_rules=([1, 2, 3, 5], {1: 3.0, 3: -1.0, 0: 50.0})),
         _seq("b", num_logprobs=1, banned_token_ids=[3]),
         _seq("c", num_logprobs=0, logit_rules=(None, {4: 4.5})),

@@ -2,7 +2,8 @@
 greedily, with its repetition penalty (prompt and outputs) and a logits processor applying
 OpenAI's presence and frequency penalties (outputs only) after it, token for token. In one
 batch with requests that set none, with steps overlapped (the newest token still on the
-device), and on two ranks through live layout switches."""
+device), through preemption, and on two ranks through live layout switches (the sampling
+rank counts each output once: engine/penalty_counts.py)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def test_penalties_match_transformers(qwen_dir, reference, overlap):
     # the penalties change the greedy tokens here (the test can fail)
     assert sum(got[i] != plain[i] for i in range(0, len(prompts), 2)) >= 3
     assert all(got[i] == plain[i] for i in range(1, len(prompts), 2))
+
+
+def test_penalties_through_preemption(qwen_dir, reference):
+    """A KV pool too small for the batch: preempted requests are recomputed and their
+    outputs counted again from the start (sent whole), with steps overlapped."""
+    prompts, params, want = reference
+    with LLM(qwen_dir, async_scheduling=True, num_kv_blocks=24, block_size=4,
+             enable_prefix_caching=False) as llm:
+        assert _tokens(llm.generate(prompts, params)) == want
+        assert llm.engine.scheduler.num_preemptions > 0
 
 
 @pytest.mark.parametrize("progressive", [0, 1])
