@@ -11,7 +11,9 @@ from moebius.config import EngineConfig
 from moebius.kv.pool import KVPool
 
 CPU_DEFAULT_KV_BYTES = 64 << 20
-GPU_WORKSPACE_BYTES = 4 << 30  # activations, graphs, sampler, exchange buffers
+# activations, graphs, sampler (with the penalties' counts: 4·V bytes a penalised request,
+# 155 MB for 256 at a 152k vocabulary), exchange buffers
+GPU_WORKSPACE_BYTES = 4 << 30
 
 
 def kv_blocks_for_rank(cfg: EngineConfig, runner) -> int:
