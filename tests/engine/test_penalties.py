@@ -98,6 +98,16 @@ def test_penalties_through_layout_switches(qwen_dir, reference, progressive):
         assert _tokens(llm.generate(prompts, params)) == want
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_penalties_on_cuda_match_transformers(qwen_dir, reference):
+    """The device-side counts (pinned copies, accumulating index_put) on a GPU, float32,
+    steps overlapped and in CUDA graphs."""
+    prompts, params, want = reference
+    with LLM(qwen_dir, device="cuda", dtype="float32", num_kv_blocks=256) as llm:
+        assert _tokens(llm.generate(prompts, params)) == want
+
+
 @pytest.mark.parametrize("kw", [dict(presence_penalty=2.5), dict(frequency_penalty=-3),
                                 dict(repetition_penalty=0), dict(repetition_penalty=11)])
 def test_penalties_out_of_range(kw):
