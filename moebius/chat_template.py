@@ -13,6 +13,8 @@ with ``{% if tools %}``), its ``tojson`` (json.dumps, non-ASCII kept), ``raise_e
 ``{"type": "function", "function": {name, description, parameters}}``, or None), ``documents``
 (None), ``add_generation_prompt``, the special tokens, and the caller's keyword arguments (the
 chat request's ``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking``).
+``continue_final_message`` ends the text where the final message's content ends, as
+transformers cuts it, so the model continues that message (a prefilled answer).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from moebius.config import ConfigError
 TEMPLATE_FILE = "chat_template.jinja"
 # Names the renderer sets itself; a request's chat_template_kwargs may not replace them.
 RESERVED = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
+# Appended to the final message's content for continue_final_message (transformers' marker):
+# the rendered prompt is cut where it lands.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def find_template(model_dir: str, config: dict, explicit: str | None = None) -> str | None:
@@ -80,15 +85,42 @@ def compile_template(text: str) -> jinja2.Template:
 
 def render(template: jinja2.Template, messages: list[dict], add_generation_prompt: bool,
            special_tokens: dict[str, str], variables: dict,
-           tools: list[dict] | None = None) -> str:
+           tools: list[dict] | None = None, continue_final_message: bool = False) -> str:
+    if continue_final_message and add_generation_prompt:  # vLLM's and transformers' 400
+        raise ValueError(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+        )
     clash = RESERVED & variables.keys()
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {sorted(clash)}")
     if not all(isinstance(k, str) and k.isidentifier() for k in variables):
         raise ValueError("chat_template_kwargs' keys must be identifiers")
     variables = {**special_tokens, **variables}
+    if continue_final_message:
+        messages = [*messages[:-1], _tag_final_message(messages[-1])]
     try:
-        return template.render(messages=messages, tools=tools, documents=None,
+        text = template.render(messages=messages, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as e:  # e.g. a message shape the template does not handle
         raise ValueError(f"chat template: {e}") from e
+    return _cut_at_tag(text, messages[-1]["content"]) if continue_final_message else text
+
+
+def _tag_final_message(message: dict) -> dict:
+    content = message.get("content") or ""
+    if not isinstance(content, str):
+        raise ValueError("continue_final_message: the final message's content must be text")
+    return {**message, "content": content + CONTINUE_TAG}
+
+
+def _cut_at_tag(text: str, tagged: str) -> str:
+    """The prompt up to where the final message's content ends, found by the tag rendered
+    after it (transformers' way, so a template that reshapes content still cuts right):
+    content's trailing whitespace stays if the template kept the tag's space, else it goes."""
+    at = text.rfind(CONTINUE_TAG.strip())
+    if at < 0 or tagged.removesuffix(CONTINUE_TAG).strip() not in text:
+        raise ValueError(
+            "continue_final_message: the final message does not appear in the rendered chat "
+            "template (the template dropped or rewrote it)"
+        )
+    return text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()

@@ -63,23 +63,31 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """The vocabulary's strings for ``ids`` (byte-level BPE writes a space as "Ġ"), as
+        transformers' method of that name; every id must be below ``vocab_size``."""
+        return [self._tok.id_to_token(i) for i in ids]
+
     def apply_chat_template(
         self,
         messages: list[dict],
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
     ) -> str:
         """The prompt text of a conversation; ``chat_template_kwargs`` become template
-        variables, ``tools`` (OpenAI's tool dicts) the template's ``tools``. Encode it with
-        ``add_special_tokens=False``: templates write their BOS."""
+        variables, ``tools`` (OpenAI's tool dicts) the template's ``tools``;
+        ``continue_final_message`` ends the text inside the final message (ValueError with
+        ``add_generation_prompt``). Encode it with ``add_special_tokens=False``: templates
+        write their BOS."""
         if self._template is None:
             raise ConfigError(
                 "this checkpoint has no chat template (chat_template.jinja or tokenizer_config."
                 "json's chat_template); give one with --chat-template"
             )
         return render(self._template, messages, add_generation_prompt, self.special_tokens,
-                      chat_template_kwargs or {}, tools)
+                      chat_template_kwargs or {}, tools, continue_final_message)
 
 
 @dataclass

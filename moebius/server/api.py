@@ -1,6 +1,6 @@
-"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions (JSON or server-sent events)
-and /v1/models, plus /health, /version, /metrics and the admin endpoints /admin/layout and
-/admin/switch.
+"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions (JSON or server-sent events),
+/v1/models and /v1/models/{id}, vLLM's /tokenize and /detokenize, plus /health, /version,
+/metrics and the admin endpoints /admin/layout and /admin/switch.
 
 Every error is OpenAI's error JSON. Bad input is a 400 (404 for an unknown model, as OpenAI
 and vLLM answer), a bad key a 401, a full queue a 429 and a draining or failed server a 503,
@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import moebius
 from moebius.server import protocol as P
+from moebius.server import tokenization
 from moebius.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -141,20 +142,25 @@ def create_app(
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(401, f"invalid or missing {what} key", code="invalid_api_key")
 
-    async def parse(request: Request, model: type[pydantic.BaseModel]):
+    def check_model(name: str | None) -> None:
+        """404 for another model than the served one; None (a field left out) is fine."""
+        if name is not None and name != served_model_name:
+            raise APIError(
+                404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+            )
+
+    async def parse(request: Request, model):
+        """The body as ``model`` (a pydantic class, or a function of the raw body choosing
+        one); 400 for a bad body, 404 for an unknown model."""
         check_key(request, api_key, "API")
         body = await request.body()
+        if not isinstance(model, type):
+            model = model(body)
         try:
             req = model.model_validate_json(body)
         except pydantic.ValidationError as e:
             raise to_api_error(e) from None
-        if req.model != served_model_name:
-            raise APIError(
-                404,
-                f"The model `{req.model}` does not exist.",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(req.model)
         return req
 
     async def serve(kind: str, request: Request) -> Response:
@@ -187,13 +193,38 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         return await serve("chat", request)
 
+    def model_card() -> P.ModelCard:
+        return P.ModelCard(
+            id=served_model_name, root=engine.cfg.model_dir, max_model_len=engine.cfg.context_len
+        )
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, api_key, "API")
-        card = P.ModelCard(
-            id=served_model_name, root=engine.cfg.model_dir, max_model_len=engine.cfg.context_len
-        )
-        return P.ModelList(data=[card]).model_dump()
+        return P.ModelList(data=[model_card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")  # :path: served names may hold "/" (org/name)
+    async def retrieve_model(request: Request, model_id: str):
+        check_key(request, api_key, "API")
+        check_model(model_id)
+        return model_card().model_dump()
+
+    async def answer(request: Request, model, handle) -> Response:
+        try:
+            return JSONResponse(handle(responder, await parse(request, model)).model_dump())
+        except Exception as e:
+            err = to_api_error(e)
+            if err.status == 500:
+                log.exception("request failed")
+            return error_json(err.status, err.message, err.type, err.param, err.code, err.headers)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await answer(request, P.tokenize_request_type, tokenization.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await answer(request, P.DetokenizeRequest, tokenization.detokenize)
 
     @app.get("/health")
     async def health():

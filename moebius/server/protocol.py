@@ -13,6 +13,9 @@ Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_ca
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
 the dicts transformers' chat templates read (arguments parsed from their JSON text, as vLLM
 does). Which parser reads the output is the server's business (moebius/server/tool_parsers.py).
+
+vLLM's /tokenize takes a prompt, or messages with the chat request's template fields
+(``ChatTemplateFields``); /detokenize token ids.
 """
 
 from __future__ import annotations
@@ -232,20 +235,19 @@ class NamedToolChoice(_Strict):
     function: FunctionName
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatTemplateFields(_Strict):
+    """What renders a conversation into a prompt: one set of fields and one rendering path
+    (``Responder.chat_prompt``) for /v1/chat/completions and /tokenize, so both count the
+    same tokens for the same body."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    # transformers' and vLLM's: the prompt ends inside the final message, for the model to
+    # continue it (400 together with add_generation_prompt)
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # template variables (vLLM's field)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True  # False: at most the first call is returned
-
-    def num_logprobs(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
 
     def rendered_messages(self) -> list[dict[str, Any]]:
         """The messages as the chat template reads them; ValueError (a 400) names the field."""
@@ -256,6 +258,24 @@ class ChatCompletionRequest(_SamplingFields):
             except ValueError as e:
                 raise ValueError(f"messages[{i}].{e}") from None
         return out
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The ``tools`` handed to the chat template: the request's definitions (fields left
+        out stay out), or None without tools or with tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool = True  # False: at most the first call is returned
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
         """OpenAI's default: "auto" with tools, "none" without. Raises ValueError (a 400) for a
@@ -274,13 +294,6 @@ class ChatCompletionRequest(_SamplingFields):
                 )
             return "named"
         return choice
-
-    def template_tools(self) -> list[dict[str, Any]] | None:
-        """The ``tools`` handed to the chat template: the request's definitions (fields left
-        out stay out), or None without tools or with tool_choice "none"."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 def _choice_text(choice) -> str:
@@ -399,6 +412,52 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's /tokenize with a prompt: encoded as /v1/completions encodes a string prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # the tokenizer's BOS, if it adds one
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    """vLLM's /tokenize with messages: rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    add_special_tokens: bool = False  # True: the tokenizer's BOS before the template's text
+    return_token_strs: bool = False
+
+
+def tokenize_request_type(body: bytes) -> type[TokenizeCompletionRequest | TokenizeChatRequest]:
+    """The chat form when the body is an object with ``messages``, else the prompt form (whose
+    validation then reports bad JSON or a missing prompt)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return TokenizeCompletionRequest
+    if isinstance(data, dict) and "messages" in data:
+        return TokenizeChatRequest
+    return TokenizeCompletionRequest
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # the vocabulary's strings (byte-level BPE: "Ġthe")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class SwitchRequest(_Strict):

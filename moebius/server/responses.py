@@ -66,22 +66,19 @@ class Responder:
             raise ValueError("echo and suffix are not supported")
         if req.best_of is not None and req.best_of != req.n:
             raise ValueError("best_of must equal n (best-of sampling is not supported)")
-        prompts = [self._encode(p) for p in req.prompts()]
+        prompts = [self.encode_prompt(p) for p in req.prompts()]
         return self._job(
             "completion", P.random_id("cmpl"), req, prompts, req.max_tokens, req.logprobs
         )
 
     def prepare_chat(self, req: P.ChatCompletionRequest) -> Job:
         parser = self._tool_parser(req)
-        messages = req.rendered_messages()
-        text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt,
-                                                  req.chat_template_kwargs, req.template_tools())
         max_tokens = req.max_completion_tokens or req.max_tokens
         job = self._job(
             "chat",
             P.random_id("chatcmpl"),
             req,
-            [self.tokenizer.encode(text, add_special_tokens=False)],  # the template has its BOS
+            [self.chat_prompt(req)],
             max_tokens,
             req.num_logprobs(),
         )
@@ -106,8 +103,25 @@ class Responder:
             )
         return self.tool_parser
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """A completion prompt's ids (a string gets the tokenizer's BOS, if it adds one, as
+        vLLM's does); /v1/completions' and /tokenize's one path."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return list(prompt)
+
+    def chat_prompt(self, req: P.ChatTemplateFields, add_special_tokens: bool = False) -> list[int]:
+        """A conversation's prompt ids: /v1/chat/completions' and /tokenize's one path. Without
+        ``add_special_tokens`` (chat requests never set it) no BOS is added: the template
+        writes its own."""
+        text = self.tokenizer.apply_chat_template(
+            req.rendered_messages(),
+            req.add_generation_prompt,
+            req.chat_template_kwargs,
+            req.template_tools(),
+            req.continue_final_message,
+        )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _job(self, kind, rid, req, prompts, max_tokens, num_logprobs) -> Job:
         context = self.engine.cfg.context_len

@@ -3,7 +3,9 @@ steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --too
 hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
 and tool-call history too, and with logit_bias / allowed_token_ids), 64 streams survive two
 live layout switches token for token, bad logit rules and requests for guided decoding are 400s,
-fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0.
+fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0;
+/tokenize counts what /v1/completions and /v1/chat/completions run, /detokenize inverts it,
+/v1/models/{id} answers the client's models.retrieve.
 Plus in-process checks of the queue bound and of engine failure."""
 
 from __future__ import annotations
@@ -410,6 +412,175 @@ def test_openai_client_sees_bad_request(client):
         )
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
+
+
+def test_models_retrieve(server, client):
+    """OpenAI's GET /v1/models/{id}: the list's card, or a 404 the client raises as OpenAI's."""
+    card = client.models.retrieve(MODEL)
+    listed = client.models.list().data[0]
+    assert card.id == MODEL and card.object == "model" and card.max_model_len == MAX_MODEL_LEN
+    assert card.model_dump(exclude={"created"}) == listed.model_dump(exclude={"created"})
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    r = httpx.get(f"{server.base}/v1/models/gpt-4", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(f"{server.base}/v1/models/{MODEL}").status_code == 401
+
+
+def tokenize(server, body: dict) -> dict:
+    r = httpx.post(f"{server.base}/tokenize", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def detokenize(server, tokens: list[int]) -> str:
+    r = httpx.post(f"{server.base}/detokenize", json={"tokens": tokens}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()["prompt"]
+
+
+def test_tokenize_a_prompt_as_completions_does(server, client, offline):
+    """/tokenize's ids are the ones /v1/completions runs: the same count as its usage, and
+    the same greedy text when sent back as token ids; /detokenize inverts it."""
+    for prompt in PROMPTS:
+        r = tokenize(server, {"model": MODEL, "prompt": prompt})
+        assert r["max_model_len"] == MAX_MODEL_LEN and r["token_strs"] is None
+        assert r["count"] == len(r["tokens"]) and r["tokens"] == offline.tokenizer.encode(prompt)
+        kw = dict(model=MODEL, max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+        text = client.completions.create(prompt=prompt, **kw)
+        ids = client.completions.create(prompt=r["tokens"], **kw)
+        assert r["count"] == text.usage.prompt_tokens == ids.usage.prompt_tokens
+        assert text.choices[0].text == ids.choices[0].text
+        assert detokenize(server, r["tokens"]) == prompt
+    assert detokenize(server, []) == ""
+
+
+def test_tokenize_returns_token_strs(server, offline):
+    prompt = "The quick brown fox jumps over the lazy dog."
+    r = tokenize(server, {"prompt": prompt, "return_token_strs": True})  # model left out
+    assert len(r["token_strs"]) == r["count"] > 1
+    # byte-level BPE: the vocabulary writes a space as "Ġ"
+    assert "".join(r["token_strs"]).replace("Ġ", " ") == prompt
+    assert r["token_strs"] == [offline.tokenizer.convert_ids_to_tokens([t])[0]
+                               for t in r["tokens"]]
+
+
+CHATS = [
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Capital of "},
+                                               {"type": "text", "text": "France?"}]}]},
+    {"messages": ASK, "chat_template_kwargs": {"enable_thinking": False}},
+    {"messages": ASK, "tools": TOOLS},
+    {"messages": ASK, "tools": TOOLS, "tool_choice": "none"},
+    {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "tools": TOOLS},
+    {"messages": [*ASK, {"role": "assistant", "content": "It is"}],
+     "add_generation_prompt": False, "continue_final_message": True},
+    {"messages": ASK, "add_generation_prompt": False},
+]
+
+
+@pytest.mark.parametrize("body", CHATS)
+def test_tokenize_a_chat_as_chat_completions_does(server, client, body):
+    """Messages, tools, tool_choice "none", template kwargs and continue_final_message render
+    the prompt /v1/chat/completions runs: the count equals its usage.prompt_tokens."""
+    r = tokenize(server, {"model": MODEL, **body})
+    done = client.chat.completions.create(
+        model=MODEL, max_tokens=1, messages=body["messages"],
+        extra_body={k: v for k, v in body.items() if k != "messages"})
+    assert r["count"] == done.usage.prompt_tokens == len(r["tokens"])
+    text = detokenize(server, r["tokens"])  # special tokens are kept
+    assert text.startswith("<|im_start|>") and tokenize(server, {"prompt": text}) == {
+        **r, "token_strs": None}
+    if body.get("continue_final_message"):
+        assert text.endswith("<|im_start|>assistant\nIt is")
+    elif body.get("add_generation_prompt", True):
+        assert text.endswith("<|im_start|>assistant\n") or text.endswith("</think>\n\n")
+    else:
+        assert text.endswith("<|im_end|>\n")
+
+
+def test_tokenize_chat_forms_differ(server):
+    """The variants above are not all the same prompt (else the checks prove nothing)."""
+    counts = [tokenize(server, body)["count"] for body in CHATS]
+    assert len(set(counts)) >= 5, counts
+
+
+BOTH = {"continue_final_message": True, "add_generation_prompt": True}
+BAD_TOKENIZE = [
+    ("/tokenize", b'{"model": "tiny", "prompt": "hi"', 400),  # malformed JSON
+    ("/tokenize", b'["hi"]', 400),
+    ("/tokenize", {"model": MODEL}, 400),  # neither prompt nor messages
+    ("/tokenize", {"prompt": 5}, 400),
+    ("/tokenize", {"prompt": ["hi"]}, 400),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": "yes"}, 400),
+    ("/tokenize", {"prompt": "hi", "return_token_strs": 1}, 400),
+    ("/tokenize", {"messages": []}, 400),
+    ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ("/tokenize", {"messages": ASK, "continue_final_message": True}, 400),  # the default gen
+    ("/tokenize", {"messages": ASK, **BOTH}, 400),
+    ("/tokenize", {"messages": ASK, "chat_template_kwargs": {"messages": []}}, 400),
+    ("/tokenize", {"messages": ASK, "tools": [{"type": "function"}]}, 400),
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404),
+    ("/tokenize", {"model": "gpt-4", "messages": ASK}, 404),
+    ("/detokenize", {"tokens": [-1]}, 400),
+    ("/detokenize", {"tokens": [10**6]}, 400),
+    ("/detokenize", {"tokens": [2**70]}, 400),
+    ("/detokenize", {"tokens": [1.0]}, 400),
+    ("/detokenize", {"tokens": [True]}, 400),
+    ("/detokenize", {"tokens": "abc"}, 400),
+    ("/detokenize", {}, 400),
+    ("/detokenize", b"\xff", 400),
+    ("/detokenize", {"model": "gpt-4", "tokens": [1]}, 404),
+    ("/v1/chat/completions", {"model": MODEL, "messages": ASK, "max_tokens": 1, **BOTH}, 400),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_TOKENIZE)
+def test_bad_tokenize_bodies(server, path, body, status):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.base}{path}", content=raw, headers=AUTH, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    if status == 404:
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+    if isinstance(body, dict) and body.get("continue_final_message"):
+        assert "continue_final_message" in err["message"]
+
+
+def test_detokenize_stops_at_the_tokenizer_vocabulary(server, offline):
+    """An id past the tokenizer's vocabulary is a 400 naming the bound; its last id is fine;
+    keys are checked."""
+    vocab = offline.tokenizer.vocab_size
+    detokenize(server, [vocab - 1])
+    r = httpx.post(f"{server.base}/detokenize", json={"tokens": [0, vocab]}, headers=AUTH)
+    assert r.status_code == 400 and str(vocab) in r.json()["error"]["message"]
+    assert httpx.post(f"{server.base}/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(f"{server.base}/detokenize", json={"tokens": [1]}).status_code == 401
+
+
+def test_tokenize_fuzz_never_500(server):
+    """Random bodies of both forms: a 200, 400 or 404, never a 500."""
+    rng = random.Random(99)
+    values = [None, -1, 0, 1, 2**64, 1.5, True, "", "hi", [], {}, [1, 2], [-1], ["a"],
+              ASK, [{"role": "user"}], TOOLS, {"enable_thinking": False}, {"messages": 1}]
+    keys = ["model", "prompt", "messages", "tokens", "add_special_tokens", "return_token_strs",
+            "add_generation_prompt", "continue_final_message", "tools", "tool_choice",
+            "chat_template_kwargs"]
+    statuses = []
+    with httpx.Client(base_url=server.base, headers=AUTH, timeout=60) as c:
+        for _ in range(150):
+            path = rng.choice(["/tokenize", "/detokenize"])
+            body = rng.choice([{"prompt": "Hello"}, {"messages": ASK}, {"tokens": [5, 6]}])
+            for _ in range(rng.randint(1, 3)):
+                body[rng.choice(keys)] = rng.choice(values)
+            r = c.post(path, json=body)
+            assert r.status_code in (200, 400, 404), (path, body, r.text)
+            statuses.append(r.status_code)
+    assert statuses.count(200) > 10 and statuses.count(400) > 10
 
 
 def test_64_streams_survive_two_switches(server, client, offline):
