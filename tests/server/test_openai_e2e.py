@@ -851,7 +851,7 @@ class FakeEngine:
         self.cfg = SimpleNamespace(
             context_len=64, model=SimpleNamespace(vocab_size=100), model_dir=None, ranks=1
         )
-        self.tokenizer = SimpleNamespace(encode=lambda s: [1, 2, 3])
+        self.tokenizer = SimpleNamespace(encode=lambda s, add_special_tokens=True: [1, 2, 3])
 
     def add_request(self, prompt, params, request_id=None):
         self.waiting.add(request_id)
