@@ -3,6 +3,10 @@ reference generation, and a Qwen-style chat template with tool support."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -88,6 +92,22 @@ def qwen_fused_dir(tmp_path_factory):
         fused_experts=True,
         num_shards=2,
     )
+
+
+def copy_checkpoint(src: str, dst: str, template: str | None = None, **config) -> str:
+    """A copy of checkpoint folder ``src`` at ``dst`` with ``config`` merged into its
+    tokenizer_config.json and, given, ``template`` as its chat_template.jinja."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(config)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    if template is not None:
+        with open(os.path.join(dst, "chat_template.jinja"), "w") as f:
+            f.write(template)
+    return dst
 
 
 def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int):

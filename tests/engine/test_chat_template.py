@@ -7,8 +7,6 @@ tokenizer also adds one."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
@@ -16,7 +14,7 @@ from moebius import LLM, SamplingParams
 from moebius.config import ConfigError
 from moebius.server.protocol import ChatCompletionRequest
 from moebius.tokenizer import Tokenizer
-from tests.conftest import TOOLS_TEMPLATE
+from tests.conftest import TOOLS_TEMPLATE, copy_checkpoint
 
 # Exercises what real templates use (Qwen3's opens with `{% if tools %}`; our own text).
 RICH = """{{- bos_token if bos_token else '' -}}
@@ -44,24 +42,10 @@ CONVERSATIONS = [
 ]
 
 
-def _folder(src: str, dst: str, template_file: str | None = None, **config) -> str:
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "tokenizer_config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(config)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    if template_file is not None:
-        with open(os.path.join(dst, "chat_template.jinja"), "w") as f:
-            f.write(template_file)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def rich_dir(qwen_dir, tmp_path_factory):
     # chat_template.jinja must win over tokenizer_config.json's (the tiny ChatML one)
-    return _folder(qwen_dir, str(tmp_path_factory.mktemp("rich") / "ckpt"), RICH)
+    return copy_checkpoint(qwen_dir, str(tmp_path_factory.mktemp("rich") / "ckpt"), RICH)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"enable_thinking": True}])
@@ -78,7 +62,7 @@ def test_renders_as_transformers(rich_dir, conv, kwargs):
 
 
 def test_where_the_template_comes_from(qwen_dir, tmp_path):
-    listed = _folder(qwen_dir, str(tmp_path / "listed"), chat_template=[
+    listed = copy_checkpoint(qwen_dir, str(tmp_path / "listed"), chat_template=[
         {"name": "tool_use", "template": "T{{ messages[0].content }}"},
         {"name": "default", "template": "D{{ messages[0].content }}"}])
     hello = [{"role": "user", "content": "hi"}]
@@ -91,7 +75,7 @@ def test_where_the_template_comes_from(qwen_dir, tmp_path):
         Tokenizer(listed, str(tmp_path / "missing.jinja"))
     with pytest.raises(ConfigError, match="does not parse"):
         Tokenizer(listed, "{% for %}")
-    bare = _folder(qwen_dir, str(tmp_path / "bare"), chat_template=None)
+    bare = copy_checkpoint(qwen_dir, str(tmp_path / "bare"), chat_template=None)
     with pytest.raises(ConfigError, match="--chat-template"):
         Tokenizer(bare).apply_chat_template(hello)
 
@@ -110,7 +94,7 @@ def test_a_template_that_writes_bos_gets_one_bos(qwen_dir, tmp_path):
     prompt must hold one BOS, as transformers' tokenized chat does, not two."""
     from transformers import AutoTokenizer
 
-    folder = _folder(qwen_dir, str(tmp_path / "bos"), RICH, bos_token="<|endoftext|>",
+    folder = copy_checkpoint(qwen_dir, str(tmp_path / "bos"), RICH, bos_token="<|endoftext|>",
                      add_bos_token=True)
     conv = CONVERSATIONS[1]
     want = AutoTokenizer.from_pretrained(folder).apply_chat_template(
@@ -172,7 +156,7 @@ TOOL_CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tools_dir(qwen_dir, tmp_path_factory):
-    return _folder(qwen_dir, str(tmp_path_factory.mktemp("tools") / "ckpt"), TOOLS_TEMPLATE)
+    return copy_checkpoint(qwen_dir, str(tmp_path_factory.mktemp("tools") / "ckpt"), TOOLS_TEMPLATE)
 
 
 @pytest.mark.parametrize("choice", [None, "auto", "required", "none"])

@@ -6,16 +6,13 @@ The model is ``ScriptedEngine``: only the prompts and usage matter here."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
 from moebius.server.api import create_app
 from moebius.tokenizer import Tokenizer
+from tests.conftest import copy_checkpoint
 from tests.server.test_tool_calls import ScriptedEngine
 
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}]
@@ -29,23 +26,9 @@ TRIMMED = """{%- for m in messages -%}
 {%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}"""
 
 
-def _folder(src: str, dst: str, template: str | None = None, **config) -> str:
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "tokenizer_config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(config)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    if template is not None:
-        with open(os.path.join(dst, "chat_template.jinja"), "w") as f:
-            f.write(template)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def bos_dir(qwen_dir, tmp_path_factory):
-    return _folder(qwen_dir, str(tmp_path_factory.mktemp("bos") / "ckpt"),
+    return copy_checkpoint(qwen_dir, str(tmp_path_factory.mktemp("bos") / "ckpt"),
                    bos_token="<|endoftext|>", add_bos_token=True)
 
 
@@ -109,7 +92,7 @@ def test_continue_final_message_as_transformers(app, qwen_dir, tmp_path, templat
     renders the same."""
     from transformers import AutoTokenizer
 
-    folder = _folder(qwen_dir, str(tmp_path / "ckpt"), template)
+    folder = copy_checkpoint(qwen_dir, str(tmp_path / "ckpt"), template)
     want = AutoTokenizer.from_pretrained(folder).apply_chat_template(
         PREFILL, tokenize=False, add_generation_prompt=False, continue_final_message=True)
     assert want.endswith("Paris is " if template is None else "Paris is")
@@ -125,7 +108,7 @@ def test_continue_final_message_as_transformers(app, qwen_dir, tmp_path, templat
 
 
 def test_a_template_that_drops_the_final_message_is_400(app, qwen_dir, tmp_path):
-    folder = _folder(qwen_dir, str(tmp_path / "ckpt"), "{{ messages[0].content }}")
+    folder = copy_checkpoint(qwen_dir, str(tmp_path / "ckpt"), "{{ messages[0].content }}")
     http, _ = app(folder)
     body = {"messages": PREFILL, "add_generation_prompt": False, "continue_final_message": True}
     r = http.post("/tokenize", json=body)
