@@ -156,8 +156,8 @@ def test_steps_send_only_the_blocks_appended_since(qwen_dir, monkeypatch):
         deltas = [n for since, n in sent_from if since]
         assert len(deltas) > len(sent_from) // 2 and max(deltas) <= 1  # a block a step at most
 
-        def whole(self, req, n, sent):  # every table sent whole
-            return work(self, req, n, None)
+        def whole(self, req, n, sent, history):  # every table (and history) sent whole
+            return work(self, req, n, None, None)
 
         work = sched_mod.Scheduler._work
         monkeypatch.setattr(sched_mod.Scheduler, "_work", whole)

@@ -89,6 +89,26 @@ def test_penalties_through_preemption(qwen_dir, reference):
         assert llm.engine.scheduler.num_preemptions > 0
 
 
+def test_each_output_crosses_once(qwen_dir, reference, monkeypatch):
+    """A decoding penalised sequence's message carries only the outputs since its last count
+    (one or two a step), not its whole history; the prompt only when counting starts."""
+    from moebius.engine.penalty_counts import PenaltyCounts
+
+    prompts, params, want = reference
+    parts, original = [], PenaltyCounts.update
+
+    def record(self, rids, step_parts, h2d):
+        parts.extend(step_parts)
+        return original(self, rids, step_parts, h2d)
+
+    monkeypatch.setattr(PenaltyCounts, "update", record)
+    with LLM(qwen_dir, async_scheduling=True) as llm:
+        assert _tokens(llm.generate(prompts, params)) == want
+    deltas = [(len(outputs), len(prompt)) for outputs, prompt, counted in parts if counted]
+    assert len(deltas) > len(parts) // 2
+    assert max(n for n, _ in deltas) <= 2 and not any(p for _, p in deltas)
+
+
 @pytest.mark.parametrize("progressive", [0, 1])
 def test_penalties_through_layout_switches(qwen_dir, reference, progressive):
     prompts, params, want = reference
