@@ -37,13 +37,13 @@ class Tokenizer:
             with open(cfg_path) as f:
                 cfg = json.load(f)
         self.chat_template = find_template(model_dir, cfg, chat_template)
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
         self.special_tokens = {  # as transformers hands them to the template
             name: text
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
             if (text := _token_text(cfg.get(name))) is not None
         }
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None

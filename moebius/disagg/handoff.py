@@ -33,7 +33,7 @@ from moebius.config import EngineConfig
 from moebius.disagg.kv_transfer import KVTransport, TorchDistTransport, endpoint_name
 from moebius.disagg.roles import DecodeEngine, PrefillEngine
 from moebius.server import protocol as P
-from moebius.server.api import APIError, error_json, to_api_error
+from moebius.server.api import APIError, error_json, error_response
 from moebius.server.responses import Responder
 from moebius.server.serve import run_server
 
@@ -53,10 +53,7 @@ def _parse(responder: Responder, kind: str, body: dict, served_name: str):
 
 
 def _error(e: BaseException) -> JSONResponse:
-    err = to_api_error(e)
-    if err.status == 500:
-        log.exception("handoff failed")
-    return error_json(err.status, err.message, err.type, err.param, err.code, err.headers)
+    return error_response(e, log, "handoff failed")
 
 
 def add_handoff_routes(app: FastAPI, role: str, transport: KVTransport, served_name: str) -> None:

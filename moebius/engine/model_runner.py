@@ -449,9 +449,11 @@ class ModelRunner:
         there is one, the newest: this step's last input token, read on the device where it
         is still in flight (as ``_copy_inflight``)."""
         rows = [i for i, s in enumerate(work) if s.penalties is not None]
+        if not rows:
+            if self._penalty_counts is not None:
+                self._penalty_counts.forget()
+            return
         if self._penalty_counts is None:
-            if not rows:
-                return
             self._penalty_counts = PenaltyCounts(logits.shape[1], self.device)
         V = logits.shape[1]
         newest, dst, rids = [], [], []
@@ -465,8 +467,6 @@ class ModelRunner:
             newest.append(last)
         slots = self._penalty_counts.update([work[i].request_id for i in rows],
                                             [work[i].penalties[3:] for i in rows], self._h2d)
-        if not rows:
-            return
         newest_t = self._h2d(newest)
         self._copy_inflight(newest_t, dst, rids)
         counts = self._penalty_counts.counts[slots]

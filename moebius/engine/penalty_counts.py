@@ -70,6 +70,10 @@ class PenaltyCounts:
             self.in_prompt[h2d(prompt_rows), h2d(prompt_ids)] = True
         return h2d(rows)
 
+    def forget(self) -> None:
+        """A step without penalised rows: every row is free again (each request sent whole)."""
+        self.slots, self.counted = {}, {}
+
     def _grow(self, rows: int) -> None:
         """At least ``rows`` rows (doubling), the counted ones kept in place."""
         size = max(rows, 2 * len(self.counts), 8)

@@ -55,10 +55,14 @@ TOPK_ROWS = int(os.environ.get("MOEBIUS_TOPK_ROWS", "2"))
 # Session 13 (H100, `bench.moe_kernels --one-sweep`): alone, 6 stages or a 32x256 gate/up tile
 # on 2 warps took the pair 40.4 -> ~35 us, but end to end the best pair lost (batch 1 3.06 ->
 # 3.13 ms): PDL already hides the ramp those shorten. Defaults kept.
-_SMALL = os.environ.get("MOEBIUS_MOE_TILES_SMALL", "")
-SMALL_TILES = tuple(int(v) for v in _SMALL.split(",")) if _SMALL else None
-_LAUNCH = os.environ.get("MOEBIUS_MOE_LAUNCH_SMALL", "")
-SMALL_LAUNCH = tuple(int(v) for v in _LAUNCH.split(",")) if _LAUNCH else None
+def env_ints(name: str, default: str = "") -> tuple[int, ...] | None:
+    """A "a,b,c,d" tuning variable as integers (None where unset and no default)."""
+    text = os.environ.get(name, default)
+    return tuple(int(v) for v in text.split(",")) if text else None
+
+
+SMALL_TILES = env_ints("MOEBIUS_MOE_TILES_SMALL")
+SMALL_LAUNCH = env_ints("MOEBIUS_MOE_LAUNCH_SMALL")
 
 
 @triton.jit

@@ -25,13 +25,11 @@ Shape legend: M pairs, P pieces, BM rows a block.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from moebius.model.triton_moe import _Plan, _run
+from moebius.model.triton_moe import _Plan, _run, env_ints
 from moebius.model.triton_sort import sort_pairs
 
 BM_LARGE = 64
@@ -40,8 +38,7 @@ BM_LARGE = 64
 # 2,048 tokens 0.796 -> 0.720 ms a layer (grouped GEMM 0.956) against 128 columns; in the
 # engine's 1 x 2048 prefill the down kernel 13.68 -> 11.14 ms a step, the step 47.0 -> 44.5 ms
 # (three runs each in alternation). MOEBIUS_MOE_TILES_LARGE="BN1,BK1,BN2,BK2" replaces them.
-_LARGE = os.environ.get("MOEBIUS_MOE_TILES_LARGE", "128,64,256,64")
-TILES_LARGE = tuple(int(v) for v in _LARGE.split(","))
+TILES_LARGE = env_ints("MOEBIUS_MOE_TILES_LARGE", "128,64,256,64")
 WARPS_LARGE = 8
 
 

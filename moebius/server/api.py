@@ -88,6 +88,16 @@ def to_api_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_server_error")
 
 
+def error_response(e: BaseException, logger: logging.Logger = log,
+                   what: str = "request failed") -> JSONResponse:
+    """OpenAI's error JSON for ``e`` (``to_api_error``); an internal error (500) is logged
+    with its traceback as ``what``."""
+    err = to_api_error(e)
+    if err.status == 500:
+        logger.exception(what)
+    return error_json(err.status, err.message, err.type, err.param, err.code, err.headers)
+
+
 def create_app(
     engine,
     served_model_name: str,
@@ -180,10 +190,7 @@ def create_app(
                 )
             return JSONResponse(await responder.collect(job))
         except Exception as e:
-            err = to_api_error(e)
-            if err.status == 500:
-                log.exception("request failed")
-            return error_json(err.status, err.message, err.type, err.param, err.code, err.headers)
+            return error_response(e)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -213,10 +220,7 @@ def create_app(
         try:
             return JSONResponse(handle(responder, await parse(request, model)).model_dump())
         except Exception as e:
-            err = to_api_error(e)
-            if err.status == 500:
-                log.exception("request failed")
-            return error_json(err.status, err.message, err.type, err.param, err.code, err.headers)
+            return error_response(e)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

@@ -183,6 +183,17 @@ class MessageToolCall(_Strict):
         return call if self.id is None else {"id": self.id, **call}
 
 
+def _render_each(items, field: str) -> list[dict[str, Any]]:
+    """Each item's ``render()``; a ValueError names the item as ``field[i].``."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(item.render())
+        except ValueError as e:
+            raise ValueError(f"{field}[{i}].{e}") from None
+    return out
+
+
 class ChatMessage(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -202,13 +213,7 @@ class ChatMessage(_Strict):
         if self.tool_calls:
             if self.role != "assistant":
                 raise ValueError("tool_calls: only assistant messages carry tool calls")
-            calls = []
-            for i, call in enumerate(self.tool_calls):
-                try:
-                    calls.append(call.render())
-                except ValueError as e:
-                    raise ValueError(f"tool_calls[{i}].{e}") from None
-            msg["tool_calls"] = calls
+            msg["tool_calls"] = _render_each(self.tool_calls, "tool_calls")
         if self.role == "tool" and self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
         return msg
@@ -251,13 +256,7 @@ class ChatTemplateFields(_Strict):
 
     def rendered_messages(self) -> list[dict[str, Any]]:
         """The messages as the chat template reads them; ValueError (a 400) names the field."""
-        out = []
-        for i, m in enumerate(self.messages):
-            try:
-                out.append(m.render())
-            except ValueError as e:
-                raise ValueError(f"messages[{i}].{e}") from None
-        return out
+        return _render_each(self.messages, "messages")
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The ``tools`` handed to the chat template: the request's definitions (fields left

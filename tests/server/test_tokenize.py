@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
 
 from moebius.server.api import create_app
 from moebius.tokenizer import Tokenizer
 from tests.conftest import copy_checkpoint
-from tests.server.test_tool_calls import ScriptedEngine
+from tests.server.test_tool_calls import ScriptedEngine, open_app
 
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}]
 # The final message's content appears twice: the cut must be at the last one. It also ends in
@@ -29,7 +28,7 @@ TRIMMED = """{%- for m in messages -%}
 @pytest.fixture(scope="module")
 def bos_dir(qwen_dir, tmp_path_factory):
     return copy_checkpoint(qwen_dir, str(tmp_path_factory.mktemp("bos") / "ckpt"),
-                   bos_token="<|endoftext|>", add_bos_token=True)
+                           bos_token="<|endoftext|>", add_bos_token=True)
 
 
 @pytest.fixture
@@ -38,12 +37,7 @@ def app(request):
     opened = []
 
     def start(model_dir: str, name: str = "tiny"):
-        http = TestClient(create_app(ScriptedEngine(model_dir, "ok"), name))
-        http.__enter__()
-        opened.append(http)
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none",
-                               http_client=http, max_retries=0)
-        return http, client
+        return open_app(create_app(ScriptedEngine(model_dir, "ok"), name), opened)
 
     yield start
     for http in opened:

@@ -90,6 +90,16 @@ class ScriptedEngine:
         pass
 
 
+def open_app(app, opened: list) -> tuple[TestClient, openai.OpenAI]:
+    """A started in-process client of ``app`` (appended to ``opened``, for the fixture to
+    close) and the official openai client over it."""
+    http = TestClient(app)
+    http.__enter__()
+    opened.append(http)
+    return http, openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http,
+                               max_retries=0)
+
+
 @pytest.fixture
 def serve(qwen_dir, tools_template_path):
     """``serve(script, tool_calls)`` -> (openai client, engine), closed after the test."""
@@ -98,11 +108,7 @@ def serve(qwen_dir, tools_template_path):
     def start(script: str = TWO_CALLS, tool_calls: ToolCallConfig | None = HERMES):
         engine = ScriptedEngine(qwen_dir, script)
         engine.tokenizer = Tokenizer(qwen_dir, tools_template_path)
-        http = TestClient(create_app(engine, "tiny", tool_calls=tool_calls))
-        http.__enter__()
-        opened.append(http)
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none",
-                               http_client=http, max_retries=0)
+        _, client = open_app(create_app(engine, "tiny", tool_calls=tool_calls), opened)
         return client, engine
 
     yield start
