@@ -21,6 +21,7 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model import triton_qk
 except ImportError:  # pragma: no cover - depends on the install
     triton_qk = None
+from moebius.model import router_fold
 
 
 def attention_block(
@@ -34,10 +35,12 @@ def attention_block(
     positions,
     kv_cache,
     meta: AttentionMeta,
+    o_rows: torch.Tensor | None = None,
 ):
     """Self-attention. TP: this rank's head slice (views of the whole weights), o_proj
     row-parallel and all-reduced. EP (or one rank): all heads, one q/k/v GEMM, no
-    communication."""
+    communication. ``o_rows``: a one-rank output projection with more rows than o_proj's
+    (router_fold.py)."""
     d = cfg.head_dim
     qh, kvh = layout.q_heads(cfg), layout.kv_heads(cfg)
     q_w = lw.q_proj[qh.start * d : qh.stop * d]
@@ -63,7 +66,7 @@ def attention_block(
         q, k = rotary.apply(q, positions), rotary.apply(k, positions)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
-    o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
+    o_w = lw.o_proj[:, qh.start * d : qh.stop * d] if o_rows is None else o_rows
     out = project(o.reshape(T, -1), o_w)
     return comm.all_reduce(out) if layout.is_tp else out
 
@@ -76,11 +79,16 @@ def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, l
     is added in the same launch as the input norm. Returns (residual, this layer's output)."""
     lw = weights.layers[i]
     eps = cfg.rms_norm_eps
-    x, h = add_rms_norm(x, pending, lw.input_norm, eps)
+    fold = expert_ids is None and router_fold.applies(lw, x, comm)
+    if fold:  # the norm + router launch after attention folded away (one token)
+        x, h, share = router_fold.input_norm(x, pending, lw, eps)
+    else:
+        x, h = add_rms_norm(x, pending, lw.input_norm, eps)
     if x.shape[0]:
-        h = attention_block(
-            h, lw, i, cfg, layout, comm, rotary, positions, kv_pool.view(i, layout), meta
-        )
+        h = attention_block(h, lw, i, cfg, layout, comm, rotary, positions,
+                            kv_pool.view(i, layout), meta, lw.o_route if fold else None)
+    if fold:
+        return router_fold.experts(x, h, share, lw, weights.experts, cfg)
     if lw.router is None:
         x, h = add_rms_norm(x, h, lw.post_norm, eps)
         return x, dense_mlp(h, lw.dense, layout, comm)

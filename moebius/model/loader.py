@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from moebius.config import ConfigError, ModelConfig
+from moebius.model import router_fold
 from moebius.model.weights import ExpertStore, LayerWeights, ModelWeights
 from moebius.parallel.layout import Layout
 
@@ -175,6 +176,7 @@ def load_weights(
                 lw.router_bias = bias.float()
             _load_experts(store, cfg, layout, moe_index, reader, prefix, rand, dtype, device)
             moe_index += 1
+            router_fold.prepare(lw, cfg, layout.world_size, dtype, device)
         layers.append(lw)
     return ModelWeights(embed=embed, norm=norm, lm_head=lm_head, layers=layers, experts=store)
 

@@ -31,6 +31,7 @@ P pieces, H hidden, c intermediate width of a piece, BM rows a block.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -105,12 +106,13 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
                 BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
                 K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
-                ROWS: tl.constexpr):
+                ROWS: tl.constexpr, share, scale, FOLD: tl.constexpr):
     """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
     gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
-    else read back from ``ids``. ROWS: copies of the logits the top-k runs on (``TOPK_ROWS``)."""
+    else read back from ``ids``. ROWS: copies of the logits the top-k runs on (``TOPK_ROWS``).
+    FOLD: the logits are completed first (``_topk``)."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
         if PICK:
@@ -119,7 +121,7 @@ def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, str
             else:
                 offs_t = tl.arange(0, ROWS) * 0  # ROWS copies of the token's logits
             picked_i, picked_w = _topk(logits, 1, E, stride_lt, offs_t, ROWS, K, K_PAD, E_PAD,
-                                       RENORM)
+                                       RENORM, share, scale, FOLD)
             mine = (tl.arange(0, ROWS)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
             piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
             if tl.program_id(1) == 0:
@@ -154,6 +156,11 @@ def _w13_kernel(
     stride_wn,
     stride_am,
     stride_lt,
+    O,
+    share,
+    norm_w,
+    Xres,
+    eps,
     TOPK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -163,13 +170,19 @@ def _w13_kernel(
     E_PAD: tl.constexpr,
     RENORM: tl.constexpr,
     ROWS: tl.constexpr,
+    FOLD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    scale = 1.0
+    if FOLD:  # X is the residual before the attention output O is added (router_fold.py)
+        scale = _fold_residual(X, O, Xres, H, eps, (pid_m == 0) & (pid_n == 0), BLOCK_H)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
-                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS)
+                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS, share,
+                              scale, FOLD)
     if piece < 0:
         return
     rmask = rows < M
@@ -182,8 +195,17 @@ def _w13_kernel(
     for k0 in range(0, H, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < H
-        x = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xmask = rmask[:, None] & kmask[None, :]
+        if FOLD:  # the normed row, rounded as the add + norm launch rounds it
+            x = (tl.load(X + tok[:, None] * stride_xt + offs_k[None, :], mask=xmask, other=0.0)
+                 .to(tl.float32)
+                 + tl.load(O + offs_k[None, :] + tok[:, None] * 0, mask=xmask, other=0.0)
+                 .to(tl.float32)).to(Xres.dtype.element_ty).to(tl.float32)
+            x = (x * scale).to(Xres.dtype.element_ty).to(tl.float32)
+            wn = tl.load(norm_w + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            x = (wn[None, :] * x).to(W.dtype.element_ty)
+        else:
+            x = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :], mask=xmask, other=0.0)
         wmask = nmask[:, None] & kmask[None, :]
         wg = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
         wu = tl.load(w_base + (C + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask,
@@ -196,6 +218,19 @@ def _w13_kernel(
     out_rows = pid_m * BM + tl.arange(0, BM)
     tl.store(A + out_rows[:, None] * stride_am + offs_n[None, :], act.to(A.dtype.element_ty),
              mask=nmask[None, :])
+
+
+@triton.jit
+def _fold_residual(X, O, Xres, H, eps, WRITE, BLOCK_H: tl.constexpr):
+    """The token's new residual X + O (rounded; stored where WRITE) and its RMSNorm scale
+    1/sqrt(mean(x²) + eps), as the add + norm launch computes them."""
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < H
+    x = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)).to(Xres.dtype.element_ty)
+    tl.store(Xres + offs, x, mask=mask & WRITE)
+    x = x.to(tl.float32)
+    return tl.rsqrt(tl.sum(x * x, 0) / H + eps)
 
 
 @triton.jit
@@ -224,7 +259,7 @@ def _w2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
-                              BM, ONE, False, 1, 1, 1, False, 1)
+                              BM, ONE, False, 1, 1, 1, False, 1, route_w, 1.0, False)
     if piece < 0:
         return
     rmask = rows < M
@@ -296,11 +331,13 @@ class Routed:
     """One rank's routing of T tokens, computed with the norm before the block: router ``logits``
     (T, E), top-k ``ids`` (T, K), ``weights`` (T, K) and the alignment ``plan`` of the T·K
     pairs over every expert. ``one`` (one token, ``SELF_ROUTE``): the plan is left unfilled;
-    the gate/up kernel picks the experts from the logits and fills ``ids`` and ``weights``."""
+    the gate/up kernel picks the experts from the logits and fills ``ids`` and ``weights``.
+    ``logits``: computed elsewhere (else allocated here, for the norm's launch to fill)."""
 
     def __init__(self, T: int, top_k: int, num_experts: int, dtype, dev,
-                 renormalize: bool) -> None:
-        self.logits = torch.empty(T, num_experts, dtype=dtype, device=dev)
+                 renormalize: bool, logits: torch.Tensor | None = None) -> None:
+        self.logits = (torch.empty(T, num_experts, dtype=dtype, device=dev) if logits is None
+                       else logits)
         self.ids = torch.empty(T, top_k, dtype=torch.long, device=dev)
         self.weights = torch.empty(T, top_k, dtype=dtype, device=dev)
         self.plan = _Plan(T * top_k, num_experts, dev)
@@ -308,16 +345,31 @@ class Routed:
         self.one = SELF_ROUTE and T == 1
 
 
-def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None):
+def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None, fold=None):
     """The two expert GEMMs of tokens ``x`` on a ``Routed`` plan: the (T, K, H) weighted
-    rows, unsummed (as ``reduce=False``). ``tiles``, ``launch``: as ``_run`` (tuning)."""
+    rows, unsummed (as ``reduce=False``). ``tiles``, ``launch``: as ``_run`` (tuning).
+    ``fold`` (a ``Fold``, one token): ``x`` is the residual before the attention output is
+    added, and ``routed.logits`` the residual's share of the logits (model/router_fold.py)."""
     assert routed.plan.M <= MAX_PAIRS and w13.shape[0] == routed.plan.P
+    assert fold is None or routed.one
     return _run(x, routed.plan, routed.ids.shape[1], routed.weights, w13, w2t, tiles, False,
-                routed if routed.one else None, launch=launch)
+                routed if routed.one else None, launch=launch, fold=fold)
+
+
+class Fold(NamedTuple):
+    """What the gate/up kernel of one token needs to do the add + norm before it itself: the
+    attention output ``o`` (1, H), its share of the router logits ``share`` (1, E), the norm's
+    weight and eps, and where the new residual goes (``residual`` (1, H))."""
+
+    o: torch.Tensor
+    share: torch.Tensor
+    norm_w: torch.Tensor
+    eps: float
+    residual: torch.Tensor
 
 
 def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=None,
-         launch: tuple[int, int, int, int] | None = None):
+         launch: tuple[int, int, int, int] | None = None, fold: Fold | None = None):
     """The gate/up and down GEMMs over an aligned plan, or over a one-token ``Routed`` ``one``
     whose experts the gate/up kernel picks; (T, H) summed or (T, K, H) rows. ``launch``:
     (warps, stages) of the gate/up and of the down kernel; default 4 and 4, up to 8 pairs
@@ -337,11 +389,15 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
         pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
                     E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize,
                     ROWS=TOPK_ROWS)
+    f = fold or Fold(x, x, x, 0.0, x)  # unread unless fold
+    if fold is not None:
+        assert f.o.stride(-1) == f.share.stride(-1) == 1 and f.residual.is_contiguous()
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
-        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, num_warps=w1, num_stages=s1,
-        **launch_kw(),
+        f.o, f.share, f.norm_w, f.residual, f.eps,
+        TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, FOLD=fold is not None,
+        BLOCK_H=triton.next_power_of_2(H), num_warps=w1, num_stages=s1, **launch_kw(),
     )
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
     y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=x.device)
@@ -356,13 +412,18 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
 
 @triton.jit
 def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr, share, scale,
+          FOLD: tl.constexpr):
     """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
-    (ids (BT, K_PAD) int64, weights (BT, K_PAD) float32; columns from K on are 0)."""
+    (ids (BT, K_PAD) int64, weights (BT, K_PAD) float32; columns from K on are 0).
+    FOLD (one token): the logits are (logits + share) · scale, rounded to share's dtype."""
     offs_e = tl.arange(0, E_PAD)
-    x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
-                mask=(offs_t < T)[:, None] & (offs_e[None, :] < E),
+    emask = (offs_t < T)[:, None] & (offs_e[None, :] < E)
+    x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :], mask=emask,
                 other=float("-inf")).to(tl.float32)
+    if FOLD:
+        b = tl.load(share + offs_e[None, :] + offs_t[:, None] * 0, mask=emask, other=0.0)
+        x = ((x + b.to(tl.float32)) * scale).to(share.dtype.element_ty).to(tl.float32)
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
@@ -389,7 +450,8 @@ def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr,
                K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                RENORM: tl.constexpr):
     """``_topk`` of rows offs_t, stored in ids and weights (T, K)."""
-    picked_i, picked_w = _topk(logits, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM)
+    picked_i, picked_w = _topk(logits, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM,
+                               logits, 1.0, False)
     cols = tl.arange(0, K_PAD)
     out = offs_t[:, None] * K + cols[None, :]
     omask = (offs_t < T)[:, None] & (cols[None, :] < K)

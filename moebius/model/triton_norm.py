@@ -65,7 +65,7 @@ def _add_norm_row(X, Parts, Index, RowW, w, Xout, Out, t, H, R, eps, stride_xt, 
     n = (x * tl.rsqrt(var + eps)).to(Out.dtype.element_ty).to(tl.float32)
     h = (w * n).to(Out.dtype.element_ty)
     tl.store(Out + t * stride_ot + offs, h, mask=mask & WRITE)
-    return h.to(tl.float32)
+    return x, h.to(tl.float32)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
                                stride_xt, stride_pt, stride_pr, stride_xo, stride_ot, stride_re,
                                stride_lt, HAS_PARTS: tl.constexpr, GATHER: tl.constexpr,
                                R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BE: tl.constexpr,
-                               PDL: tl.constexpr):
+                               ON_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
@@ -97,14 +97,17 @@ def _add_rms_norm_route_kernel(X, Parts, Index, RowW, W, Xout, Out, Router, Logi
                 mask=emask[:, None] & (offs[None, :] < H), other=0.0).to(tl.float32)
     w = tl.load(W + offs, mask=offs < H, other=0.0).to(tl.float32)
     pdl_wait(PDL)
-    h = _add_norm_row(X, Parts, Index, RowW, w, Xout, Out, t, H, R, eps, stride_xt, stride_pt,
-                      stride_pr, stride_xo, stride_ot, eb == 0, HAS_PARTS, GATHER, R_PAD,
-                      BLOCK_H)
+    x, h = _add_norm_row(X, Parts, Index, RowW, w, Xout, Out, t, H, R, eps, stride_xt,
+                         stride_pt, stride_pr, stride_xo, stride_ot, eb == 0, HAS_PARTS, GATHER,
+                         R_PAD, BLOCK_H)
+    if ON_RESIDUAL:  # the new residual's (unnormed) share of folded router logits, float32
+        h = x
     logits = tl.sum(r * h[None, :], 1)  # rounded as a bf16 GEMM's output would be
     tl.store(Logits + t * stride_lt + offs_e, logits.to(Logits.dtype.element_ty), mask=emask)
 
 
-def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
+def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False,
+            on_residual=False):
     T, H = x.shape
     out = torch.empty_like(x)
     gather = parts is not None and not isinstance(parts, torch.Tensor)  # ops.ExpertRows
@@ -118,8 +121,12 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
         parts = parts.unsqueeze(1) if parts.dim() == 2 else parts
         R = parts.shape[1]
     xout = x if parts is None else torch.empty_like(x)
-    routed = (None if router is None
-              else Routed(T, top_k, router.shape[0], x.dtype, x.device, renormalize))
+    if router is None:
+        routed = None
+    elif on_residual:  # float32 logits, completed by the gate/up kernel (router_fold.py)
+        routed = torch.empty(T, router.shape[0], dtype=torch.float32, device=x.device)
+    else:
+        routed = Routed(T, top_k, router.shape[0], x.dtype, x.device, renormalize)
     if T == 0:
         return xout, out, routed
     assert x.stride(1) == 1 and (parts is None or parts.stride(-1) == 1)
@@ -144,13 +151,13 @@ def _launch(x, parts, weight, eps, router=None, top_k=0, renormalize=False):
     else:
         E, be = router.shape[0], 8
         assert router.stride(1) == 1
-        logits = routed.logits
+        logits = routed if on_residual else routed.logits
         _add_rms_norm_route_kernel[(T, triton.cdiv(E, be))](
             *args, router, logits, H, R, E, eps, *strides, router.stride(0), logits.stride(0),
-            **flags, BE=be, num_warps=min(16, max(8, block * max(r_pad, be) // 2048)),
-            **launch_kw(),
+            **flags, BE=be, ON_RESIDUAL=on_residual,
+            num_warps=min(16, max(8, block * max(r_pad, be) // 2048)), **launch_kw(),
         )
-        if not routed.one:  # else the gate/up kernel picks the experts (Routed.one)
+        if not on_residual and not routed.one:  # else the gate/up kernel picks the experts
             route_align(routed, renormalize)
     return xout, out, routed
 
@@ -167,3 +174,11 @@ def add_rms_norm_route(x, parts, weight, eps: float, router: torch.Tensor, top_k
     expert on this rank): a ``triton_moe.Routed`` (top-k ids, weights, the experts' plan)."""
     assert 0 < top_k and x.shape[0] <= ROUTE_FUSED_TOKENS
     return _launch(x, parts, weight, eps, router, top_k, renormalize)
+
+
+def add_rms_norm_residual_logits(x, parts, weight, eps: float, router_res: torch.Tensor):
+    """``add_rms_norm`` plus ``router_res`` (E, H) times the new *unnormed* residual: (residual,
+    normed rows, (T, E) float32), the residual's share of router logits folded past the next
+    norm (model/router_fold.py)."""
+    assert router_res.stride(1) == 1
+    return _launch(x, parts, weight, eps, router_res, on_residual=True)

@@ -36,6 +36,10 @@ class LayerWeights:
     mla: dict[str, torch.Tensor] = field(default_factory=dict)
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     router_bias: torch.Tensor | None = None
+    # One token at one rank, MOEBIUS_FOLD_ROUTER=1 (model/router_fold.py): [o; router·diag(post
+    # norm)·o] rows (o_proj is a view of the first H) and router·diag(post norm) (E, H)
+    o_route: torch.Tensor | None = None
+    router_res: torch.Tensor | None = None
 
 
 class ExpertStore:

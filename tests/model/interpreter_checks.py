@@ -89,6 +89,44 @@ def norm_route_align_experts() -> None:
             triton_moe.TOPK_ROWS = 2
 
 
+def router_fold() -> None:
+    """One token with the post-attention add + norm + router folded into the input norm's
+    launch, E more o rows and the gate/up kernel (model/router_fold.py), against the unfolded
+    launches: the same residuals, normed row, picks and expert rows."""
+    from moebius.model import triton_moe, triton_norm
+    from moebius.model.triton_moe import Fold, Routed, experts_routed
+
+    g = torch.Generator().manual_seed(5)
+    triton_moe.SELF_ROUTE = True
+    for R, E, K, renorm in [(8, 16, 4, True), (0, 12, 2, False)]:
+        H, c, A, eps = 128, 64, 96, 1e-6
+        x0 = torch.randn(1, H, generator=g)
+        parts = None if R == 0 else torch.randn(1, R, H, generator=g)
+        w_in, w_post = (1 + 0.1 * torch.randn(H, generator=g) for _ in range(2))
+        router = torch.randn(E, H, generator=g) * H**-0.5
+        o_proj = torch.randn(H, A, generator=g) * A**-0.5
+        attn = torch.randn(1, A, generator=g)
+        w13 = torch.randn(E, 2 * c, H, generator=g) * H**-0.5
+        w2 = torch.randn(E, c, H, generator=g) * c**-0.5
+        x1, h1 = triton_norm.add_rms_norm(x0, parts, w_in, eps)
+        x2, h2, routed = triton_norm.add_rms_norm_route(x1, attn @ o_proj.T, w_post, eps, router,
+                                                        K, renorm)
+        rows = experts_routed(h2, routed, w13, w2)
+        res = router * w_post
+        fx1, fh1, share = triton_norm.add_rms_norm_residual_logits(x0, parts, w_in, eps, res)
+        assert torch.equal(fx1, x1) and torch.equal(fh1, h1)
+        assert rel(share, x1 @ res.T) < 1e-6
+        attn_rows = attn @ torch.cat([o_proj, res @ o_proj]).T
+        folded = Routed(1, K, E, x0.dtype, "cpu", renorm, logits=share)
+        residual = torch.full_like(x0, float("nan"))
+        frows = experts_routed(fx1, folded, w13, w2, fold=Fold(
+            attn_rows[:, :H], attn_rows[:, H:], w_post, eps, residual))
+        assert rel(residual, x2) < 1e-6
+        assert torch.equal(folded.ids, routed.ids), (folded.ids, routed.ids)
+        assert rel(folded.weights, routed.weights) < 1e-5
+        assert rel(frows, rows) < 1e-5
+
+
 def gated() -> None:
     """SiLU(gate)·up of grouped-GEMM rows against the eager ops."""
     from moebius.model.triton_gated import silu_mul
@@ -295,7 +333,8 @@ def mla_decode() -> None:
             assert rel(paged_mla_decode(q, cache, tables, lens, 0.07, max_context, r), ref) < 1e-5
 
 
-CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, gemv, gated,
+CHECKS = {f.__name__: f for f in (qk_norm_rope_write, norm_route_align_experts, router_fold,
+                                  gemv, gated,
                                   fused_experts_large, sort_pairs, gumbel_max, filtered_draw,
                                   restricted_draw, decode_attention, prefill_attention,
                                   mla_decode)}

@@ -254,6 +254,28 @@ def test_one_token_self_routing_matches_aligned_routing(qwen_dir, monkeypatch):
         assert max(abs(a - b) for a, b in zip(la, lr, strict=True)) < 2e-2
 
 
+def test_router_fold_matches_unfolded(qwen_dir, monkeypatch):
+    """Batch-1 decode in CUDA graphs with the post-attention norm + router launch folded away
+    (``MOEBIUS_FOLD_ROUTER=1``, model/router_fold.py): the tokens of the unfolded launches,
+    log-probabilities to bf16 rounding."""
+    from moebius import LLM, SamplingParams
+    from moebius.model import router_fold
+    from tests.conftest import PROMPTS
+
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    runs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(router_fold, "ENABLED", enabled)
+        with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
+            assert (llm.engine.executor.runner.weights.layers[0].o_route is not None) == enabled
+            outs = [llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0] for p in PROMPTS]
+        runs.append([(o.token_ids, [lp[t].logprob for lp, t in
+                                    zip(o.logprobs, o.token_ids, strict=True)]) for o in outs])
+    for (ta, la), (tf, lf) in zip(*runs, strict=True):
+        assert ta == tf
+        assert max(abs(a - b) for a, b in zip(la, lf, strict=True)) < 2e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,nh,ctx_max", [(1, 16, 900), (9, 20, 130), (64, 128, 40)])
 def test_triton_mla_decode_matches_reference(dtype, B, nh, ctx_max):

@@ -1,0 +1,86 @@
+"""One token at one rank: the add + norm + router launch between attention and the experts,
+folded away (``MOEBIUS_FOLD_ROUTER=1``).
+
+At batch 1 a layer is a chain of dependent launches, each costing its latency (wait release,
+an L2 round trip, a store) while the weight stream idles (docs/persistent-decode.md); removing
+a stage is what has paid (the top-k launch, session 10). This one removes the launch that adds
+the attention output to the residual, norms it and computes the router logits.
+
+RMSNorm is a positive scalar times a linear map: with x = x1 + o (residual plus attention
+output) and r = 1/rms(x), router(norm(x)) = r · W_r·diag(w)·(x1 + o), and o = W_o·attn. So
+
+    logits = r · (R·x1 + (R·W_o)·attn),   R = W_r·diag(w) (E, H),
+
+and the top-k does not depend on r. The first share rides in the layer's *input* add + norm
+launch, which already holds x1 (``router_res`` = R, on the new residual); the second is E more
+rows of the o projection (``o_route`` = [W_o; R·W_o], o_proj a view of its first H rows);
+the gate/up kernel adds the two shares, computes x = x1 + o, r and the normed row with the
+norm launch's roundings, stores x (the next residual), and streams its picks' weights
+(triton_moe ``Fold``). Cost: E·(nh·d + H) more weight elements a layer (Qwen3-30B-A3B:
+1.5 MB, ~1% of a batch-1 layer's bytes).
+
+Rounding: the residual, the normed row and r are the ones the norm launch computes (r up to
+its reduction order); the logits differ from router(normed row) by bf16 roundings of R, R·W_o
+and the o-rows share, so a near-tie in the top-k can resolve the other way (as between two
+GEMM libraries); greedy tokens are checked against the unfolded path on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moebius.config import ModelConfig
+from moebius.model.moe import routes_fused
+from moebius.model.weights import ExpertStore, LayerWeights
+from moebius.parallel.comm import Comm
+
+try:  # Triton is there on GPU machines; the CPU path never needs it
+    from moebius.model import triton_moe
+    from moebius.model.triton_norm import add_rms_norm_residual_logits
+except ImportError:  # pragma: no cover - depends on the install
+    triton_moe = add_rms_norm_residual_logits = None
+
+ENABLED = os.environ.get("MOEBIUS_FOLD_ROUTER", "0") == "1"
+
+
+def prepare(lw: LayerWeights, cfg: ModelConfig, world_size: int, dtype, device) -> None:
+    """Give an MoE layer of a one-rank bf16 CUDA model its folded router weights
+    (``o_route``, ``router_res``; o_proj becomes a view), where ``ENABLED``."""
+    if not (ENABLED and triton_moe is not None and world_size == 1
+            and torch.device(device).type == "cuda" and dtype == torch.bfloat16
+            and lw.router is not None and lw.router_bias is None and not lw.shared
+            and lw.o_proj is not None and not cfg.is_mla):
+        return
+    H, E = cfg.hidden_size, cfg.num_experts
+    res = lw.router.float() * lw.post_norm.float()
+    o_route = torch.empty(H + E, lw.o_proj.shape[1], dtype=dtype, device=lw.o_proj.device)
+    o_route[:H].copy_(lw.o_proj)
+    o_route[H:].copy_(res @ lw.o_proj.float())
+    lw.o_proj, lw.o_route, lw.router_res = o_route[:H], o_route, res.to(dtype)
+
+
+def applies(lw: LayerWeights, x: torch.Tensor, comm: Comm) -> bool:
+    """The layer has folded weights and the step is one token the gate/up kernel routes."""
+    return (lw.o_route is not None and x.shape[0] == 1 and routes_fused(x, comm)
+            and triton_moe.SELF_ROUTE)
+
+
+def input_norm(x, pending, lw: LayerWeights, eps: float):
+    """The layer's input add + norm with the new residual's share of the router logits:
+    (residual, normed row, share (1, E) float32)."""
+    return add_rms_norm_residual_logits(x, pending, lw.input_norm, eps, lw.router_res)
+
+
+def experts(x, attn_rows, share, lw: LayerWeights, store: ExpertStore, cfg: ModelConfig):
+    """The MoE block after attention, whose o projection gave ``attn_rows`` (1, H + E): (the
+    next residual, the experts' (1, K, H) weighted rows, unsummed)."""
+    H = cfg.hidden_size
+    o, o_share = attn_rows[:, :H], attn_rows[:, H:]
+    routed = triton_moe.Routed(1, cfg.top_k, cfg.num_experts, x.dtype, x.device,
+                               cfg.norm_topk_prob, logits=share)
+    residual = torch.empty_like(x)
+    w13, w2t = store.view(lw.moe_index)
+    fold = triton_moe.Fold(o, o_share, lw.post_norm, cfg.rms_norm_eps, residual)
+    return residual, triton_moe.experts_routed(x, routed, w13, w2t, fold=fold)
