@@ -106,13 +106,13 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
                 BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
                 K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
-                ROWS: tl.constexpr, share, scale, FOLD: tl.constexpr):
+                ROWS: tl.constexpr, share, FOLD: tl.constexpr):
     """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
     gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
     else read back from ``ids``. ROWS: copies of the logits the top-k runs on (``TOPK_ROWS``).
-    FOLD: the logits are completed first (``_topk``)."""
+    FOLD: ``share`` holds the logits (``_topk``)."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
         if PICK:
@@ -121,7 +121,7 @@ def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, str
             else:
                 offs_t = tl.arange(0, ROWS) * 0  # ROWS copies of the token's logits
             picked_i, picked_w = _topk(logits, 1, E, stride_lt, offs_t, ROWS, K, K_PAD, E_PAD,
-                                       RENORM, share, scale, FOLD)
+                                       RENORM, share, FOLD)
             mine = (tl.arange(0, ROWS)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
             piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
             if tl.program_id(1) == 0:
@@ -156,6 +156,7 @@ def _w13_kernel(
     stride_wn,
     stride_am,
     stride_lt,
+    X_in,
     O,
     share,
     norm_w,
@@ -174,15 +175,21 @@ def _w13_kernel(
     BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    scale = 1.0
-    if FOLD:  # X is the residual before the attention output O is added (router_fold.py)
-        scale = _fold_residual(X, O, Xres, H, eps, (pid_m == 0) & (pid_n == 0), BLOCK_H)
+    if FOLD:  # the norm's weight is no kernel's output: read before the wait
+        wn = tl.load(norm_w + tl.arange(0, BLOCK_H), mask=tl.arange(0, BLOCK_H) < H,
+                     other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    logits_all = 0.0
+    if FOLD:  # X is where the normed row goes (router_fold.py)
+        logits_all = _fold_norm(X_in, O, logits, share, wn, Xres, X, H, E, eps,
+                                (pid_m == 0) & (pid_n == 0), ROWS, E_PAD, BLOCK_H)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
-                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS, share,
-                              scale, FOLD)
+                              stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS,
+                              logits_all, FOLD)
+    if FOLD:
+        tl.debug_barrier()  # the normed row this program stored is read back below
     if piece < 0:
         return
     rmask = rows < M
@@ -195,17 +202,8 @@ def _w13_kernel(
     for k0 in range(0, H, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < H
-        xmask = rmask[:, None] & kmask[None, :]
-        if FOLD:  # the normed row, rounded as the add + norm launch rounds it
-            x = (tl.load(X + tok[:, None] * stride_xt + offs_k[None, :], mask=xmask, other=0.0)
-                 .to(tl.float32)
-                 + tl.load(O + offs_k[None, :] + tok[:, None] * 0, mask=xmask, other=0.0)
-                 .to(tl.float32)).to(Xres.dtype.element_ty).to(tl.float32)
-            x = (x * scale).to(Xres.dtype.element_ty).to(tl.float32)
-            wn = tl.load(norm_w + offs_k, mask=kmask, other=0.0).to(tl.float32)
-            x = (wn[None, :] * x).to(W.dtype.element_ty)
-        else:
-            x = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :], mask=xmask, other=0.0)
+        x = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
         wmask = nmask[:, None] & kmask[None, :]
         wg = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
         wu = tl.load(w_base + (C + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask,
@@ -221,16 +219,33 @@ def _w13_kernel(
 
 
 @triton.jit
-def _fold_residual(X, O, Xres, H, eps, WRITE, BLOCK_H: tl.constexpr):
-    """The token's new residual X + O (rounded; stored where WRITE) and its RMSNorm scale
-    1/sqrt(mean(x²) + eps), as the add + norm launch computes them."""
+def _fold_norm(X_in, O, share_x, share_o, wn, Xres, Normed, H, E, eps, WRITE,
+               ROWS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The add + norm before the experts, redone by every gate/up program of one token: the
+    new residual X_in + O (rounded; stored where WRITE) and its normed row (stored by every
+    program: the same values), rounded as the add + norm launch rounds them; returns the
+    router logits (share_x + share_o) · 1/rms, rounded, as (ROWS, E_PAD) float32 (-inf past
+    E). Every load is issued before the first reduction."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
-    x = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-         + tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)).to(Xres.dtype.element_ty)
+    offs_e = tl.arange(0, E_PAD)
+    emask = (tl.arange(0, ROWS) == 0)[:, None] & (offs_e < E)[None, :]
+    # volatile: issued in this order, the logits first (ptxas otherwise puts their loads after
+    # the adds that use the rows, one more L2 round trip before the top-k)
+    la = tl.load(share_x + offs_e[None, :] + tl.arange(0, ROWS)[:, None] * 0, mask=emask,
+                 other=float("-inf"), volatile=True)
+    lb = tl.load(share_o + offs_e[None, :] + tl.arange(0, ROWS)[:, None] * 0, mask=emask,
+                 other=0.0, volatile=True)
+    x = (tl.load(X_in + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+         + tl.load(O + offs, mask=mask, other=0.0, volatile=True).to(tl.float32))
+    x = x.to(Xres.dtype.element_ty)
     tl.store(Xres + offs, x, mask=mask & WRITE)
     x = x.to(tl.float32)
-    return tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+    scale = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+    n = (x * scale).to(Normed.dtype.element_ty).to(tl.float32)
+    tl.store(Normed + offs, (wn * n).to(Normed.dtype.element_ty), mask=mask)
+    logits = (la.to(tl.float32) + lb.to(tl.float32)) * scale
+    return logits.to(share_o.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -259,7 +274,7 @@ def _w2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, route_w, ids, route_w, M, 0, 0,
-                              BM, ONE, False, 1, 1, 1, False, 1, route_w, 1.0, False)
+                              BM, ONE, False, 1, 1, 1, False, 1, route_w, False)
     if piece < 0:
         return
     rmask = rows < M
@@ -389,13 +404,15 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
         pick = dict(ONE=True, K_PAD=triton.next_power_of_2(K),
                     E_PAD=triton.next_power_of_2(plan.P), RENORM=one.renormalize,
                     ROWS=TOPK_ROWS)
+    x_in = x
     f = fold or Fold(x, x, x, 0.0, x)  # unread unless fold
-    if fold is not None:
+    if fold is not None:  # the kernel norms x_in + o into x
         assert f.o.stride(-1) == f.share.stride(-1) == 1 and f.residual.is_contiguous()
+        x = torch.empty_like(x_in)
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
-        f.o, f.share, f.norm_w, f.residual, f.eps,
+        x_in, f.o, f.share, f.norm_w, f.residual, f.eps,
         TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, FOLD=fold is not None,
         BLOCK_H=triton.next_power_of_2(H), num_warps=w1, num_stages=s1, **launch_kw(),
     )
@@ -412,18 +429,18 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
 
 @triton.jit
 def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr, share, scale,
+          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr, share,
           FOLD: tl.constexpr):
     """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
     (ids (BT, K_PAD) int64, weights (BT, K_PAD) float32; columns from K on are 0).
-    FOLD (one token): the logits are (logits + share) · scale, rounded to share's dtype."""
+    FOLD: ``share`` is the (BT, E_PAD) float32 logits themselves, already loaded."""
     offs_e = tl.arange(0, E_PAD)
-    emask = (offs_t < T)[:, None] & (offs_e[None, :] < E)
-    x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :], mask=emask,
-                other=float("-inf")).to(tl.float32)
     if FOLD:
-        b = tl.load(share + offs_e[None, :] + offs_t[:, None] * 0, mask=emask, other=0.0)
-        x = ((x + b.to(tl.float32)) * scale).to(share.dtype.element_ty).to(tl.float32)
+        x = share
+    else:
+        x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
+                    mask=(offs_t < T)[:, None] & (offs_e[None, :] < E),
+                    other=float("-inf")).to(tl.float32)
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
@@ -451,7 +468,7 @@ def _topk_rows(logits, ids, weights, T, E, stride_lt, offs_t, BT: tl.constexpr,
                RENORM: tl.constexpr):
     """``_topk`` of rows offs_t, stored in ids and weights (T, K)."""
     picked_i, picked_w = _topk(logits, T, E, stride_lt, offs_t, BT, K, K_PAD, E_PAD, RENORM,
-                               logits, 1.0, False)
+                               logits, False)
     cols = tl.arange(0, K_PAD)
     out = offs_t[:, None] * K + cols[None, :]
     omask = (offs_t < T)[:, None] & (cols[None, :] < K)

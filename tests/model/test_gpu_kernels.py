@@ -272,8 +272,8 @@ def test_router_fold_matches_unfolded(qwen_dir, monkeypatch):
         runs.append([(o.token_ids, [lp[t].logprob for lp, t in
                                     zip(o.logprobs, o.token_ids, strict=True)]) for o in outs])
     for (ta, la), (tf, lf) in zip(*runs, strict=True):
-        assert ta == tf
-        assert max(abs(a - b) for a, b in zip(la, lf, strict=True)) < 2e-2
+        assert ta == tf, (ta, tf, la, lf)
+        assert max(abs(a - b) for a, b in zip(la, lf, strict=True)) < 2e-2, (la, lf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
