@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On one lent GPU (~6 minutes): the batch-1 router fold (model/router_fold.py). Its GPU tests
 # (tokens of the unfolded path, the kernels it touches), then batch 1 and 8 with
-# MOEBIUS_FOLD_ROUTER=0 and =1 in alternation, two rounds.
+# MOEBIUS_FOLD_ROUTER=0 and =1 (the o share split or as more rows) in alternation, two rounds.
 source "$(dirname "$0")/gpu_common.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py \
   -k "router_fold or self_routing or add_rms_norm or norm_routes or gemv_matches or cuda_graphs" 2>&1 \
@@ -14,7 +14,8 @@ run() {  # $1 tag; env passes through
 }
 for i in 1 2; do
   MOEBIUS_FOLD_ROUTER=0 run "unfolded$i"
-  MOEBIUS_FOLD_ROUTER=1 run "folded$i"
+  MOEBIUS_FOLD_ROUTER=1 MOEBIUS_FOLD_SPLIT=1 run "fold_split$i"
+  MOEBIUS_FOLD_ROUTER=1 MOEBIUS_FOLD_SPLIT=0 run "fold_rows$i"
 done
 lap ab
 # Kernel tables of batch-1 eager steps, PDL off (each kernel's own time), unfolded and folded.

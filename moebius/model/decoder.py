@@ -35,12 +35,12 @@ def attention_block(
     positions,
     kv_cache,
     meta: AttentionMeta,
-    o_rows: torch.Tensor | None = None,
+    project_o=None,
 ):
     """Self-attention. TP: this rank's head slice (views of the whole weights), o_proj
     row-parallel and all-reduced. EP (or one rank): all heads, one q/k/v GEMM, no
-    communication. ``o_rows``: a one-rank output projection with more rows than o_proj's
-    (router_fold.py)."""
+    communication. ``project_o``: a one-rank output projection that also gives the router's
+    share (router_fold.py)."""
     d = cfg.head_dim
     qh, kvh = layout.q_heads(cfg), layout.kv_heads(cfg)
     q_w = lw.q_proj[qh.start * d : qh.stop * d]
@@ -66,8 +66,8 @@ def attention_block(
         q, k = rotary.apply(q, positions), rotary.apply(k, positions)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
-    o_w = lw.o_proj[:, qh.start * d : qh.stop * d] if o_rows is None else o_rows
-    out = project(o.reshape(T, -1), o_w)
+    o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
+    out = (project_o or project)(o.reshape(T, -1), o_w)
     return comm.all_reduce(out) if layout.is_tp else out
 
 
@@ -86,7 +86,8 @@ def layer_forward(weights: ModelWeights, i: int, x, pending, cfg: ModelConfig, l
         x, h = add_rms_norm(x, pending, lw.input_norm, eps)
     if x.shape[0]:
         h = attention_block(h, lw, i, cfg, layout, comm, rotary, positions,
-                            kv_pool.view(i, layout), meta, lw.o_route if fold else None)
+                            kv_pool.view(i, layout), meta,
+                            router_fold.o_projection(lw) if fold else None)
     if fold:
         return router_fold.experts(x, h, share, lw, weights.experts, cfg)
     if lw.router is None:

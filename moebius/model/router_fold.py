@@ -33,16 +33,21 @@ import torch
 
 from moebius.config import ModelConfig
 from moebius.model.moe import routes_fused
+from moebius.model.ops import project
 from moebius.model.weights import ExpertStore, LayerWeights
 from moebius.parallel.comm import Comm
 
 try:  # Triton is there on GPU machines; the CPU path never needs it
-    from moebius.model import triton_moe
+    from moebius.model import triton_gemv, triton_moe
     from moebius.model.triton_norm import add_rms_norm_residual_logits
 except ImportError:  # pragma: no cover - depends on the install
-    triton_moe = add_rms_norm_residual_logits = None
+    triton_gemv = triton_moe = add_rms_norm_residual_logits = None
 
 ENABLED = os.environ.get("MOEBIUS_FOLD_ROUTER", "0") == "1"
+# The attention's share: "1" each o GEMV program also takes 1/SPLIT of one of the E rows of
+# R·W_o (float32 partials, the launch keeps its 512 programs on Qwen3-30B-A3B); "0" E more
+# rows of the o GEMV (544 programs: a third wave of two programs an SM on 132 SMs).
+SPLIT = os.environ.get("MOEBIUS_FOLD_SPLIT", "1") != "0"
 
 
 def prepare(lw: LayerWeights, cfg: ModelConfig, world_size: int, dtype, device) -> None:
@@ -61,6 +66,20 @@ def prepare(lw: LayerWeights, cfg: ModelConfig, world_size: int, dtype, device) 
     lw.o_proj, lw.o_route, lw.router_res = o_route[:H], o_route, res.to(dtype)
 
 
+def o_projection(lw: LayerWeights):
+    """The o projection of a folded layer: attention rows (1, nh·d) -> (o (1, H), the
+    attention's share of the router logits: (1, S, E) float32 partials or (1, 1, E))."""
+    H = lw.o_proj.shape[0]
+
+    def project_o(x, o_w):
+        if SPLIT and triton_gemv.usable(x, o_w):
+            return triton_gemv.gemv(x, o_w, lw.o_route[H:])
+        rows = project(x, lw.o_route)
+        return rows[:, :H], rows[:, None, H:]
+
+    return project_o
+
+
 def applies(lw: LayerWeights, x: torch.Tensor, comm: Comm) -> bool:
     """The layer has folded weights and the step is one token the gate/up kernel routes."""
     return (lw.o_route is not None and x.shape[0] == 1 and routes_fused(x, comm)
@@ -73,11 +92,10 @@ def input_norm(x, pending, lw: LayerWeights, eps: float):
     return add_rms_norm_residual_logits(x, pending, lw.input_norm, eps, lw.router_res)
 
 
-def experts(x, attn_rows, share, lw: LayerWeights, store: ExpertStore, cfg: ModelConfig):
-    """The MoE block after attention, whose o projection gave ``attn_rows`` (1, H + E): (the
-    next residual, the experts' (1, K, H) weighted rows, unsummed)."""
-    H = cfg.hidden_size
-    o, o_share = attn_rows[:, :H], attn_rows[:, H:]
+def experts(x, attn, share, lw: LayerWeights, store: ExpertStore, cfg: ModelConfig):
+    """The MoE block after attention, whose o projection gave ``attn`` (``o_projection``):
+    (the next residual, the experts' (1, K, H) weighted rows, unsummed)."""
+    o, o_share = attn
     routed = triton_moe.Routed(1, cfg.top_k, cfg.num_experts, x.dtype, x.device,
                                cfg.norm_topk_prob, logits=share)
     residual = torch.empty_like(x)

@@ -37,18 +37,28 @@ ENABLED = os.environ.get("MOEBIUS_GEMV", "1") != "0"
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, T, N, K, stride_xt, stride_wn, stride_yt, BN: tl.constexpr,
-                 BK: tl.constexpr, PDL: tl.constexpr):
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+def _gemv_kernel(X, W, Y, T, N, K, stride_xt, stride_wn, stride_yt, Extra, YExtra, NE,
+                 BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, BKE: tl.constexpr,
+                 PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     nmask, kmask = offs_n < N, offs_k < K
     w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                 mask=nmask[:, None] & kmask[None, :], other=0.0)
+    if SPLIT:  # a 1/SPLIT piece of one of the NE extra rows (``gemv_extra``)
+        row, offs_e = pid // SPLIT, (pid % SPLIT) * BKE + tl.arange(0, BKE)
+        emask = (row < NE) & (offs_e < K)
+        we = tl.load(Extra + row * K + offs_e, mask=emask, other=0.0)
     pdl_wait(PDL)  # the activations are the kernel before's output
     for t in range(T):
         x = tl.load(X + t * stride_xt + offs_k, mask=kmask, other=0.0).to(tl.float32)
         y = tl.sum(w.to(tl.float32) * x[None, :], 1)
         tl.store(Y + t * stride_yt + offs_n, y.to(Y.dtype.element_ty), mask=nmask)
+        if SPLIT:
+            xe = tl.load(X + t * stride_xt + offs_e, mask=emask, other=0.0).to(tl.float32)
+            ye = tl.sum(we.to(tl.float32) * xe, 0)
+            tl.store(YExtra + (t * SPLIT + pid % SPLIT) * NE + row, ye, mask=row < NE)
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -58,15 +68,28 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.shape[1] <= SLAB)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (T, K) @ w (N, K)ᵀ -> (T, N), float32 accumulation, rounded to x's dtype."""
+def gemv(x: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None = None):
+    """x (T, K) @ w (N, K)ᵀ -> (T, N), float32 accumulation, rounded to x's dtype.
+
+    ``extra`` (NE, K): also its rows' products, each split over SPLIT programs of the launch
+    (SPLIT = programs // NE), as float32 partial sums (T, SPLIT, NE): the launch keeps its
+    program count, so no more waves of programs than w alone takes (model/router_fold.py)."""
     T, K = x.shape
     N = w.shape[0]
     y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     bk = triton.next_power_of_2(K)
     bn = max(1, SLAB // bk)
-    _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, y, T, N, K, x.stride(0), w.stride(0), y.stride(0), BN=bn, BK=bk,
+    programs = triton.cdiv(N, bn)
+    split, ne, part = 0, 0, y  # no extra rows
+    if extra is not None:
+        ne = extra.shape[0]
+        split = max(1, programs // ne)
+        programs = max(programs, split * ne)
+        assert extra.shape[1] == K and extra.is_contiguous()
+        part = torch.empty(T, split, ne, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(programs,)](
+        x, w, y, T, N, K, x.stride(0), w.stride(0), y.stride(0), extra if split else w, part, ne,
+        BN=bn, BK=bk, SPLIT=split, BKE=triton.next_power_of_2(triton.cdiv(K, max(split, 1))),
         num_warps=WARPS, **launch_kw(),
     )
-    return y
+    return y if extra is None else (y, part)

@@ -173,6 +173,7 @@ def _w13_kernel(
     ROWS: tl.constexpr,
     FOLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    SHARE_ROWS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -184,7 +185,7 @@ def _w13_kernel(
     logits_all = 0.0
     if FOLD:  # X is where the normed row goes (router_fold.py)
         logits_all = _fold_norm(X_in, O, logits, share, wn, Xres, X, H, E, eps,
-                                (pid_m == 0) & (pid_n == 0), ROWS, E_PAD, BLOCK_H)
+                                (pid_m == 0) & (pid_n == 0), ROWS, E_PAD, BLOCK_H, SHARE_ROWS)
     piece, rows = _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E,
                               stride_lt, BM, ONE, True, TOPK, K_PAD, E_PAD, RENORM, ROWS,
                               logits_all, FOLD)
@@ -220,12 +221,13 @@ def _w13_kernel(
 
 @triton.jit
 def _fold_norm(X_in, O, share_x, share_o, wn, Xres, Normed, H, E, eps, WRITE,
-               ROWS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+               ROWS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+               SHARE_ROWS: tl.constexpr):
     """The add + norm before the experts, redone by every gate/up program of one token: the
     new residual X_in + O (rounded; stored where WRITE) and its normed row (stored by every
     program: the same values), rounded as the add + norm launch rounds them; returns the
-    router logits (share_x + share_o) · 1/rms, rounded, as (ROWS, E_PAD) float32 (-inf past
-    E). Every load is issued before the first reduction."""
+    router logits (share_x + Σ share_o's SHARE_ROWS rows) · 1/rms, rounded, as (ROWS, E_PAD)
+    float32 (-inf past E). Every load is issued before the first reduction."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
     offs_e = tl.arange(0, E_PAD)
@@ -234,8 +236,10 @@ def _fold_norm(X_in, O, share_x, share_o, wn, Xres, Normed, H, E, eps, WRITE,
     # the adds that use the rows, one more L2 round trip before the top-k)
     la = tl.load(share_x + offs_e[None, :] + tl.arange(0, ROWS)[:, None] * 0, mask=emask,
                  other=float("-inf"), volatile=True)
-    lb = tl.load(share_o + offs_e[None, :] + tl.arange(0, ROWS)[:, None] * 0, mask=emask,
-                 other=0.0, volatile=True)
+    lb = tl.zeros([ROWS, E_PAD], tl.float32)
+    for s in tl.static_range(SHARE_ROWS):  # the attention's share: summed partials
+        lb += tl.load(share_o + s * E + offs_e[None, :] + tl.arange(0, ROWS)[:, None] * 0,
+                      mask=emask, other=0.0, volatile=True).to(tl.float32)
     x = (tl.load(X_in + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
          + tl.load(O + offs, mask=mask, other=0.0, volatile=True).to(tl.float32))
     x = x.to(Xres.dtype.element_ty)
@@ -244,8 +248,8 @@ def _fold_norm(X_in, O, share_x, share_o, wn, Xres, Normed, H, E, eps, WRITE,
     scale = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
     n = (x * scale).to(Normed.dtype.element_ty).to(tl.float32)
     tl.store(Normed + offs, (wn * n).to(Normed.dtype.element_ty), mask=mask)
-    logits = (la.to(tl.float32) + lb.to(tl.float32)) * scale
-    return logits.to(share_o.dtype.element_ty).to(tl.float32)
+    logits = (la.to(tl.float32) + lb) * scale
+    return logits.to(Xres.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -373,8 +377,9 @@ def experts_routed(x, routed: Routed, w13, w2t, tiles=None, launch=None, fold=No
 
 class Fold(NamedTuple):
     """What the gate/up kernel of one token needs to do the add + norm before it itself: the
-    attention output ``o`` (1, H), its share of the router logits ``share`` (1, E), the norm's
-    weight and eps, and where the new residual goes (``residual`` (1, H))."""
+    attention output ``o`` (1, H), its share of the router logits ``share`` (1, S, E): S
+    partial rows, summed), the norm's weight and eps, and where the new residual goes
+    (``residual`` (1, H))."""
 
     o: torch.Tensor
     share: torch.Tensor
@@ -407,14 +412,17 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
     x_in = x
     f = fold or Fold(x, x, x, 0.0, x)  # unread unless fold
     if fold is not None:  # the kernel norms x_in + o into x
-        assert f.o.stride(-1) == f.share.stride(-1) == 1 and f.residual.is_contiguous()
+        assert f.o.stride(-1) == 1 and f.share.dim() == 3
+        assert f.share.shape[-2] == 1 or f.share.stride(-2) == plan.P
+        assert f.share.stride(-1) == 1 and f.residual.is_contiguous()
         x = torch.empty_like(x_in)
     _w13_kernel[(blocks, triton.cdiv(c, bn1))](
         x, w13, act, plan.sorted_rows, plan.block_piece, logits, ids, route_w, M, H, c, plan.P,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), logits.stride(0),
         x_in, f.o, f.share, f.norm_w, f.residual, f.eps,
         TOPK=K, BM=plan.bm, BN=bn1, BK=bk1, **pick, FOLD=fold is not None,
-        BLOCK_H=triton.next_power_of_2(H), num_warps=w1, num_stages=s1, **launch_kw(),
+        BLOCK_H=triton.next_power_of_2(H), SHARE_ROWS=f.share.shape[-2] if fold else 1,
+        num_warps=w1, num_stages=s1, **launch_kw(),
     )
     # Rows of pieces not held here stay zero; with reduce=False every row is written.
     y = (torch.zeros if reduce else torch.empty)(M, H, dtype=x.dtype, device=x.device)

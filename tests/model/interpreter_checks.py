@@ -94,6 +94,7 @@ def router_fold() -> None:
     launch, E more o rows and the gate/up kernel (model/router_fold.py), against the unfolded
     launches: the same residuals, normed row, picks and expert rows."""
     from moebius.model import triton_moe, triton_norm
+    from moebius.model.triton_gemv import gemv
     from moebius.model.triton_moe import Fold, Routed, experts_routed
 
     g = torch.Generator().manual_seed(5)
@@ -117,14 +118,17 @@ def router_fold() -> None:
         assert torch.equal(fx1, x1) and torch.equal(fh1, h1)
         assert rel(share, x1 @ res.T) < 1e-6
         attn_rows = attn @ torch.cat([o_proj, res @ o_proj]).T
-        folded = Routed(1, K, E, x0.dtype, "cpu", renorm, logits=share)
-        residual = torch.full_like(x0, float("nan"))
-        frows = experts_routed(fx1, folded, w13, w2, fold=Fold(
-            attn_rows[:, :H], attn_rows[:, H:], w_post, eps, residual))
-        assert rel(residual, x2) < 1e-6
-        assert torch.equal(folded.ids, routed.ids), (folded.ids, routed.ids)
-        assert rel(folded.weights, routed.weights) < 1e-5
-        assert rel(frows, rows) < 1e-5
+        o, part = gemv(attn, o_proj, res @ o_proj)  # the share split over the o programs
+        assert rel(o, attn_rows[:, :H]) < 1e-6 and rel(part.sum(1), attn_rows[:, H:]) < 1e-5
+        for o_share in (attn_rows[:, None, H:], part):
+            folded = Routed(1, K, E, x0.dtype, "cpu", renorm, logits=share)
+            residual = torch.full_like(x0, float("nan"))
+            frows = experts_routed(fx1, folded, w13, w2, fold=Fold(
+                attn_rows[:, :H], o_share, w_post, eps, residual))
+            assert rel(residual, x2) < 1e-6
+            assert torch.equal(folded.ids, routed.ids), (folded.ids, routed.ids)
+            assert rel(folded.weights, routed.weights) < 1e-5
+            assert rel(frows, rows) < 1e-5
 
 
 def gated() -> None:

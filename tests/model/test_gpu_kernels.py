@@ -285,22 +285,27 @@ def test_router_fold_kernels_match_float64():
         assert torch.equal(fx1, x1) and torch.equal(fh1, h1)
         rows = gemv(attn, o_route)
         assert torch.equal(rows[:, :H], o)
-        routed = Routed(1, K, E, torch.bfloat16, "cuda", True, logits=share)
-        residual = torch.full_like(x1, float("nan"))
-        out = experts_routed(x1, routed, w13, w2, fold=Fold(rows[:, :H], rows[:, H:], w_post,
-                                                            eps, residual))
-        assert torch.equal(residual, x2), trial
+        o_split, part = gemv(attn, o_proj, o_route[H:])  # the share split over o's programs
+        assert torch.equal(o_split, o) and part.shape == (1, 512 // E, E)
+        assert rel(part.sum(1), rows[:, H:]) < 1e-2
         exact = (router.double() @ h2.double().T).flatten()  # the routing of the normed row
         kth = exact.topk(K).values[-1]
-        assert (exact[routed.ids.flatten()] >= kth - 0.02 * exact.abs().max()).all(), trial
-        picked = exact[routed.ids.flatten()].softmax(0)
-        assert rel(routed.weights.flatten(), picked) < 1e-2, trial
-        ref = experts_reference(h2.double(), routed.ids, routed.weights.double(), w13.double(),
-                                w2.double())
-        assert rel(out.sum(1), ref) < 1e-2, trial
+        for o_share in (rows[:, None, H:], part):
+            routed = Routed(1, K, E, torch.bfloat16, "cuda", True, logits=share)
+            residual = torch.full_like(x1, float("nan"))
+            out = experts_routed(x1, routed, w13, w2, fold=Fold(o, o_share, w_post, eps,
+                                                                residual))
+            assert torch.equal(residual, x2), trial
+            assert (exact[routed.ids.flatten()] >= kth - 0.02 * exact.abs().max()).all(), trial
+            picked = exact[routed.ids.flatten()].softmax(0)
+            assert rel(routed.weights.flatten(), picked) < 1e-2, trial
+            ref = experts_reference(h2.double(), routed.ids, routed.weights.double(),
+                                    w13.double(), w2.double())
+            assert rel(out.sum(1), ref) < 1e-2, trial
 
 
-def test_router_fold_decodes_as_unfolded(qwen_dir, monkeypatch):
+@pytest.mark.parametrize("split", [True, False], ids=["split", "rows"])
+def test_router_fold_decodes_as_unfolded(qwen_dir, monkeypatch, split):
     """Batch-1 greedy decode in CUDA graphs with the fold on: the unfolded run's tokens and
     log-probabilities, except that after a near-tie (the unfolded run's two best tokens within
     0.05 in log-probability) the two may go different ways."""
@@ -310,6 +315,7 @@ def test_router_fold_decodes_as_unfolded(qwen_dir, monkeypatch):
 
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     runs = []
+    monkeypatch.setattr(router_fold, "SPLIT", split)
     for enabled in (False, True):
         monkeypatch.setattr(router_fold, "ENABLED", enabled)
         with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
