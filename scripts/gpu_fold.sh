@@ -4,7 +4,7 @@
 # MOEBIUS_FOLD_ROUTER=0 and =1 (the o share split or as more rows) in alternation, two rounds.
 source "$(dirname "$0")/gpu_common.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py \
-  -k "router_fold or self_routing or add_rms_norm or norm_routes or gemv_matches or cuda_graphs" 2>&1 \
+  -k "${TESTS_K:-router_fold or self_routing or add_rms_norm or norm_routes or gemv_matches or cuda_graphs}" 2>&1 \
   | tail -4; lap tests
 [ -n "${MORE_TESTS:-}" ] && timeout 150 python3 -m pytest -q -p no:cacheprovider \
   tests/engine/test_penalties.py tests/engine/test_logit_rules.py 2>&1 | tail -4; lap more
