@@ -33,7 +33,7 @@ from moebius.config import EngineConfig
 from moebius.disagg.kv_transfer import KVTransport, TorchDistTransport, endpoint_name
 from moebius.disagg.roles import DecodeEngine, PrefillEngine
 from moebius.server import protocol as P
-from moebius.server.api import APIError, error_json, error_response
+from moebius.server.api import APIError, check_served, error_json, error_response
 from moebius.server.responses import Responder
 from moebius.server.serve import run_server
 
@@ -44,8 +44,7 @@ EXPORT_TTL_S = 120.0
 def _parse(responder: Responder, kind: str, body: dict, served_name: str):
     model = P.ChatCompletionRequest if kind == "chat" else P.CompletionRequest
     req = model.model_validate_json(json.dumps(body))
-    if req.model != served_name:
-        raise APIError(404, f"The model `{req.model}` does not exist.", code="model_not_found")
+    check_served(req.model, served_name)
     job = responder.prepare_chat(req) if kind == "chat" else responder.prepare_completion(req)
     if len(job.prompts) != 1 or job.params[0].n != 1:
         raise APIError(400, "disaggregated serving takes one prompt and n = 1 per request")

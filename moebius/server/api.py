@@ -52,6 +52,15 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
+def check_served(name: str | None, served: str) -> None:
+    """404 (OpenAI's ``model_not_found``, param ``model``) for another model than ``served``;
+    None (a field left out) is fine."""
+    if name is not None and name != served:
+        raise APIError(
+            404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+        )
+
+
 def error_json(
     status: int,
     message: str,
@@ -153,11 +162,7 @@ def create_app(
             raise APIError(401, f"invalid or missing {what} key", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
-        """404 for another model than the served one; None (a field left out) is fine."""
-        if name is not None and name != served_model_name:
-            raise APIError(
-                404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
-            )
+        check_served(name, served_model_name)
 
     async def parse(request: Request, model):
         """The body as ``model`` (a pydantic class, or a function of the raw body choosing

@@ -49,6 +49,9 @@ def _body(model: str, prompt: str, stream: bool) -> dict:
 
 def test_outputs_equal_single_instance(cluster, reference):
     url, model = cluster["url"], cluster["model"]
+    r = httpx.post(url + "/v1/completions", json=_body("no-such-model", "Hi", False), timeout=60)
+    err = r.json()["error"]  # as a single instance answers it, and the cluster serves on
+    assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
     for prompt, want in zip(PROMPTS, reference, strict=True):
         r = httpx.post(url + "/v1/completions", json=_body(model, prompt, False), timeout=120)
         assert r.status_code == 200, r.text
