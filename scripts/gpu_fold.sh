@@ -18,13 +18,11 @@ for i in 1 2; do
   MOEBIUS_FOLD_ROUTER=1 MOEBIUS_FOLD_SPLIT=0 run "fold_rows$i"
 done
 lap ab
-# Kernel tables of batch-1 eager steps, PDL off (each kernel's own time), unfolded and folded
-# (where the call has time left: 100 s each).
+# Kernel tables of one batch-1 replay, PDL off (each kernel's own time), unfolded and folded
+# (where the call has time left).
 for f in 0 1; do
   [ $((SECONDS - T0)) -lt ${BUDGET_S:-330} ] || break
-  MOEBIUS_PDL=0 MOEBIUS_FOLD_ROUTER=$f timeout 100 python3 -m moebius.bench.profile_step \
-    --layers 8 --batch 1 > "$OUT/profile_fold$f.txt" 2>&1
-  grep "_kernel\|Self CUDA time total" "$OUT/profile_fold$f.txt" | awk -v t="[fold$f]" \
-    '{printf "%s %-40.40s %s %s %s\n", t, $1, $(NF-2), $(NF-1), $NF}'
+  MOEBIUS_PDL=0 MOEBIUS_FOLD_ROUTER=$f timeout 100 python3 -m moebius.bench.decode --batches 1 \
+    --kernel-tables 1 2>&1 | quiet | grep -v '^{' | tail -14 | sed "s/^/[fold$f] /"
 done
 lap profile
