@@ -12,16 +12,18 @@ output) and r = 1/rms(x), router(norm(x)) = r · W_r·diag(w)·(x1 + o), and o =
     logits = r · (R·x1 + (R·W_o)·attn),   R = W_r·diag(w) (E, H),
 
 and the top-k does not depend on r. The first share rides in the layer's *input* add + norm
-launch, which already holds x1 (``router_res`` = R, on the new residual); the second is E more
-rows of the o projection (``o_route`` = [W_o; R·W_o], o_proj a view of its first H rows);
-the gate/up kernel adds the two shares, computes x = x1 + o, r and the normed row with the
-norm launch's roundings, stores x (the next residual), and streams its picks' weights
-(triton_moe ``Fold``). Cost: E·(nh·d + H) more weight elements a layer (Qwen3-30B-A3B:
-1.5 MB, ~1% of a batch-1 layer's bytes).
+launch, which already holds x1 (``router_res`` = R, on the new residual); the second, R·W_o
+(rows H.. of ``o_route`` = [W_o; R·W_o], o_proj a view of its first H rows), rides in the o
+GEMV: each of its programs also takes a 1/S piece of one of the E rows, float32 partials
+(``SPLIT``; or, ``MOEBIUS_FOLD_SPLIT=0``, as E more rows of the launch). The gate/up kernel
+sums the shares, computes x = x1 + o, r and the normed row with the norm launch's roundings,
+stores x (the next residual), picks and streams its expert's weights (triton_moe ``Fold``).
+Cost: E·(nh·d + H) more weight elements a layer (Qwen3-30B-A3B: 1.5 MB, ~1% of a batch-1
+layer's bytes). Status (session 15): untimed; docs/persistent-decode.md.
 
 Rounding: the residual, the normed row and r are the ones the norm launch computes (r up to
-its reduction order); the logits differ from router(normed row) by bf16 roundings of R, R·W_o
-and the o-rows share, so a near-tie in the top-k can resolve the other way (as between two
+its reduction order); the logits differ from router(normed row) by bf16 roundings of R and
+R·W_o, so a near-tie in the top-k can resolve the other way (as between two
 GEMM libraries); greedy tokens are checked against the unfolded path on the GPU.
 """
 

@@ -46,7 +46,7 @@ def _gemv_kernel(X, W, Y, T, N, K, stride_xt, stride_wn, stride_yt, Extra, YExtr
     nmask, kmask = offs_n < N, offs_k < K
     w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                 mask=nmask[:, None] & kmask[None, :], other=0.0)
-    if SPLIT:  # a 1/SPLIT piece of one of the NE extra rows (``gemv_extra``)
+    if SPLIT:  # a 1/SPLIT piece of one of the NE extra rows (``gemv``'s ``extra``)
         row, offs_e = pid // SPLIT, (pid % SPLIT) * BKE + tl.arange(0, BKE)
         emask = (row < NE) & (offs_e < K)
         we = tl.load(Extra + row * K + offs_e, mask=emask, other=0.0)

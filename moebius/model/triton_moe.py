@@ -106,13 +106,13 @@ def _align_kernel(ids, M, sorted_rows, block_piece, cursor, P: tl.constexpr, P_P
 def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, stride_lt,
                 BM: tl.constexpr, ONE: tl.constexpr, PICK: tl.constexpr, K: tl.constexpr,
                 K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
-                ROWS: tl.constexpr, share, FOLD: tl.constexpr):
+                ROWS: tl.constexpr, folded, FOLD: tl.constexpr):
     """(piece, rows) of block pid_m: the piece it multiplies by (-1: none) and its BM pair
     indices (M: padding). ONE (one token, no alignment launch): block k is pair k alone; its
     piece is the token's k-th pick, computed here from the router's logits where PICK (the
     gate/up kernel, whose (k, 0) program stores pick k's id and weight for the down kernel),
     else read back from ``ids``. ROWS: copies of the logits the top-k runs on (``TOPK_ROWS``).
-    FOLD: ``share`` holds the logits (``_topk``)."""
+    FOLD: ``folded`` holds the logits (``_topk``)."""
     if ONE:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, M)
         if PICK:
@@ -121,7 +121,7 @@ def _block_rows(pid_m, sorted_rows, block_piece, logits, ids, route_w, M, E, str
             else:
                 offs_t = tl.arange(0, ROWS) * 0  # ROWS copies of the token's logits
             picked_i, picked_w = _topk(logits, 1, E, stride_lt, offs_t, ROWS, K, K_PAD, E_PAD,
-                                       RENORM, share, FOLD)
+                                       RENORM, folded, FOLD)
             mine = (tl.arange(0, ROWS)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
             piece = tl.sum(tl.sum(tl.where(mine, picked_i, 0), 1), 0)
             if tl.program_id(1) == 0:
@@ -437,14 +437,14 @@ def _run(x, plan: _Plan, K: int, weights, w13, w2t, tiles, reduce: bool, one=Non
 
 @triton.jit
 def _topk(logits, T, E, stride_lt, offs_t, BT: tl.constexpr, K: tl.constexpr,
-          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr, share,
+          K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr, folded,
           FOLD: tl.constexpr):
     """Softmax over E, top K (ties: lowest index), optional renormalisation, for rows offs_t:
     (ids (BT, K_PAD) int64, weights (BT, K_PAD) float32; columns from K on are 0).
-    FOLD: ``share`` is the (BT, E_PAD) float32 logits themselves, already loaded."""
+    FOLD: ``folded`` is the (BT, E_PAD) float32 logits themselves, already computed."""
     offs_e = tl.arange(0, E_PAD)
     if FOLD:
-        x = share
+        x = folded
     else:
         x = tl.load(logits + offs_t[:, None] * stride_lt + offs_e[None, :],
                     mask=(offs_t < T)[:, None] & (offs_e[None, :] < E),

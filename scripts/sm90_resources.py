@@ -1,0 +1,104 @@
+"""Batch-1 kernels compiled for sm_90 on a machine without a GPU: registers, stack and local
+memory of each (cuobjdump), and the SASS written next to ``--sass DIR`` for reading what sits
+after the PDL wait (``ACQBULK``): the rule in docs/persistent-decode.md.
+
+    .venv/bin/python scripts/sm90_resources.py [--sass /tmp/sass]
+
+Triton's wheel carries ptxas, cuobjdump and nvdisasm; ``triton.compile`` with a CUDA target
+needs no device. Integer arguments other than counts are marked divisible by 16 as a real
+launch specialises them (without it the loads compile scalar and the figures are wrong).
+SHARED is the static part only (the pipelined loads' buffers are dynamic). Qwen3-30B-A3B's
+batch-1 shapes; add a kernel as ``KERNELS`` shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moebius.model import triton_gemv, triton_moe, triton_norm  # noqa: E402
+
+NOT_DIVISIBLE = {"M", "T", "R", "t", "eps"}
+BIN = glob.glob(os.path.dirname(triton.__file__) + "/backends/nvidia/bin")[0]
+
+
+def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
+    """Compile ``fn``: ``types`` the pointer/float arguments' Triton types (the rest i32),
+    ``consts`` its constexprs."""
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] not in ("constexpr", "fp32") and n not in NOT_DIVISIBLE
+             and not n.startswith("stride_t")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def _w13(fold: bool):
+    types = {n: "*bf16" for n in ("X", "W", "A", "O", "norm_w", "Xres", "X_in", "route_w")}
+    types.update(sorted_rows="*i32", block_piece="*i32", ids="*i64", eps="fp32",
+                 logits="*fp32" if fold else "*bf16", share="*fp32")
+    consts = dict(TOPK=8, BM=16, BN=64, BK=256, ONE=True, K_PAD=8, E_PAD=128, RENORM=True,
+                  ROWS=triton_moe.TOPK_ROWS, FOLD=fold, BLOCK_H=2048,
+                  SHARE_ROWS=4 if fold else 1, PDL=True)
+    return triton_moe._w13_kernel, types, consts, 4, 4
+
+
+def _gemv(split: int):
+    types = dict(X="*bf16", W="*bf16", Y="*bf16", Extra="*bf16", YExtra="*fp32")
+    consts = dict(BN=4, BK=4096, SPLIT=split, BKE=1024, PDL=True)
+    return triton_gemv._gemv_kernel, types, consts, triton_gemv.WARPS, 3
+
+
+def _norm_route(on_residual: bool):
+    types = {n: "*bf16" for n in ("X", "Parts", "RowW", "W", "Xout", "Out", "Router")}
+    types.update(Index="*i32", Logits="*fp32" if on_residual else "*bf16", eps="fp32")
+    consts = dict(HAS_PARTS=True, GATHER=False, R_PAD=8 if on_residual else 1, BLOCK_H=2048,
+                  BE=8, ON_RESIDUAL=on_residual, PDL=True)
+    return triton_norm._add_rms_norm_route_kernel, types, consts, 8, 3
+
+
+KERNELS = {
+    "gate/up, one token": _w13(False),
+    "gate/up, one token, router fold": _w13(True),
+    "o GEMV": _gemv(0),
+    "o GEMV + split router share": _gemv(4),
+    "add + norm + router": _norm_route(False),
+    "input add + norm + residual share": _norm_route(True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sass", help="a folder for each kernel's SASS")
+    args = ap.parse_args()
+    for name, (fn, types, consts, warps, stages) in KERNELS.items():
+        k = compile_sm90(fn, types, consts, warps, stages)
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "k.cubin")
+            Path(cubin).write_bytes(k.asm["cubin"])
+            usage = subprocess.run([BIN + "/cuobjdump", "--dump-resource-usage", cubin],
+                                   capture_output=True, text=True).stdout
+            if args.sass:
+                os.makedirs(args.sass, exist_ok=True)
+                sass = subprocess.run([BIN + "/nvdisasm", "-c", cubin], capture_output=True,
+                                      text=True).stdout
+                slug = re.sub(r"\W+", "_", name).strip("_")
+                Path(args.sass, slug + ".sass").write_text(sass)
+        m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)
+        print(f"{name:38s} {warps:2d} warps  {m.group(0) if m else usage[-200:]}")
+
+
+if __name__ == "__main__":
+    main()
