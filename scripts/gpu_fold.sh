@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On one lent GPU (~6 minutes): the batch-1 router fold (model/router_fold.py). Its GPU tests
+# On one lent GPU (~5 minutes; ~9 on an H200): the batch-1 router fold (model/router_fold.py). Its GPU tests
 # (tokens of the unfolded path, the kernels it touches), then batch 1 and 8 with
 # MOEBIUS_FOLD_ROUTER=0 and =1 (the o share split or as more rows) in alternation, two rounds.
 source "$(dirname "$0")/gpu_common.sh"
@@ -18,6 +18,12 @@ for i in 1 2; do
   MOEBIUS_FOLD_ROUTER=1 MOEBIUS_FOLD_SPLIT=0 run "fold_rows$i"
 done
 lap ab
+# On an H200 (the issue's card; none since session 9) the issue-4 ladder with the defaults too.
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  timeout 240 python3 -m moebius.bench.decode --batches 1 8 32 128 256 --prefill 1x2048 16x512 \
+    --out "$OUT/ladder.json" 2>&1 | quiet | grep -v '^{' | tail -12 | sed "s/^/[ladder] /"
+  lap ladder
+fi
 # Kernel tables of one batch-1 replay, PDL off (each kernel's own time), unfolded and folded
 # (where the call has time left).
 for f in 0 1; do
