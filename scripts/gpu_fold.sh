@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On one lent GPU (~5 minutes; ~9 on an H200): the batch-1 router fold (model/router_fold.py). Its GPU tests
-# (tokens of the unfolded path, the kernels it touches), then batch 1 and 8 with
-# MOEBIUS_FOLD_ROUTER=0 and =1 (the o share split or as more rows) in alternation, two rounds.
+# On one lent GPU (~5 minutes; ~9 on an H200): the batch-1 router fold (model/router_fold.py).
+# Its GPU tests (tokens of the unfolded path, the kernels it touches), then batch 1 and 8 with
+# MOEBIUS_FOLD_ROUTER=0 and =1 (the o share split or as more rows) in alternation, two rounds;
+# env: MORE_TESTS=1 (penalty/logit CUDA tests), TESTS_K (narrower tests), BUDGET_S (tables).
 source "$(dirname "$0")/gpu_common.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py \
   -k "${TESTS_K:-router_fold or self_routing or add_rms_norm or norm_routes or gemv_matches or cuda_graphs}" 2>&1 \
