@@ -110,14 +110,17 @@ def copy_checkpoint(src: str, dst: str, template: str | None = None, **config) -
     return dst
 
 
-def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int):
-    """Greedy tokens from transformers' own model class, one prompt at a time (no padding)."""
+def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int,
+              per_prompt: list[dict] | None = None):
+    """Greedy tokens from transformers' own model class, one prompt at a time (no padding);
+    ``per_prompt``: more ``generate`` arguments for each prompt (logits processors, its
+    repetition penalty)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     outs = []
-    for ids in prompt_ids:
+    for i, ids in enumerate(prompt_ids):
         x = torch.tensor([ids])
         with torch.no_grad():
             y = model.generate(
@@ -127,9 +130,15 @@ def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int):
                 eos_token_id=None,
                 pad_token_id=0,
                 min_new_tokens=max_new_tokens,
+                **(per_prompt[i] if per_prompt else {}),
             )
         outs.append(y[0, len(ids) :].tolist())
     return outs, model
+
+
+def token_ids(outs) -> list[list[int]]:
+    """Each request's first completion's tokens, from ``LLM.generate``'s outputs."""
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def cuda_available() -> bool:

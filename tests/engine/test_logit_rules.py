@@ -17,7 +17,7 @@ from moebius import LLM, SamplingParams
 from moebius.core import SamplingError
 from moebius.engine.messages import SampledToken, SeqWork
 from moebius.engine.model_runner import ModelRunner
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, hf_greedy, token_ids
 
 MAX_NEW = 12
 TOKEN = 7  # pushed by +100: greedy writes it every step
@@ -50,44 +50,31 @@ class _Rules:
 
 @pytest.fixture(scope="module")
 def reference(qwen_dir):
-    from transformers import (
-        AutoModelForCausalLM,
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-    )
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
     from moebius.tokenizer import Tokenizer
 
     tok = Tokenizer(qwen_dir)
-    model = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32).eval()
     prompts = [tok.encode(p) for p in PROMPTS * 2]  # RULES on even rows
-    want = []
-    for i, ids in enumerate(prompts):
-        rule = RULES[i // 2] if i % 2 == 0 else {}
+    rules = [RULES[i // 2] if i % 2 == 0 else {} for i in range(len(prompts))]
+    gen = []
+    for rule in rules:
         procs = [_Rules(rule.get("allowed_token_ids"), rule.get("logit_bias"))]
         if rule.get("repetition_penalty", 1.0) != 1.0:  # after the rules, as vLLM applies it
             procs.append(RepetitionPenaltyLogitsProcessor(rule["repetition_penalty"]))
-        with torch.no_grad():
-            y = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                               eos_token_id=None, pad_token_id=0, min_new_tokens=MAX_NEW,
-                               logits_processor=LogitsProcessorList(procs))
-        want.append(y[0, len(ids):].tolist())
-    params = [SamplingParams(**GREEDY, **(RULES[i // 2] if i % 2 == 0 else {}))
-              for i in range(len(prompts))]
+        gen.append(dict(logits_processor=LogitsProcessorList(procs)))
+    want, _ = hf_greedy(qwen_dir, prompts, MAX_NEW, gen)
+    params = [SamplingParams(**GREEDY, **rule) for rule in rules]
     return prompts, params, want
-
-
-def _tokens(outs):
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_rules_match_transformers(qwen_dir, reference, overlap):
     prompts, params, want = reference
     with LLM(qwen_dir, async_scheduling=overlap, max_num_batched_tokens=64) as llm:
-        got = _tokens(llm.generate(prompts, params))
-        plain = _tokens(llm.generate(prompts, SamplingParams(**GREEDY)))
-        odd = _tokens(llm.generate(prompts[1::2], SamplingParams(**GREEDY)))  # alone
+        got = token_ids(llm.generate(prompts, params))
+        plain = token_ids(llm.generate(prompts, SamplingParams(**GREEDY)))
+        odd = token_ids(llm.generate(prompts[1::2], SamplingParams(**GREEDY)))  # alone
     assert got == want
     assert got[0] == [TOKEN] * MAX_NEW
     assert set(got[2]) <= set(RULES[1]["allowed_token_ids"])
@@ -102,7 +89,7 @@ def test_rules_through_layout_switches(qwen_dir, reference):
     prompts, params, want = reference
     with LLM(qwen_dir, ranks=2, layout="tp", async_scheduling=True,
              switch_schedule=[(3, "ep"), (8, "tp"), (11, "ep")]) as llm:
-        assert _tokens(llm.generate(prompts, params)) == want
+        assert token_ids(llm.generate(prompts, params)) == want
 
 
 def test_sampled_tokens_stay_allowed(qwen_dir):
@@ -117,9 +104,9 @@ def test_sampled_tokens_stay_allowed(qwen_dir):
                             logit_bias={9: 1.5})]
     plain = SamplingParams(**sp, seed=5)
     with LLM(qwen_dir) as llm:
-        got = _tokens(llm.generate(prompts, [*ruled, plain]))
-        again = _tokens(llm.generate(prompts[:2], ruled))
-        alone = _tokens(llm.generate(prompts[2:], plain))
+        got = token_ids(llm.generate(prompts, [*ruled, plain]))
+        again = token_ids(llm.generate(prompts[:2], ruled))
+        alone = token_ids(llm.generate(prompts[2:], plain))
     for toks in got[:2]:
         assert set(toks) <= set(allowed) and len(set(toks)) >= 2
     assert again == got[:2] and alone == got[2:]
@@ -240,7 +227,7 @@ def test_cuda_fused_sampling_sees_the_rules(qwen_dir, reference):
                SamplingParams(**sp, seed=3, top_k=4, logit_bias={10: 2.0, 15: -3.0})]
     with (LLM(qwen_dir) as cpu,
           LLM(qwen_dir, device="cuda", dtype="float32", num_kv_blocks=256) as gpu):
-        assert _tokens(gpu.generate(prompts, params)) == want
-        a = _tokens(cpu.generate(prompts[:3], sampled))
-        b = _tokens(gpu.generate(prompts[:3], sampled))
+        assert token_ids(gpu.generate(prompts, params)) == want
+        a = token_ids(cpu.generate(prompts[:3], sampled))
+        b = token_ids(gpu.generate(prompts[:3], sampled))
     assert a == b and all(set(t) <= set(allowed) for t in b)

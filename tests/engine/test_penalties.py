@@ -12,7 +12,7 @@ import torch
 
 from moebius import LLM, SamplingParams
 from moebius.core import SamplingError
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, hf_greedy, token_ids
 
 MAX_NEW = 20
 PENALTIES = [dict(presence_penalty=0.6, frequency_penalty=0.9),
@@ -37,41 +37,31 @@ class _OpenAIPenalties:
 
 @pytest.fixture(scope="module")
 def reference(qwen_dir):
-    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     from moebius.tokenizer import Tokenizer
 
     tok = Tokenizer(qwen_dir)
-    model = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32).eval()
     prompts = [tok.encode(p) for p in PROMPTS * 2 + PROMPTS[:2]]  # PENALTIES on even rows
-    want = []
-    for i, ids in enumerate(prompts):
-        pen = PENALTIES[i // 2] if i % 2 == 0 else None  # every other one: none
-        pen = pen or {}
-        procs = LogitsProcessorList([_OpenAIPenalties(
-            len(ids), pen.get("presence_penalty", 0.0), pen.get("frequency_penalty", 0.0))])
-        with torch.no_grad():  # transformers runs its repetition penalty before custom ones
-            y = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                               eos_token_id=None, pad_token_id=0, min_new_tokens=MAX_NEW,
-                               repetition_penalty=pen.get("repetition_penalty", 1.0),
-                               logits_processor=procs)
-        want.append(y[0, len(ids):].tolist())
-    params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True,
-                             **(PENALTIES[i // 2] if i % 2 == 0 else {}))
-              for i in range(len(prompts))]
+    pens = [PENALTIES[i // 2] if i % 2 == 0 else {} for i in range(len(prompts))]
+    # transformers runs its repetition penalty before custom processors
+    gen = [dict(repetition_penalty=pen.get("repetition_penalty", 1.0),
+                logits_processor=LogitsProcessorList([_OpenAIPenalties(
+                    len(ids), pen.get("presence_penalty", 0.0),
+                    pen.get("frequency_penalty", 0.0))]))
+           for ids, pen in zip(prompts, pens, strict=True)]
+    want, _ = hf_greedy(qwen_dir, prompts, MAX_NEW, gen)
+    params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, **pen)
+              for pen in pens]
     return prompts, params, want
-
-
-def _tokens(outs):
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_penalties_match_transformers(qwen_dir, reference, overlap):
     prompts, params, want = reference
     with LLM(qwen_dir, async_scheduling=overlap, max_num_batched_tokens=64) as llm:
-        got = _tokens(llm.generate(prompts, params))
-        plain = _tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW,
+        got = token_ids(llm.generate(prompts, params))
+        plain = token_ids(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW,
                                                              ignore_eos=True)))
     assert got == want
     # the penalties change the greedy tokens here (the test can fail)
@@ -85,7 +75,7 @@ def test_penalties_through_preemption(qwen_dir, reference):
     prompts, params, want = reference
     with LLM(qwen_dir, async_scheduling=True, num_kv_blocks=24, block_size=4,
              enable_prefix_caching=False) as llm:
-        assert _tokens(llm.generate(prompts, params)) == want
+        assert token_ids(llm.generate(prompts, params)) == want
         assert llm.engine.scheduler.num_preemptions > 0
 
 
@@ -103,7 +93,7 @@ def test_each_output_crosses_once(qwen_dir, reference, monkeypatch):
 
     monkeypatch.setattr(PenaltyCounts, "update", record)
     with LLM(qwen_dir, async_scheduling=True) as llm:
-        assert _tokens(llm.generate(prompts, params)) == want
+        assert token_ids(llm.generate(prompts, params)) == want
     deltas = [(len(outputs), len(prompt)) for outputs, prompt, counted in parts if counted]
     assert len(deltas) > len(parts) // 2
     assert max(n for n, _ in deltas) <= 2 and not any(p for _, p in deltas)
@@ -115,7 +105,7 @@ def test_penalties_through_layout_switches(qwen_dir, reference, progressive):
     with LLM(qwen_dir, ranks=2, layout="tp", async_scheduling=True,
              progressive_layers=progressive,
              switch_schedule=[(3, "ep"), (8, "tp"), (13, "ep")]) as llm:
-        assert _tokens(llm.generate(prompts, params)) == want
+        assert token_ids(llm.generate(prompts, params)) == want
 
 
 @pytest.mark.gpu
@@ -125,7 +115,7 @@ def test_penalties_on_cuda_match_transformers(qwen_dir, reference):
     steps overlapped and in CUDA graphs."""
     prompts, params, want = reference
     with LLM(qwen_dir, device="cuda", dtype="float32", num_kv_blocks=256) as llm:
-        assert _tokens(llm.generate(prompts, params)) == want
+        assert token_ids(llm.generate(prompts, params)) == want
 
 
 @pytest.mark.parametrize("kw", [dict(presence_penalty=2.5), dict(frequency_penalty=-3),
