@@ -25,9 +25,10 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moebius.model import triton_gemv, triton_moe, triton_norm  # noqa: E402
+from moebius.model import gluon_gemv, triton_gemv, triton_moe, triton_norm  # noqa: E402
 
 NOT_DIVISIBLE = {"M", "T", "R", "t", "eps"}
 BIN = glob.glob(os.path.dirname(triton.__file__) + "/backends/nvidia/bin")[0]
@@ -39,8 +40,10 @@ def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] not in ("constexpr", "fp32") and n not in NOT_DIVISIBLE
+             and not sig[n].startswith("tensordesc")
              and not n.startswith("stride_t")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else ASTSource
+    src = source(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
@@ -69,11 +72,19 @@ def _norm_route(on_residual: bool):
     return triton_norm._add_rms_norm_route_kernel, types, consts, 8, 3
 
 
+def _gemv_smem(nr: int, nc: int):
+    box = f"tensordesc<bf16[{gluon_gemv.BR}, {gluon_gemv.BC}],{gluon_gemv._box_layout()!r}>"
+    types = dict(w_desc=box, X="*bf16", Y="*bf16")
+    return gluon_gemv._gemv_smem_kernel, types, dict(NR=nr, NC=nc, PDL=True), gluon_gemv.WARPS, 1
+
+
 KERNELS = {
     "gate/up, one token": _w13(False),
     "gate/up, one token, router fold": _w13(True),
     "o GEMV": _gemv(0),
     "o GEMV + split router share": _gemv(4),
+    "q/k/v GEMV, shared memory (40 x 2048)": _gemv_smem(5, 8),
+    "o GEMV, shared memory (16 x 4096)": _gemv_smem(2, 16),
     "add + norm + router": _norm_route(False),
     "input add + norm + residual share": _norm_route(True),
 }

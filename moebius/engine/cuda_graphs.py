@@ -80,6 +80,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, layout: Layout) -> None:
+        from moebius.model import triton_pdl  # Triton: there on CUDA machines
+
         t0 = time.perf_counter()
         self._pad(layout, 0, self.buckets[-1])
         stream = torch.cuda.Stream()
@@ -88,6 +90,7 @@ class DecodeGraphs:
             for B in reversed(self.buckets):  # largest first: smaller ones reuse its memory
                 for _ in range(2):
                     self._forward(layout, B)
+                triton_pdl.prefer_shared_memory()  # before capture: nodes keep attributes
                 g = torch.cuda.CUDAGraph()
                 # thread_local: NCCL's watchdog thread may query events while a rank captures
                 with torch.cuda.graph(g, pool=self.pool, stream=stream,

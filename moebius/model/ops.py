@@ -17,6 +17,10 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model import triton_gemv, triton_norm
 except ImportError:  # pragma: no cover - depends on the install
     triton_gemv = triton_norm = None
+try:  # Gluon (Triton's explicit-layout dialect): Triton 3.5 and later
+    from moebius.model import gluon_gemv
+except ImportError:  # pragma: no cover - depends on the install
+    gluon_gemv = None
 
 # On CUDA, small elementwise chains are fused by torch.compile (one Triton kernel instead of
 # 5-10 eager launches each); MOEBIUS_COMPILE=0 turns it off. CPU always runs them eagerly.
@@ -78,8 +82,11 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
 
 
 def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (T, K) @ w (N, K)ᵀ: a few bf16 CUDA tokens through the GEMV that reads its weights
-    before waiting on the kernel before (model/triton_gemv.py), otherwise ``F.linear``."""
+    """x (T, K) @ w (N, K)ᵀ: a few bf16 CUDA tokens through a GEMV that reads its weights
+    before waiting on the kernel before (model/gluon_gemv.py where on, model/triton_gemv.py),
+    otherwise ``F.linear``."""
+    if gluon_gemv is not None and gluon_gemv.usable(x, w):
+        return gluon_gemv.gemv(x, w)
     if triton_gemv is not None and triton_gemv.usable(x, w):
         return triton_gemv.gemv(x, w)
     return F.linear(x, w)

@@ -67,3 +67,41 @@ def launch_kw() -> dict:
     device (off on CPU tensors under Triton's interpreter and on GPUs before Hopper)."""
     on = WANTED and torch.cuda.is_available() and _supported(torch.cuda.current_device())
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+# MOEBIUS_SMEM_CARVEOUT=1: every compiled kernel of moebius.model asks the multiprocessor for
+# its most shared memory (the rest stays L1). A multiprocessor changes its L1/shared split only
+# when it is empty, so a kernel whose programs need more shared memory than the running kernel
+# chose cannot become resident next to it under PDL (model/gluon_gemv.py holds 128-160 KB a
+# program). Off by default until a GPU run has timed it.
+SHARED_CARVEOUT = os.environ.get("MOEBIUS_SMEM_CARVEOUT", "0") == "1"
+_CARVEOUT_ATTRIBUTE = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+
+
+def prefer_shared_memory() -> int:
+    """Ask for the largest shared-memory carve-out on every kernel compiled so far from a
+    Triton or Gluon function of ``moebius.model`` (before a CUDA graph is captured, whose
+    nodes keep the attributes); returns how many kernels it set (0 when off)."""
+    if not SHARED_CARVEOUT:
+        return 0
+    import ctypes
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    done = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("moebius.model."):
+            continue
+        for fn in vars(module).values():
+            if not isinstance(fn, JITFunction):
+                continue
+            for kernels, *_ in fn.device_caches.values():
+                for kernel in kernels.values():
+                    kernel._init_handles()
+                    err = libcuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function),
+                                                     _CARVEOUT_ATTRIBUTE, 100)
+                    assert err == 0, f"cuFuncSetAttribute: CUresult {err}"
+                    done += 1
+    return done

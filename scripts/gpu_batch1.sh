@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On one lent GPU (~6 minutes; ~9 on an H200): the batch-1 A/Bs still untimed. Their GPU
+# tests, then batch 1 and 8 in alternation, two rounds: the defaults; the one-token GEMVs in
+# shared memory (MOEBIUS_GEMV_SMEM, model/gluon_gemv.py) without and with every kernel on the
+# largest shared-memory carve-out (MOEBIUS_SMEM_CARVEOUT); the router fold (MOEBIUS_FOLD_ROUTER,
+# model/router_fold.py). env: TESTS_K (narrower tests), BUDGET_S (kernel tables).
+source "$(dirname "$0")/gpu_common.sh"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py -k \
+  "${TESTS_K:-shared_memory or router_fold or self_routing or norm_routes or gemv_matches or cuda_graphs}" \
+  2>&1 | tail -6; lap tests
+run() {  # $1 tag; env passes through
+  timeout 100 python3 -m moebius.bench.decode --batches 1 8 2>&1 \
+    | quiet | grep -v '^{' | grep "^ *[18] " | sed "s/^/[$1] /"
+}
+for i in 1 2; do
+  run "default$i"
+  MOEBIUS_GEMV_SMEM=1 run "smem$i"
+  MOEBIUS_GEMV_SMEM=1 MOEBIUS_SMEM_CARVEOUT=1 run "smem_carve$i"
+  MOEBIUS_FOLD_ROUTER=1 run "fold$i"
+done
+lap ab
+# On an H200 (the issue's card; none since session 9) the issue-4 ladder with the defaults too.
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  timeout 240 python3 -m moebius.bench.decode --batches 1 8 32 128 256 --prefill 1x2048 16x512 \
+    --out "$OUT/ladder.json" 2>&1 | quiet | grep -v '^{' | tail -12 | sed "s/^/[ladder] /"
+  lap ladder
+fi
+# Kernel tables of one batch-1 replay, PDL off (each kernel's own time), default and with the
+# shared-memory GEMVs (where the call has time left).
+for s in 0 1; do
+  [ $((SECONDS - T0)) -lt ${BUDGET_S:-400} ] || break
+  MOEBIUS_PDL=0 MOEBIUS_GEMV_SMEM=$s timeout 100 python3 -m moebius.bench.decode --batches 1 \
+    --kernel-tables 1 2>&1 | quiet | grep -v '^{' | tail -14 | sed "s/^/[smem$s] /"
+done
+lap profile
