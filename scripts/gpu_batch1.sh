@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On one lent GPU (~6 minutes; ~9 on an H200): the batch-1 A/Bs still untimed. Their GPU
 # tests, then batch 1 and 8 in alternation, two rounds: the defaults; the one-token GEMVs in
-# shared memory (MOEBIUS_GEMV_SMEM, model/gluon_gemv.py) without and with every kernel on the
-# largest shared-memory carve-out (MOEBIUS_SMEM_CARVEOUT); the router fold (MOEBIUS_FOLD_ROUTER,
-# model/router_fold.py). env: TESTS_K (narrower tests), BUDGET_S (kernel tables).
+# shared memory (MOEBIUS_GEMV_SMEM=1, =o for o alone; model/gluon_gemv.py), without and with
+# every kernel on the largest shared-memory carve-out (MOEBIUS_SMEM_CARVEOUT); the router fold
+# (MOEBIUS_FOLD_ROUTER, model/router_fold.py). env: TESTS_K (narrower tests), BUDGET_S (kernel tables).
 source "$(dirname "$0")/gpu_common.sh"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py -k \
   "${TESTS_K:-shared_memory or router_fold or self_routing or norm_routes or gemv_matches or cuda_graphs}" \
@@ -15,6 +15,7 @@ run() {  # $1 tag; env passes through
 for i in 1 2; do
   run "default$i"
   MOEBIUS_GEMV_SMEM=1 run "smem$i"
+  MOEBIUS_GEMV_SMEM=o run "smem_o$i"
   MOEBIUS_GEMV_SMEM=1 MOEBIUS_SMEM_CARVEOUT=1 run "smem_carve$i"
   MOEBIUS_FOLD_ROUTER=1 run "fold$i"
 done

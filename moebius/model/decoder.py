@@ -48,12 +48,13 @@ def attention_block(
     v_w = lw.v_proj[kvh.start * d : kvh.stop * d]
     T = x.shape[0]
     if lw.qkv_proj is not None and len(qh) == cfg.num_heads and len(kvh) == cfg.num_kv_heads:
-        q, k, v = project(x, lw.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
+        qkv = project(x, lw.qkv_proj, "qkv")
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
         q, k, v = q.view(T, len(qh), d), k.view(T, len(kvh), d), v.view(T, len(kvh), d)
     else:  # a TP shard: this rank's head slices of the three views
-        q = project(x, q_w).view(T, len(qh), d)
-        k = project(x, k_w).view(T, len(kvh), d)
-        v = project(x, v_w).view(T, len(kvh), d)
+        q = project(x, q_w, "qkv").view(T, len(qh), d)
+        k = project(x, k_w, "qkv").view(T, len(kvh), d)
+        v = project(x, v_w, "qkv").view(T, len(kvh), d)
     k_cache, v_cache = kv_cache
     if q.is_cuda and triton_qk is not None and triton_qk.supported(d):  # one launch for all
         q = triton_qk.qk_norm_rope_write(q, k, v, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
@@ -67,7 +68,8 @@ def attention_block(
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     o = paged_attention(q, k_cache, v_cache, meta, scale=d**-0.5)
     o_w = lw.o_proj[:, qh.start * d : qh.stop * d]
-    out = (project_o or project)(o.reshape(T, -1), o_w)
+    o = o.reshape(T, -1)
+    out = project_o(o, o_w) if project_o else project(o, o_w, "o")
     return comm.all_reduce(out) if layout.is_tp else out
 
 

@@ -10,8 +10,11 @@ addresses), issued before the wait. After it only the activation row (L2), a rea
 memory and the dot remain. Needs Hopper (TMA) and Gluon; rows that do not fit the shared
 memory leave the projection to the register GEMV.
 
-Off by default (``MOEBIUS_GEMV_SMEM=1`` turns it on) until a GPU run has timed it
-(docs/decisions.md). Shape legend: T tokens, K input features, N outputs.
+Off by default until a GPU run has timed it (docs/decisions.md): ``MOEBIUS_GEMV_SMEM=o``
+turns it on for the o projection (after attention, whose kernels hold little shared memory,
+so its programs can become resident early), ``=qkv`` for q/k/v (after the experts' down
+kernel, whose pipelined tiles hold much of it), ``=1`` for both. Shape legend: K input
+features, N outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moebius.model.triton_pdl import launch_kw
 
-ENABLED = os.environ.get("MOEBIUS_GEMV_SMEM", "0") == "1"
+_CHOICE = os.environ.get("MOEBIUS_GEMV_SMEM", "0")
+PROJECTIONS = {"1": {"qkv", "o"}, "qkv": {"qkv"}, "o": {"o"}}.get(_CHOICE, set())
 BR = 8  # rows of one TMA box: one a warp
 BC = 256  # columns of one TMA box (the most TMA takes unswizzled); a warp reads a row of it
 WARPS = 8
@@ -93,12 +97,13 @@ def _hopper(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """One bf16 CUDA token on Hopper against a row-contiguous weight whose ``ceil(N / SMs)``
-    rows fit the shared memory (TMA needs 16-byte aligned rows)."""
-    if not (ENABLED and x.is_cuda and x.dtype == torch.bfloat16 == w.dtype and x.shape[0] == 1
-            and x.stride(-1) == 1 and w.stride(1) == 1 and (w.stride(0) * 2) % 16 == 0
-            and w.data_ptr() % 16 == 0 and _hopper(x)):
+def usable(x: torch.Tensor, w: torch.Tensor, projection: str) -> bool:
+    """``projection`` ("qkv" or "o") is on, and this is one bf16 CUDA token on Hopper against
+    a row-contiguous weight whose ``ceil(N / SMs)`` rows fit the shared memory (TMA needs
+    16-byte aligned rows)."""
+    if not (projection in PROJECTIONS and x.is_cuda and x.dtype == torch.bfloat16 == w.dtype
+            and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(1) == 1
+            and (w.stride(0) * 2) % 16 == 0 and w.data_ptr() % 16 == 0 and _hopper(x)):
         return False
     return plan(w.shape[0], w.shape[1], *_device_limits(x.device.index)) is not None
 

@@ -81,11 +81,12 @@ def add_rms_norm(x: torch.Tensor, parts, weight: torch.Tensor, eps: float):
     return x, rms_norm(x, weight, eps)
 
 
-def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def project(x: torch.Tensor, w: torch.Tensor, projection: str = "") -> torch.Tensor:
     """x (T, K) @ w (N, K)ᵀ: a few bf16 CUDA tokens through a GEMV that reads its weights
     before waiting on the kernel before (model/gluon_gemv.py where on, model/triton_gemv.py),
-    otherwise ``F.linear``."""
-    if gluon_gemv is not None and gluon_gemv.usable(x, w):
+    otherwise ``F.linear``. ``projection``: "qkv" or "o" (which may hold its weight in shared
+    memory)."""
+    if gluon_gemv is not None and gluon_gemv.usable(x, w, projection):
         return gluon_gemv.gemv(x, w)
     if triton_gemv is not None and triton_gemv.usable(x, w):
         return triton_gemv.gemv(x, w)

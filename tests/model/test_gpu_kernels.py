@@ -354,7 +354,7 @@ def test_shared_memory_gemv_decodes_as_register_gemv(qwen_dir, monkeypatch):
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     runs = []
     for smem in (False, True):
-        monkeypatch.setattr(gluon_gemv, "ENABLED", smem)
+        monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"qkv", "o"} if smem else set())
         monkeypatch.setattr(triton_pdl, "SHARED_CARVEOUT", smem)
         with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
             runs.append([llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0]
@@ -575,12 +575,12 @@ def test_shared_memory_gemv_matches_reference(N, K, monkeypatch):
     eager and replayed in a graph; rows past N (the last program's) are not written."""
     from moebius.model import gluon_gemv
 
-    monkeypatch.setattr(gluon_gemv, "ENABLED", True)
+    monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"o"})
     g = torch.Generator(device="cuda").manual_seed(N + K)
     x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
     whole = (torch.randn(N + 8, K + 64, device="cuda", generator=g) * K**-0.5).bfloat16()
     for w in (whole[:N, :K].contiguous(), whole[8:, 64:]):
-        assert gluon_gemv.usable(x, w)
+        assert gluon_gemv.usable(x, w, "o") and not gluon_gemv.usable(x, w, "qkv")
         y = gluon_gemv.gemv(x, w)
         assert y.shape == (1, N)
         err = rel(y, x.double() @ w.double().T)
@@ -591,7 +591,7 @@ def test_shared_memory_gemv_matches_reference(N, K, monkeypatch):
         x.copy_(torch.randn(1, K, device="cuda", generator=g))
         graph.replay()
         assert torch.equal(replayed, gluon_gemv.gemv(x, w))
-    assert not gluon_gemv.usable(torch.zeros(2, K, device="cuda").bfloat16(), w)
+    assert not gluon_gemv.usable(torch.zeros(2, K, device="cuda").bfloat16(), w, "o")
 
 
 @pytest.mark.parametrize("M,c", [(1, 768), (4099, 768), (300, 100)])
