@@ -7,7 +7,8 @@ after the PDL wait (``ACQBULK``): the rule in docs/persistent-decode.md.
 Triton's wheel carries ptxas, cuobjdump and nvdisasm; ``triton.compile`` with a CUDA target
 needs no device. Integer arguments other than counts are marked divisible by 16 as a real
 launch specialises them (without it the loads compile scalar and the figures are wrong).
-SHARED is the static part only (the pipelined loads' buffers are dynamic). Qwen3-30B-A3B's
+SHARED is the static part only; "shared in all" adds the dynamic part (pipelined loads'
+buffers, Gluon's allocations): what a program needs free on a multiprocessor to be resident. Qwen3-30B-A3B's
 batch-1 shapes; add a kernel as ``KERNELS`` shows.
 """
 
@@ -108,7 +109,8 @@ def main() -> None:
                 slug = re.sub(r"\W+", "_", name).strip("_")
                 Path(args.sass, slug + ".sass").write_text(sass)
         m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)
-        print(f"{name:38s} {warps:2d} warps  {m.group(0) if m else usage[-200:]}")
+        print(f"{name:38s} {warps:2d} warps  {m.group(0) if m else usage[-200:]}"
+              f"  shared in all {k.metadata.shared}")
 
 
 if __name__ == "__main__":
