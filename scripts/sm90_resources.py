@@ -1,15 +1,16 @@
 """Batch-1 kernels compiled for sm_90 on a machine without a GPU: registers, stack and local
-memory of each (cuobjdump), and the SASS written next to ``--sass DIR`` for reading what sits
-after the PDL wait (``ACQBULK``): the rule in docs/persistent-decode.md.
+memory of each (cuobjdump), its whole shared memory (static, pipelined loads' buffers, Gluon's
+allocations: what must be free on a multiprocessor for a program to be resident), and the
+SASS written next to ``--sass DIR`` for reading what sits after the PDL wait (``ACQBULK``): the
+rule in docs/persistent-decode.md.
 
     .venv/bin/python scripts/sm90_resources.py [--sass /tmp/sass]
 
 Triton's wheel carries ptxas, cuobjdump and nvdisasm; ``triton.compile`` with a CUDA target
 needs no device. Integer arguments other than counts are marked divisible by 16 as a real
 launch specialises them (without it the loads compile scalar and the figures are wrong).
-SHARED is the static part only; "shared in all" adds the dynamic part (pipelined loads'
-buffers, Gluon's allocations): what a program needs free on a multiprocessor to be resident. Qwen3-30B-A3B's
-batch-1 shapes; add a kernel as ``KERNELS`` shows.
+Qwen3-30B-A3B's batch-1 shapes and tiles (triton_moe._tiles(8)); add a kernel as ``KERNELS``
+shows.
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ def _w13(fold: bool):
     types = {n: "*bf16" for n in ("X", "W", "A", "O", "norm_w", "Xres", "X_in", "route_w")}
     types.update(sorted_rows="*i32", block_piece="*i32", ids="*i64", eps="fp32",
                  logits="*fp32" if fold else "*bf16", share="*fp32")
-    consts = dict(TOPK=8, BM=16, BN=64, BK=256, ONE=True, K_PAD=8, E_PAD=128, RENORM=True,
+    consts = dict(TOPK=8, BM=16, BN=64, BK=128, ONE=True, K_PAD=8, E_PAD=128, RENORM=True,
                   ROWS=triton_moe.TOPK_ROWS, FOLD=fold, BLOCK_H=2048,
                   SHARE_ROWS=4 if fold else 1, PDL=True)
     return triton_moe._w13_kernel, types, consts, 4, 4
+
+
+def _w2():
+    types = dict(A="*bf16", W="*bf16", Y="*bf16", sorted_rows="*i32", block_piece="*i32",
+                 ids="*i64", route_w="*fp32")
+    return triton_moe._w2_kernel, types, dict(BM=16, BN=64, BK=128, ONE=True, PDL=True), 4, 4
 
 
 def _gemv(split: int):
@@ -82,6 +89,7 @@ def _gemv_smem(nr: int, nc: int):
 KERNELS = {
     "gate/up, one token": _w13(False),
     "gate/up, one token, router fold": _w13(True),
+    "down, one token": _w2(),
     "o GEMV": _gemv(0),
     "o GEMV + split router share": _gemv(4),
     "q/k/v GEMV, shared memory (40 x 2048)": _gemv_smem(5, 8),
@@ -91,26 +99,35 @@ KERNELS = {
 }
 
 
+def resources(name: str, sass_dir: str | None = None) -> dict:
+    """KERNELS[name] compiled for sm_90: registers, stack, local memory (cuobjdump), whole
+    shared memory; its SASS written to ``sass_dir`` if given."""
+    fn, types, consts, warps, stages = KERNELS[name]
+    k = compile_sm90(fn, types, consts, warps, stages)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(k.asm["cubin"])
+        usage = subprocess.run([BIN + "/cuobjdump", "--dump-resource-usage", cubin],
+                               capture_output=True, text=True).stdout
+        if sass_dir:
+            os.makedirs(sass_dir, exist_ok=True)
+            sass = subprocess.run([BIN + "/nvdisasm", "-c", cubin], capture_output=True,
+                                  text=True).stdout
+            Path(sass_dir, re.sub(r"\W+", "_", name).strip("_") + ".sass").write_text(sass)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert m, usage[-300:]
+    return dict(warps=warps, registers=int(m[1]), stack=int(m[2]), local=int(m[3]),
+                shared=k.metadata.shared)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sass", help="a folder for each kernel's SASS")
     args = ap.parse_args()
-    for name, (fn, types, consts, warps, stages) in KERNELS.items():
-        k = compile_sm90(fn, types, consts, warps, stages)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "k.cubin")
-            Path(cubin).write_bytes(k.asm["cubin"])
-            usage = subprocess.run([BIN + "/cuobjdump", "--dump-resource-usage", cubin],
-                                   capture_output=True, text=True).stdout
-            if args.sass:
-                os.makedirs(args.sass, exist_ok=True)
-                sass = subprocess.run([BIN + "/nvdisasm", "-c", cubin], capture_output=True,
-                                      text=True).stdout
-                slug = re.sub(r"\W+", "_", name).strip("_")
-                Path(args.sass, slug + ".sass").write_text(sass)
-        m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)
-        print(f"{name:38s} {warps:2d} warps  {m.group(0) if m else usage[-200:]}"
-              f"  shared in all {k.metadata.shared}")
+    for name in KERNELS:
+        r = resources(name, args.sass)
+        print(f"{name:38s} {r['warps']:2d} warps  {r['registers']:3d} registers  stack "
+              f"{r['stack']}  local {r['local']}  shared {r['shared']}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ PROJECTIONS = {"1": {"qkv", "o"}, "qkv": {"qkv"}, "o": {"o"}}.get(_CHOICE, set()
 BR = 8  # rows of one TMA box: one a warp
 BC = 256  # columns of one TMA box (the most TMA takes unswizzled); a warp reads a row of it
 WARPS = 8
-SMEM_SPARE = 4096  # for the mbarrier and what the compiler adds
+SMEM_SPARE = 64  # the mbarrier and alignment
 
 
 @gluon.jit
@@ -84,11 +84,17 @@ def _device_limits(device: int) -> tuple[int, int]:
     return props["multiprocessor_count"], props["max_shared_mem"]
 
 
+def shared_bytes(nr: int, k: int) -> int:
+    """Shared memory of a program with ``nr`` row groups: its boxes, the activation row."""
+    k_pad = triton.cdiv(k, BC) * BC
+    return (nr * BR + 1) * k_pad * 2 + SMEM_SPARE
+
+
 def plan(n: int, k: int, sms: int, max_shared: int) -> tuple[int, int] | None:
     """(row groups a program, programs) for an (n, k) bf16 weight: ``ceil(n / sms)`` rows
     rounded up to a whole box, or None when they do not fit the shared memory."""
     nr = triton.cdiv(triton.cdiv(n, sms), BR)
-    if nr * BR * triton.cdiv(k, BC) * BC * 2 + SMEM_SPARE > max_shared:
+    if shared_bytes(nr, k) > max_shared:
         return None
     return nr, triton.cdiv(n, nr * BR)
 
