@@ -17,6 +17,8 @@ for i in 1 2; do
   MOEBIUS_GEMV_SMEM=1 run "smem$i"
   MOEBIUS_GEMV_SMEM=o run "smem_o$i"
   MOEBIUS_GEMV_SMEM=1 MOEBIUS_SMEM_CARVEOUT=1 run "smem_carve$i"
+  # down's programs on 2 stages (20 KB each, not 61): two of them and one q/k/v program fit
+  MOEBIUS_GEMV_SMEM=1 MOEBIUS_SMEM_CARVEOUT=1 MOEBIUS_MOE_LAUNCH_SMALL=4,4,4,2 run "smem_down2_$i"
   MOEBIUS_FOLD_ROUTER=1 run "fold$i"
 done
 lap ab
