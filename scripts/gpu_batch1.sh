@@ -10,7 +10,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernel
   2>&1 | tail -6; lap tests
 run() {  # $1 tag; env passes through
   timeout 100 python3 -m moebius.bench.decode --batches 1 8 2>&1 \
-    | quiet | grep -v '^{' | grep "^ *[18] " | sed "s/^/[$1] /"
+    | quiet | grep -v '^{' | grep "^ *[18] " | sed "s/^/[$1] /" | tee -a "$OUT/ab.txt"
 }
 for i in 1 2; do
   run "default$i"
@@ -22,6 +22,16 @@ for i in 1 2; do
   MOEBIUS_FOLD_ROUTER=1 run "fold$i"
 done
 lap ab
+# Each variant's mean ms/step over the rounds, and its change against the defaults' (the
+# spread of one variant between rounds is the noise to beat, ~0.02 ms at batch 1 on H100).
+awk '{t = $1; gsub(/[][]/, "", t); sub(/_?[0-9]+$/, "", t); k = t " b" $2
+      if (!(k in n)) {lo[k] = $3; hi[k] = $3}
+      if ($3 < lo[k]) lo[k] = $3
+      if ($3 > hi[k]) hi[k] = $3
+      sum[k] += $3; n[k]++}
+     END {for (k in sum) {split(k, p, " "); m = sum[k] / n[k]; d = sum["default " p[2]] / n["default " p[2]]
+          printf "[mean] %-16s %-4s %7.3f ms (%+.3f against default; rounds %.2f-%.2f)\n", p[1], p[2], m, m - d, lo[k], hi[k]}}' \
+  "$OUT/ab.txt" | sort -b -k3,3 -k4,4n
 # On an H200 (the issue's card; none since session 9) the issue-4 ladder with the defaults too.
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   timeout 240 python3 -m moebius.bench.decode --batches 1 8 32 128 256 --prefill 1x2048 16x512 \
