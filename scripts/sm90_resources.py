@@ -80,10 +80,11 @@ def _norm_route(on_residual: bool):
     return triton_norm._add_rms_norm_route_kernel, types, consts, 8, 3
 
 
-def _gemv_smem(nr: int, nc: int):
+def _gemv_smem(nr: int, nc: int, tokens: int = 1):
     box = f"tensordesc<bf16[{gluon_gemv.BR}, {gluon_gemv.BC}],{gluon_gemv._box_layout()!r}>"
     types = dict(w_desc=box, X="*bf16", Y="*bf16")
-    return gluon_gemv._gemv_smem_kernel, types, dict(NR=nr, NC=nc, PDL=True), gluon_gemv.WARPS, 1
+    consts = dict(NR=nr, NC=nc, TP=tokens, PDL=True)
+    return gluon_gemv._gemv_smem_kernel, types, consts, gluon_gemv.WARPS, 1
 
 
 KERNELS = {
@@ -94,6 +95,7 @@ KERNELS = {
     "o GEMV + split router share": _gemv(4),
     "q/k/v GEMV, shared memory (40 x 2048)": _gemv_smem(5, 8),
     "o GEMV, shared memory (16 x 4096)": _gemv_smem(2, 16),
+    "q/k/v GEMV, shared memory, 8 tokens": _gemv_smem(5, 8, 8),
     "add + norm + router": _norm_route(False),
     "input add + norm + residual share": _norm_route(True),
 }

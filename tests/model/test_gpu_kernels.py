@@ -344,9 +344,10 @@ def assert_agree_but_near_ties(plain_runs, other_runs, max_tokens=12):
 
 
 def test_shared_memory_gemv_decodes_as_register_gemv(qwen_dir, monkeypatch):
-    """Batch-1 greedy decode in CUDA graphs with the one-token projections held in shared
-    memory (model/gluon_gemv.py) and every kernel on the largest shared-memory carve-out:
-    the register GEMV's tokens and log-probabilities, but for near-ties."""
+    """Greedy decode in CUDA graphs, one request at a time and all at once (a few tokens a
+    step), with the projections held in shared memory (model/gluon_gemv.py) and every kernel
+    on the largest shared-memory carve-out: the register GEMV's and cuBLAS's tokens and
+    log-probabilities, but for near-ties."""
     from moebius import LLM, SamplingParams
     from moebius.model import gluon_gemv, triton_pdl
     from tests.conftest import PROMPTS
@@ -357,8 +358,9 @@ def test_shared_memory_gemv_decodes_as_register_gemv(qwen_dir, monkeypatch):
         monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"qkv", "o"} if smem else set())
         monkeypatch.setattr(triton_pdl, "SHARED_CARVEOUT", smem)
         with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
-            runs.append([llm.generate([llm.tokenizer.encode(p)], sp)[0].outputs[0]
-                         for p in PROMPTS])
+            ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+            alone = [llm.generate([i], sp)[0].outputs[0] for i in ids]
+            runs.append(alone + [o.outputs[0] for o in llm.generate(ids, sp)])
         assert (triton_pdl.prefer_shared_memory() > 0) == smem
     assert_agree_but_near_ties(*runs)
 
@@ -569,29 +571,31 @@ def test_gemv_matches_reference(T, N, K, monkeypatch):
 
 
 @pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (2560, 2048), (200, 320)])
-def test_shared_memory_gemv_matches_reference(N, K, monkeypatch):
-    """The one-token GEMV that holds its weight in shared memory (TMA, one wave) against
-    float64, on a whole weight and a column slice of a larger one (rows 16-byte aligned),
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_shared_memory_gemv_matches_reference(T, N, K, monkeypatch):
+    """The GEMV that holds its weight in shared memory (TMA, one wave) against float64, for
+    T tokens, on a whole weight and a column slice of a larger one (rows 16-byte aligned),
     eager and replayed in a graph; rows past N (the last program's) are not written."""
     from moebius.model import gluon_gemv
 
     monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"o"})
-    g = torch.Generator(device="cuda").manual_seed(N + K)
-    x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
+    g = torch.Generator(device="cuda").manual_seed(N + K + T)
+    x = torch.randn(T, K, device="cuda", generator=g).bfloat16()
     whole = (torch.randn(N + 8, K + 64, device="cuda", generator=g) * K**-0.5).bfloat16()
     for w in (whole[:N, :K].contiguous(), whole[8:, 64:]):
         assert gluon_gemv.usable(x, w, "o") and not gluon_gemv.usable(x, w, "qkv")
         y = gluon_gemv.gemv(x, w)
-        assert y.shape == (1, N)
+        assert y.shape == (T, N)
         err = rel(y, x.double() @ w.double().T)
         assert 1e-4 < err < 1e-2, err  # bf16 output rounding, nothing worse
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             replayed = gluon_gemv.gemv(x, w)
-        x.copy_(torch.randn(1, K, device="cuda", generator=g))
+        x.copy_(torch.randn(T, K, device="cuda", generator=g))
         graph.replay()
         assert torch.equal(replayed, gluon_gemv.gemv(x, w))
-    assert not gluon_gemv.usable(torch.zeros(2, K, device="cuda").bfloat16(), w, "o")
+    too_many = torch.zeros(gluon_gemv.MAX_TOKENS + 1, K, device="cuda").bfloat16()
+    assert not gluon_gemv.usable(too_many, w, "o")
 
 
 @pytest.mark.parametrize("M,c", [(1, 768), (4099, 768), (300, 100)])

@@ -39,12 +39,14 @@ def test_shared_memory_gemv_plan(n, k, rows, programs):
     nr, got = gluon_gemv.plan(n, k, H100_SMS, H100_SHARED)
     assert (nr * gluon_gemv.BR, got) == (rows, programs)
     assert got <= H100_SMS and gluon_gemv.shared_bytes(nr, k) <= H100_SHARED
+    assert gluon_gemv.plan(n, k, H100_SMS, H100_SHARED, 8) is not None  # 8 tokens' rows fit
     assert gluon_gemv.plan(n, 4 * k, H100_SMS, H100_SHARED) is None  # too wide: registers' GEMV
 
 
-@pytest.mark.parametrize("name,nr,k", [("q/k/v GEMV, shared memory (40 x 2048)", 5, 2048),
-                                       ("o GEMV, shared memory (16 x 4096)", 2, 4096)])
-def test_shared_memory_gemv_takes_what_its_plan_counts(sm90, name, nr, k):
+@pytest.mark.parametrize("name,nr,k,t", [("q/k/v GEMV, shared memory (40 x 2048)", 5, 2048, 1),
+                                         ("o GEMV, shared memory (16 x 4096)", 2, 4096, 1),
+                                         ("q/k/v GEMV, shared memory, 8 tokens", 5, 2048, 8)])
+def test_shared_memory_gemv_takes_what_its_plan_counts(sm90, name, nr, k, t):
     shared = sm90.resources(name)["shared"]
     boxes = nr * gluon_gemv.BR * k * 2
-    assert boxes + 2 * k <= shared <= gluon_gemv.shared_bytes(nr, k)
+    assert boxes + 2 * k * t <= shared <= gluon_gemv.shared_bytes(nr, k, t)
