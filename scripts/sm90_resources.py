@@ -30,7 +30,13 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moebius.model import gluon_gemv, triton_gemv, triton_moe, triton_norm  # noqa: E402
+from moebius.model import (  # noqa: E402
+    gluon_gemv,
+    triton_attention,
+    triton_gemv,
+    triton_moe,
+    triton_norm,
+)
 
 NOT_DIVISIBLE = {"M", "T", "R", "t", "eps"}
 BIN = glob.glob(os.path.dirname(triton.__file__) + "/backends/nvidia/bin")[0]
@@ -66,6 +72,20 @@ def _w2():
     return triton_moe._w2_kernel, types, dict(BM=16, BN=64, BK=128, ONE=True, PDL=True), 4, 4
 
 
+def _attention_split():
+    types = dict(Q="*bf16", K="*bf16", V="*bf16", Mid="*fp32", Lse="*fp32", O="*bf16",
+                 tables="*i32", ctx_lens="*i64", scale="fp32")
+    consts = dict(GROUP=8, GROUP_PAD=16, BS=16, D=128, TILE_N=triton_attention.TILE, S=64,
+                  IEEE=False, PDL=True)
+    return triton_attention._decode_split_kernel, types, consts, 4, 3
+
+
+def _attention_merge():
+    types = dict(Mid="*fp32", Lse="*fp32", O="*bf16", ctx_lens="*i64")
+    consts = dict(S=64, S_PAD=64, UNIT=triton_attention.TILE, DT=128, PDL=True)
+    return triton_attention._merge_kernel, types, consts, 4, 3
+
+
 def _gemv(split: int):
     types = dict(X="*bf16", W="*bf16", Y="*bf16", Extra="*bf16", YExtra="*fp32")
     consts = dict(BN=4, BK=4096, SPLIT=split, BKE=1024, PDL=True)
@@ -91,6 +111,8 @@ KERNELS = {
     "gate/up, one token": _w13(False),
     "gate/up, one token, router fold": _w13(True),
     "down, one token": _w2(),
+    "attention split (64 splits)": _attention_split(),
+    "attention merge": _attention_merge(),
     "o GEMV": _gemv(0),
     "o GEMV + split router share": _gemv(4),
     "q/k/v GEMV, shared memory (40 x 2048)": _gemv_smem(5, 8),
