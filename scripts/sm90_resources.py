@@ -74,7 +74,7 @@ def _w2():
 
 def _attention_split():
     types = dict(Q="*bf16", K="*bf16", V="*bf16", Mid="*fp32", Lse="*fp32", O="*bf16",
-                 tables="*i32", ctx_lens="*i64", scale="fp32")
+                 tables="*i64", ctx_lens="*i64", scale="fp32")
     consts = dict(GROUP=8, GROUP_PAD=16, BS=16, D=128, TILE_N=triton_attention.TILE, S=64,
                   IEEE=False, PDL=True)
     return triton_attention._decode_split_kernel, types, consts, 4, 3
