@@ -3,9 +3,9 @@
 # untimed. Their GPU tests, then batch 1 and 8 in alternation: the defaults; the projections'
 # GEMVs in shared memory (MOEBIUS_GEMV_SMEM=1, =o for o alone; model/gluon_gemv.py), with
 # every kernel on the largest shared-memory carve-out (MOEBIUS_SMEM_CARVEOUT), and with down on
-# 2 stages too; the router fold (MOEBIUS_FOLD_ROUTER, model/router_fold.py). A second round
-# where the call has time (ROUNDS_S), then each variant's mean against the defaults. env:
-# TESTS_K (narrower tests), BUDGET_S (kernel tables).
+# 2 stages too; the router fold (MOEBIUS_FOLD_ROUTER, model/router_fold.py), also with o in
+# shared memory. A second round where the call has time (ROUNDS_S), then each variant's mean
+# against the defaults. env: TESTS_K (narrower tests), BUDGET_S (kernel tables).
 source "$(dirname "$0")/gpu_common.sh"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py -k \
   "${TESTS_K:-shared_memory or router_fold or self_routing or norm_routes or gemv_matches or cuda_graphs}" \
@@ -22,6 +22,7 @@ round() {  # $1 round number
   # down's programs on 2 stages (20 KB each, not 61): two of them and one q/k/v program fit
   MOEBIUS_GEMV_SMEM=1 MOEBIUS_SMEM_CARVEOUT=1 MOEBIUS_MOE_LAUNCH_SMALL=4,4,4,2 run "smem_down2_$1"
   MOEBIUS_FOLD_ROUTER=1 run "fold$1"
+  MOEBIUS_FOLD_ROUTER=1 MOEBIUS_GEMV_SMEM=o run "fold_smem_o$1"  # R·W_o as o's extra rows
   lap "round $1"
 }
 round 1

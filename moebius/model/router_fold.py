@@ -15,7 +15,8 @@ and the top-k does not depend on r. The first share rides in the layer's *input*
 launch, which already holds x1 (``router_res`` = R, on the new residual); the second, R·W_o
 (rows H.. of ``o_route`` = [W_o; R·W_o], o_proj a view of its first H rows), rides in the o
 GEMV: each of its programs also takes a 1/S piece of one of the E rows, float32 partials
-(``SPLIT``; or, ``MOEBIUS_FOLD_SPLIT=0``, as E more rows of the launch). The gate/up kernel
+(``SPLIT``; or, ``MOEBIUS_FOLD_SPLIT=0`` or with o's weight in shared memory
+(``MOEBIUS_GEMV_SMEM=o``), as E more rows of the launch). The gate/up kernel
 sums the shares, computes x = x1 + o, r and the normed row with the norm launch's roundings,
 stores x (the next residual), picks and streams its expert's weights (triton_moe ``Fold``).
 Cost: E·(nh·d + H) more weight elements a layer (Qwen3-30B-A3B: 1.5 MB, ~1% of a batch-1
@@ -44,6 +45,10 @@ try:  # Triton is there on GPU machines; the CPU path never needs it
     from moebius.model.triton_norm import add_rms_norm_residual_logits
 except ImportError:  # pragma: no cover - depends on the install
     triton_gemv = triton_moe = add_rms_norm_residual_logits = None
+try:  # Gluon (Triton 3.5 and later)
+    from moebius.model import gluon_gemv
+except ImportError:  # pragma: no cover - depends on the install
+    gluon_gemv = None
 
 ENABLED = os.environ.get("MOEBIUS_FOLD_ROUTER", "0") == "1"
 # The attention's share: "1" each o GEMV program also takes 1/SPLIT of one of the E rows of
@@ -74,12 +79,19 @@ def o_projection(lw: LayerWeights):
     H = lw.o_proj.shape[0]
 
     def project_o(x, o_w):
-        if SPLIT and triton_gemv.usable(x, o_w):
+        if SPLIT and triton_gemv.usable(x, o_w) and not smem_o(x, lw.o_route):
             return triton_gemv.gemv(x, o_w, lw.o_route[H:])
-        rows = project(x, lw.o_route)
+        rows = project(x, lw.o_route, "o")  # [W_o; R·W_o] in shared memory where that is on
         return rows[:, :H], rows[:, None, H:]
 
     return project_o
+
+
+def smem_o(x: torch.Tensor, o_route: torch.Tensor) -> bool:
+    """The o projection holds its weight in shared memory (model/gluon_gemv.py,
+    ``MOEBIUS_GEMV_SMEM=o``): then the share rides as E more rows of it (one wave either way:
+    Qwen3-30B-A3B 24 rows a program, 91 programs), bf16 as ``SPLIT=0``'s."""
+    return gluon_gemv is not None and gluon_gemv.usable(x, o_route, "o")
 
 
 def applies(lw: LayerWeights, x: torch.Tensor, comm: Comm) -> bool:

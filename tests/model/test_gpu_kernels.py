@@ -304,18 +304,21 @@ def test_router_fold_kernels_match_float64():
             assert rel(out.sum(1), ref) < 1e-2, trial
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split", "rows"])
-def test_router_fold_decodes_as_unfolded(qwen_dir, monkeypatch, split):
-    """Batch-1 greedy decode in CUDA graphs with the fold on: the unfolded run's tokens and
-    log-probabilities, except that after a near-tie (the unfolded run's two best tokens within
-    0.05 in log-probability) the two may go different ways."""
+@pytest.mark.parametrize("variant", ["split", "rows", "smem_o"])
+def test_router_fold_decodes_as_unfolded(qwen_dir, monkeypatch, variant):
+    """Batch-1 greedy decode in CUDA graphs with the fold on (the attention's router share
+    split over the o GEMV's programs, as more o rows, or as more rows of o held in shared
+    memory): the unfolded run's tokens and log-probabilities, except that after a near-tie
+    (the unfolded run's two best tokens within 0.05 in log-probability) the two may go
+    different ways."""
     from moebius import LLM, SamplingParams
-    from moebius.model import router_fold
+    from moebius.model import gluon_gemv, router_fold
     from tests.conftest import PROMPTS
 
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     runs = []
-    monkeypatch.setattr(router_fold, "SPLIT", split)
+    monkeypatch.setattr(router_fold, "SPLIT", variant == "split")
+    monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"o"} if variant == "smem_o" else set())
     for enabled in (False, True):
         monkeypatch.setattr(router_fold, "ENABLED", enabled)
         with LLM(qwen_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256) as llm:
