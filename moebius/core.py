@@ -55,6 +55,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # vLLM's: only these tokens may be sampled (non-empty; kept sorted and without repeats)
     allowed_token_ids: list[int] | None = None
+    # guided decoding (moebius/guided): the output is one JSON object (OpenAI's JSON mode), or
+    # exactly one of these strings (vLLM's guided_choice); it may end only where it is whole
+    guided_json_object: bool = False
+    guided_choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +114,28 @@ class SamplingParams:
                     f"got {_short(ids)}"
                 )
             self.allowed_token_ids = sorted(set(ids))
+        self._check_guided()
+
+    def _check_guided(self) -> None:
+        choice = self.guided_choice
+        if choice is not None and not (isinstance(choice, (list, tuple)) and choice
+                                       and all(isinstance(c, str) and c for c in choice)):
+            raise SamplingError(f"guided_choice must be a non-empty list of non-empty strings, "
+                                f"got {_short(choice)}")
+        if not self.guided:
+            return
+        if choice is not None and self.guided_json_object:
+            raise SamplingError("guided_choice and a JSON response format exclude each other")
+        if self.ignore_eos:
+            raise SamplingError("ignore_eos cannot be combined with guided decoding: a guided "
+                                "output ends where the grammar does")
+        if choice is not None and self.min_tokens:
+            raise SamplingError("min_tokens cannot be combined with guided_choice")
+        self.guided_choice = list(choice) if choice is not None else None
+
+    @property
+    def guided(self) -> bool:
+        return self.guided_json_object or self.guided_choice is not None
 
     @property
     def greedy(self) -> bool:
@@ -182,6 +208,7 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    guide: object | None = None  # guided decoding: a moebius.guided.guide.Guide
 
     @property
     def all_token_ids(self) -> list[int]:

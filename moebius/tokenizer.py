@@ -51,6 +51,11 @@ class Tokenizer:
         self._template = compile_template(self.chat_template) if self.chat_template else None
 
     @property
+    def hf(self) -> HFTokenizer:
+        """The underlying ``tokenizers`` object (guided decoding reads its vocabulary)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -158,6 +158,7 @@ class DecodeEngine(LLMEngine):
             raise ValueError("the handed-off prompt differs from the request's")
         self.check_prompt(ids, params)
         req = Request(request_id, ids, params, seed=meta["seed"])
+        req.guide = self.guide(params)  # it reads the first token with the rest
         req.output_token_ids.append(int(meta["first_token"]))
         if params.logprobs is not None and meta.get("first_logprobs"):
             req.output_logprobs.append({int(t): float(v) for t, v in meta["first_logprobs"]})

@@ -27,6 +27,8 @@ from moebius.engine.gc_tuning import tune_gc
 from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
 from moebius.engine.worker import make_executor
+from moebius.guided.guide import Guide, Vocabulary
+from moebius.guided.token_bytes import token_bytes
 from moebius.parallel.reshard import owner_changed_expert_bytes
 from moebius.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -114,6 +116,7 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
+        self._vocabulary: Vocabulary | None = None
         # overlapped steps: one step in flight at a time (docs/async-scheduling.md)
         self._overlap = (
             cfg.overlap_steps and self.supports_overlap and hasattr(self.executor, "launch")
@@ -166,6 +169,7 @@ class LLMEngine:
         children = []
         for i in range(params.n):
             child = Request(f"{rid}#{i}" if params.n > 1 else rid, ids, params, seed=base_seed + i)
+            child.guide = self.guide(params)
             children.append(child)
         detoks = [
             IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
@@ -201,6 +205,23 @@ class LLMEngine:
                 self.cfg.context_len,
                 kv_tokens,
             )
+
+    def guide(self, params: SamplingParams) -> Guide | None:
+        """A new request's guide (guided decoding), or None."""
+        if not params.guided:
+            return None
+        kind = "choice" if params.guided_choice is not None else "json"
+        return Guide(self.vocabulary(), kind, params.guided_choice or ())
+
+    def vocabulary(self) -> Vocabulary:
+        """Every token's bytes and the guided masks computed so far (built at the first guided
+        request: a pass over the vocabulary)."""
+        if self._vocabulary is None:
+            if self.tokenizer is None:
+                raise ConfigError("guided decoding needs the checkpoint's tokenizer")
+            tokens = token_bytes(self.tokenizer.hf, self.cfg.model.vocab_size)
+            self._vocabulary = Vocabulary(tokens, self.scheduler.eos_ids)
+        return self._vocabulary
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         """Raise (a ValueError: HTTP 400) for a request this engine cannot take: an empty or

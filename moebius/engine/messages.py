@@ -49,6 +49,9 @@ class SeqWork:
     # (allowed_token_ids or None, logit_bias or None) where the request sets either: the
     # params' own (checked) objects, so a sequence without them adds one None to the message
     logit_rules: tuple[list[int] | None, dict[int, float] | None] | None = None
+    # guided decoding: the tokens allowed this step, V bits packed little-endian
+    # (moebius/guided/guide.py)
+    token_mask: bytes | None = None
 
 
 @dataclass

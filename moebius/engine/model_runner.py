@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import numpy as np
 import torch
 
 from moebius.config import EngineConfig
@@ -33,6 +34,7 @@ from moebius.model.sampler import (
     SamplingTensors,
     apply_logit_rules,
     apply_penalties,
+    apply_token_masks,
     logprobs_of,
     sample,
 )
@@ -384,14 +386,15 @@ class ModelRunner:
         """Sample one token for each sequence with ``sample`` set (logits (n_sample, V)) on the
         device; the tokens stay there as the next launch's ``INFLIGHT`` inputs.
 
-        The logits change in place, in vLLM v1's order (v1/sample/sampler.py): allowed_token_ids
-        (the others -inf), min_tokens' bans of stop tokens and logit_bias (these three commute:
-        a bias is finite), then the penalties (repetition, then presence and frequency); then
-        ``sample`` divides by the temperature and filters (top-k/p, min-p), eager or fused
-        (Triton on CUDA), greedy rows taking the argmax of the same logits. Logprobs are of
-        the logits after the penalties, before the temperature (vLLM returns the raw model
-        output's by default): a masked token's is -inf."""
+        The logits change in place, in vLLM v1's order (v1/sample/sampler.py): a guided
+        request's mask and allowed_token_ids (the others -inf), min_tokens' bans of stop tokens
+        and logit_bias (these commute: a bias is finite), then the penalties (repetition, then
+        presence and frequency); then ``sample`` divides by the temperature and filters
+        (top-k/p, min-p), eager or fused (Triton on CUDA), greedy rows taking the argmax of the
+        same logits. Logprobs are of the logits after the penalties, before the temperature
+        (vLLM returns the raw model output's by default): a masked token's is -inf."""
         work = [s for s in seqs if s.sample]
+        self._apply_masks(logits, work)
         self._apply_rules(logits, work)
         for i, s in enumerate(work):
             if s.banned_token_ids:
@@ -420,6 +423,17 @@ class ModelRunner:
         if not (self._reports_here() if report is None else report):
             return PendingStep(self.rank)
         return PendingStep(self.rank, work, tokens, lps)
+
+    def _apply_masks(self, logits, work: list[SeqWork]) -> None:
+        """Guided rows: every token their packed mask leaves out becomes -inf."""
+        rows = [i for i, s in enumerate(work) if s.token_mask is not None]
+        if not rows:
+            return
+        packed = np.frombuffer(b"".join(work[i].token_mask for i in rows), dtype=np.uint8)
+        packed = torch.from_numpy(packed.reshape(len(rows), -1).copy())
+        if self.device.type != "cpu":
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        apply_token_masks(logits, self._h2d(rows), packed)
 
     def _apply_rules(self, logits, work: list[SeqWork]) -> None:
         """allowed_token_ids and logit_bias of the rows that set them (``logit_rules``)."""

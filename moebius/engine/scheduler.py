@@ -174,8 +174,8 @@ class Scheduler:
             if req.status is not running:
                 continue
             inflight = req.num_inflight
-            if inflight and self._ends_with_inflight(req):
-                continue  # its token in flight is its last: nothing more to compute
+            if inflight and (req.guide is not None or self._ends_with_inflight(req)):
+                continue  # its last token in flight, or its mask needs that token (guided)
             b = req.owner_rank if split else 0
             done = req.num_computed_tokens
             total = len(req.prompt_token_ids) + len(req.output_token_ids) + inflight
@@ -334,10 +334,11 @@ class Scheduler:
         rules = None
         if do_sample and (p.allowed_token_ids or p.logit_bias):
             rules = (p.allowed_token_ids, p.logit_bias)
+        mask = req.guide.mask(out_ids) if do_sample and req.guide is not None else None
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
                        -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,
-                       penalties, rules)
+                       penalties, rules, mask)
 
     eos_ids: tuple[int, ...] = ()
     record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)

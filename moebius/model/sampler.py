@@ -88,6 +88,19 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return torch.where(st.temperature > 0, drawn, greedy)
 
 
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor) -> None:
+    """Guided decoding, in place on ``logits`` (B, V): rows ``rows`` (n,) keep only the tokens
+    whose bit is set in ``packed`` (n, ceil(V'/8)) uint8, little-endian bit order (V' the
+    mask's vocabulary: tokens past it are dropped too)."""
+    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    keep = ((packed.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
+    V = logits.shape[1]
+    if keep.shape[1] < V:
+        keep = torch.nn.functional.pad(keep, (0, V - keep.shape[1]))
+    keep = keep[:, :V]
+    logits.index_put_((rows,), logits[rows].masked_fill(~keep, float("-inf")))
+
+
 def apply_logit_rules(logits: torch.Tensor, allowed_rows: torch.Tensor | None,
                       allowed_at: torch.Tensor | None, allowed_ids: torch.Tensor | None,
                       bias_rows: torch.Tensor | None, bias_ids: torch.Tensor | None,

@@ -5,9 +5,10 @@ responses and stream chunks, usage and the error body, plus the mapping of a req
 Requests are validated strictly (no "1" for 1, no true for 1) and with OpenAI's ranges, so a bad
 body is a 400 here and never reaches a worker. Unknown fields are ignored, as vLLM does.
 vLLM's extra sampling fields (top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
-allowed_token_ids, ...) and ``return_tokens_as_token_ids`` are accepted. There is no guided
-decoding: a ``response_format`` other than "text", and vLLM's ``guided_*`` and
-``structured_outputs`` fields, are a 400 rather than ignored.
+allowed_token_ids, ...) and ``return_tokens_as_token_ids`` are accepted. Guided decoding
+(moebius/guided): ``response_format`` "json_object" (the output is one JSON object) and vLLM's
+``guided_choice``; a JSON schema, a regex or a grammar (``response_format`` "json_schema",
+vLLM's other ``guided_*`` and ``structured_outputs``) is a 400 rather than ignored.
 
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
@@ -47,10 +48,8 @@ class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
 
 
-# vLLM's guided-decoding extras: any value but null asks for what this server cannot do
-GUIDED_FIELDS = (
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"
-)
+# vLLM's guided-decoding extras this server cannot enforce: any value but null is a 400
+UNSUPPORTED_GUIDED = ("guided_json", "guided_regex", "guided_grammar", "structured_outputs")
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only (int() takes others too)
 Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -85,23 +84,24 @@ class _SamplingFields(_Strict):
     response_format: ResponseFormat | None = None
     guided_json: Any = None
     guided_regex: Any = None
-    guided_choice: Any = None
+    guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of them
     guided_grammar: Any = None
     structured_outputs: Any = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination, a
-        logit_bias key that is not a token id, or a request for guided decoding."""
+        logit_bias key that is not a token id, or guided decoding this server cannot do."""
         fmt = self.response_format
-        if fmt is not None and fmt.type != "text":
+        if fmt is not None and fmt.type not in ("text", "json_object"):
             raise SamplingError(
                 f"guided decoding is not supported: response_format {fmt.type!r} cannot be "
-                f"enforced by this server (only 'text' is accepted)"
+                f"enforced by this server (only 'text' and 'json_object' are accepted)"
             )
-        for name in GUIDED_FIELDS:
+        for name in UNSUPPORTED_GUIDED:
             if getattr(self, name) is not None:
                 raise SamplingError(
-                    f"guided decoding is not supported: {name} cannot be enforced by this server"
+                    f"guided decoding is not supported: {name} cannot be enforced by this server "
+                    f"(response_format 'json_object' and guided_choice can)"
                 )
         return SamplingParams(
             n=self.n,
@@ -123,6 +123,8 @@ class _SamplingFields(_Strict):
             repetition_penalty=self.repetition_penalty,
             logit_bias=self._logit_bias(),
             allowed_token_ids=self.allowed_token_ids,
+            guided_json_object=fmt is not None and fmt.type == "json_object",
+            guided_choice=self.guided_choice,
         )
 
     def _logit_bias(self) -> dict[int, float] | None:

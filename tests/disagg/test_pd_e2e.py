@@ -121,3 +121,26 @@ def test_decode_instance_dies_mid_run(cluster, reference):
     assert retries and retries[0] >= 1  # the late requests that met the dead instance
     state = httpx.get(url + "/router/state").json()
     assert [d["up"] for d in state["decode"]] == [True, False]
+
+
+def test_guided_outputs_equal_single_instance(cluster, qwen_dir):
+    """JSON mode and guided_choice across the handoff: the prefill instance samples the first
+    token under the guide, the decode instance's guide reads it with the rest."""
+    url, model = cluster["url"], cluster["model"]
+    guided = [({"response_format": {"type": "json_object"}}, dict(guided_json_object=True)),
+              ({"guided_choice": ["yes", "no", "maybe so"]},
+               dict(guided_choice=["yes", "no", "maybe so"]))]
+    llm = LLM(qwen_dir, device="cpu")
+    try:
+        for extra, params in guided:
+            for prompt in PROMPTS[:3]:
+                want = llm.generate([prompt], SamplingParams(
+                    temperature=0, max_tokens=MAX_TOKENS, **params))[0].outputs[0]
+                r = httpx.post(url + "/v1/completions",
+                               json={**_body(model, prompt, False), **extra}, timeout=120)
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                assert (choice["text"], choice["finish_reason"]) == (want.text,
+                                                                     want.finish_reason)
+    finally:
+        llm.shutdown()

@@ -2,7 +2,8 @@
 steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --tool-call-parser
 hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
 and tool-call history too, and with logit_bias / allowed_token_ids), 64 streams survive two
-live layout switches token for token, bad logit rules and requests for guided decoding are 400s,
+live layout switches token for token, JSON mode and guided_choice hold their outputs to the
+grammar, bad logit rules and requests for guided decoding it cannot do are 400s,
 fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0;
 /tokenize counts what /v1/completions and /v1/chat/completions run, /detokenize inverts it,
 /v1/models/{id} answers the client's models.retrieve.
@@ -28,6 +29,7 @@ import openai
 import pytest
 
 from moebius import LLM, SamplingParams
+from moebius.guided import json_grammar
 from tests.conftest import PROMPTS
 
 MODEL, API_KEY, ADMIN_KEY, MAX_MODEL_LEN = "tiny", "sk-test", "admin-test", 512
@@ -339,14 +341,16 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
     ({"allowed_token_ids": [3, 384]}, r"allowed_token_ids must be token ids in \[0, 384\)"),
-    ({"response_format": {"type": "json_object"}},
-     "guided decoding is not supported: response_format 'json_object'"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
      "guided decoding is not supported: response_format 'json_schema'"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"guided_json": {"type": "object"}}, "guided decoding is not supported: guided_json"),
     ({"guided_regex": "[a-z]+"}, "guided decoding is not supported: guided_regex"),
-    ({"guided_choice": ["yes", "no"]}, "guided decoding is not supported: guided_choice"),
+    ({"guided_choice": []}, "guided_choice must be a non-empty list"),
+    ({"guided_choice": ["yes", ""]}, "guided_choice must be a non-empty list"),
+    ({"guided_choice": "yes"}, "guided_choice"),
+    ({"guided_choice": ["yes"], "ignore_eos": True}, "ignore_eos cannot be combined"),
+    ({"guided_choice": ["yes"], "response_format": {"type": "json_object"}}, "exclude each other"),
     ({"guided_grammar": "root ::= 'a'"}, "guided decoding is not supported: guided_grammar"),
 ])
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -357,6 +361,39 @@ def test_bad_logit_rules_and_guided_decoding_are_400(client, endpoint, extra, ma
                                            extra_body=extra)
         else:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body=extra)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_json_mode_and_guided_choice(client, offline, endpoint):
+    """response_format json_object: the text is a JSON object where it stopped, a prefix of
+    one where max_tokens cut it, and (seeded) the offline API's one-rank, non-overlapped
+    text; guided_choice: exactly one of the choices."""
+    def ask(extra, max_tokens, seed):
+        if endpoint == "chat":
+            r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=max_tokens,
+                                               seed=seed, extra_body=extra)
+            return r.choices[0].message.content, r.choices[0].finish_reason
+        r = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=max_tokens,
+                                      seed=seed, extra_body=extra)
+        return r.choices[0].text, r.choices[0].finish_reason
+
+    # "{" and "}" pushed up: the model opens and closes an object, then must stop
+    braces = {"logit_bias": {str(t): 30 for t in offline.tokenizer.encode("{}")}}
+    text, reason = ask({"response_format": {"type": "json_object"}, **braces}, 40, 1)
+    assert reason == "stop" and json.loads(text) == {}
+    for seed in range(4):
+        text, reason = ask({"response_format": {"type": "json_object"}}, 24, seed)
+        state = json_grammar.advance(json_grammar.OBJECT, text.encode())
+        assert state is not None, text
+        if reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        if endpoint == "completions":  # one rank, steps in sequence: the same draw
+            sp = SamplingParams(seed=seed, max_tokens=24, guided_json_object=True)
+            assert offline.generate(["JSON:"], sp)[0].outputs[0].text == text
+    choices = ["yes", "no", "maybe so"]
+    for seed in range(4):
+        text, reason = ask({"guided_choice": choices}, 20, seed)
+        assert text in choices and reason == "stop"
 
 
 def test_text_response_format_is_accepted(client):
