@@ -96,10 +96,10 @@ class Responder:
                 '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                 "to be set"
             )
-        if self.tool_parser is None:  # required / named: no guided decoding to force a call
+        if self.tool_parser is None:  # required / named: no schema decoding to force a call
             raise ValueError(
                 f"tool_choice {mode!r} requires --tool-call-parser: calls are read from the "
-                "output (this server has no guided decoding)"
+                "output (this server cannot force them: no JSON-schema decoding)"
             )
         return self.tool_parser
 
