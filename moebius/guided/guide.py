@@ -13,8 +13,8 @@ or a control byte is allowed whatever the state (one precomputed mask), and only
 can follow are tried, by prefix over the sorted tokens (a refused prefix prunes every token
 under it). The end of sequence is allowed exactly
 where the text is a whole document (a choice: one of the choices). A request whose outputs
-leave the grammar (they cannot, unless a stop token or a rule outside the mask let one in)
-gets only the end of sequence.
+leave the grammar gets only the end of sequence (it takes allowed_token_ids that share no
+token with the mask: every logit -inf, and the draw falls outside).
 
 Guided requests are never scheduled with a token in flight (engine/scheduler.py): the mask of
 a step needs the token before it, so under overlapped steps they take every other step.
