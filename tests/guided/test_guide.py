@@ -123,3 +123,12 @@ def test_vocabulary_walk_handles_repeats_and_prefixes(n):
     want = np.array([b is not None and jg.advance(state, b) is not None for b in tokens])
     assert (got == want).all()
     assert got[:4].tolist() == [True, True, True, True]
+
+
+def test_mask_bench_runs(capsys, monkeypatch):
+    from moebius.bench import guided_masks
+
+    monkeypatch.setattr("sys.argv", ["guided_masks", "--vocab", "3000"])
+    guided_masks.main()
+    out = capsys.readouterr().out
+    assert "vocabulary of 3000 tokens" in out and len(out.splitlines()) == 2 + 9
