@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -55,9 +56,11 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # vLLM's: only these tokens may be sampled (non-empty; kept sorted and without repeats)
     allowed_token_ids: list[int] | None = None
-    # guided decoding (moebius/guided): the output is one JSON object (OpenAI's JSON mode), or
-    # exactly one of these strings (vLLM's guided_choice); it may end only where it is whole
+    # guided decoding (moebius/guided): the output is one JSON object (OpenAI's JSON mode), a
+    # document of this JSON schema (OpenAI's json_schema response format, vLLM's guided_json),
+    # or exactly one of these strings (vLLM's guided_choice); it may end only where it is whole
     guided_json_object: bool = False
+    guided_json: dict | bool | str | None = None
     guided_choice: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -124,8 +127,12 @@ class SamplingParams:
                                 f"got {_short(choice)}")
         if not self.guided:
             return
-        if choice is not None and self.guided_json_object:
-            raise SamplingError("guided_choice and a JSON response format exclude each other")
+        kinds = [self.guided_json_object, self.guided_json is not None, choice is not None]
+        if sum(kinds) > 1:
+            raise SamplingError("guided_choice, guided_json (a JSON schema) and JSON mode "
+                                "exclude each other")
+        if self.guided_json is not None:
+            self.guided_json = _checked_schema(self.guided_json)
         if self.ignore_eos:
             raise SamplingError("ignore_eos cannot be combined with guided decoding: a guided "
                                 "output ends where the grammar does")
@@ -135,11 +142,31 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        return self.guided_json_object or self.guided_choice is not None
+        return (self.guided_json_object or self.guided_json is not None
+                or self.guided_choice is not None)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _checked_schema(schema) -> dict | bool:
+    """A JSON schema (a dict, true, or its JSON text) that moebius/guided can enforce, or
+    SamplingError saying what it cannot."""
+    from moebius.guided.json_schema import Schema, SchemaError
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise SamplingError(f"guided_json is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)) or schema is False:
+        raise SamplingError(f"guided_json must be a JSON schema (an object), got {_short(schema)}")
+    try:
+        Schema(schema)
+    except SchemaError as e:
+        raise SamplingError(f"guided_json: {e}") from None
+    return schema
 
 
 def _is_id(t) -> bool:

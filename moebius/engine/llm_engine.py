@@ -210,8 +210,11 @@ class LLMEngine:
         """A new request's guide (guided decoding), or None."""
         if not params.guided:
             return None
-        kind = "choice" if params.guided_choice is not None else "json"
-        return Guide(self.vocabulary(), kind, params.guided_choice or ())
+        if params.guided_choice is not None:
+            return Guide(self.vocabulary(), "choice", params.guided_choice)
+        if params.guided_json is not None:
+            return Guide(self.vocabulary(), "schema", params.guided_json)
+        return Guide(self.vocabulary(), "json")
 
     def vocabulary(self) -> Vocabulary:
         """Every token's bytes and the guided masks computed so far (built at the first guided

@@ -22,6 +22,7 @@ a step needs the token before it, so under overlapped steps they take every othe
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,13 +30,31 @@ from collections.abc import Sequence
 import numpy as np
 
 from moebius.guided import json_grammar as jg
+from moebius.guided.json_schema import Schema
 
-CACHE_STATES = 1024  # JSON states whose masks are kept (19 KB each at 151,936 tokens)
+CACHE_STATES = 1024  # states whose masks are kept (19 KB each at 151,936 tokens)
+CACHE_SCHEMAS = 64  # compiled schemas kept, each with its states' masks
 _STRING_BREAKERS = frozenset(range(0x20)) | {0x22, 0x5C}
 
 
+class JsonObject:
+    """json_grammar.py's automaton from the start of one object (JSON mode)."""
+
+    start = jg.OBJECT
+    step = staticmethod(jg.step)
+    complete = staticmethod(jg.complete)
+
+    @staticmethod
+    def in_plain_string(state) -> bool:
+        return state is not None and state[1] in (jg.VAL_STR, jg.KEY_STR)
+
+
+JSON_OBJECT = JsonObject()
+
+
 class Vocabulary:
-    """Token bytes of one tokenizer at the model's vocabulary size, and the JSON masks."""
+    """Token bytes of one tokenizer at the model's vocabulary size, the compiled schemas,
+    and each automaton's masks by state."""
 
     def __init__(self, tokens: Sequence[bytes | None], eos_ids: Sequence[int]) -> None:
         self.tokens = list(tokens)
@@ -58,10 +77,24 @@ class Vocabulary:
         order = sorted((b, i) for i, b in enumerate(self.tokens) if b)
         self._sorted = [b for b, _ in order]
         self._sorted_ids = [i for _, i in order]
-        self._json: OrderedDict = OrderedDict()
+        self._masks: dict[object, OrderedDict] = {JSON_OBJECT: OrderedDict()}
+        self._schemas: OrderedDict = OrderedDict()
 
-    def _walk(self, state: jg.State, allowed: np.ndarray) -> None:
-        """Set ``allowed`` for every token whose bytes the automaton takes from ``state``:
+    def schema(self, schema) -> Schema:
+        """``schema`` compiled (once per distinct schema; SchemaError where unsupported)."""
+        key = json.dumps(schema, sort_keys=True)
+        hit = self._schemas.get(key)
+        if hit is None:
+            hit = self._schemas[key] = Schema(schema)
+            self._masks[hit] = OrderedDict()
+            if len(self._schemas) > CACHE_SCHEMAS:
+                self._masks.pop(self._schemas.popitem(last=False)[1], None)
+        else:
+            self._schemas.move_to_end(key)
+        return hit
+
+    def _walk(self, step, state, allowed: np.ndarray) -> None:
+        """Set ``allowed`` for every token whose bytes ``step`` takes from ``state``:
         depth first over the sorted tokens' shared prefixes, a prefix the automaton refuses
         pruned with all the tokens under it (at most states, after a few bytes)."""
         toks, ids = self._sorted, self._sorted_ids
@@ -75,7 +108,7 @@ class Vocabulary:
                 byte = toks[lo][depth]
                 end = hi if byte == 255 else bisect_left(
                     toks, toks[lo][:depth] + bytes([byte + 1]), lo, hi)
-                nxt = jg.step(st, byte)
+                nxt = step(st, byte)
                 if nxt is not None:
                     stack.append((lo, end, depth + 1, nxt))
                 lo = end
@@ -83,29 +116,37 @@ class Vocabulary:
     def pack(self, allowed: np.ndarray) -> bytes:
         return np.packbits(allowed, bitorder="little").tobytes()
 
-    def json_mask(self, state: jg.State | None) -> bytes:
-        """The packed mask of a JSON state (None: only the end of sequence)."""
-        hit = self._json.get(state)
+    def mask(self, automaton, state) -> bytes:
+        """The packed mask of ``automaton`` (JSON_OBJECT, a Schema) in ``state`` (None: only
+        the end of sequence)."""
+        cache = self._masks.get(automaton)
+        if cache is None:  # a schema pushed out of the cache while a request still uses it
+            cache = self._masks[automaton] = OrderedDict()
+        hit = cache.get(state)
         if hit is not None:
-            self._json.move_to_end(state)
+            cache.move_to_end(state)
             return hit
-        allowed = self._json_allowed(state)
-        self._json[state] = packed = self.pack(allowed)
-        if len(self._json) > CACHE_STATES:
-            self._json.popitem(last=False)
+        cache[state] = packed = self.pack(self._allowed(automaton, state))
+        if len(cache) > CACHE_STATES:
+            cache.popitem(last=False)
         return packed
 
-    def _json_allowed(self, state: jg.State | None) -> np.ndarray:
+    def json_mask(self, state: jg.State | None) -> bytes:
+        """The packed mask of a JSON-mode state."""
+        return self.mask(JSON_OBJECT, state)
+
+    def _allowed(self, automaton, state) -> np.ndarray:
+        step = automaton.step
         if state is None:
             allowed = np.zeros(self.size, dtype=bool)
-        elif state[1] in (jg.VAL_STR, jg.KEY_STR):
+        elif automaton.in_plain_string(state):
             allowed = self.in_string.copy()
             for i in self.string_breakers:
-                allowed[i] = jg.advance(state, self.tokens[i]) is not None
+                allowed[i] = _advance(step, state, self.tokens[i]) is not None
         else:
             allowed = np.zeros(self.size, dtype=bool)
-            self._walk(state, allowed)
-        if state is None or jg.complete(state):
+            self._walk(step, state, allowed)
+        if state is None or automaton.complete(state):
             allowed[self.eos_ids] = True
         return allowed
 
@@ -121,15 +162,27 @@ class Vocabulary:
         return allowed
 
 
-class Guide:
-    """One request's place in its grammar: ``mask(outputs)`` before each sampled token."""
+def _advance(step, state, data: bytes):
+    for b in data:
+        state = step(state, b)
+        if state is None:
+            return None
+    return state
 
-    def __init__(self, vocab: Vocabulary, kind: str, choices: Sequence[str] = ()) -> None:
+
+class Guide:
+    """One request's place in its grammar: ``mask(outputs)`` before each sampled token.
+    ``kind``: "json" (one object), "schema" (``spec`` a JSON schema) or "choice" (``spec``
+    the strings)."""
+
+    def __init__(self, vocab: Vocabulary, kind: str, spec=()) -> None:
         self.vocab, self.kind = vocab, kind
         self.read = 0  # outputs moved through so far
-        self.state: jg.State | None = jg.OBJECT if kind == "json" else jg.VALUE_START
+        self.automaton = (JSON_OBJECT if kind == "json" else vocab.schema(spec)
+                          if kind == "schema" else None)
+        self.state = self.automaton.start if self.automaton is not None else None
         self.text = b""  # choice: the bytes so far
-        self.choices = [c.encode() for c in choices]
+        self.choices = [c.encode() for c in spec] if kind == "choice" else []
         self._choice_masks: dict[bytes, bytes] = {}
 
     def mask(self, outputs: Sequence[int]) -> bytes:
@@ -138,11 +191,12 @@ class Guide:
             if self.kind == "choice":
                 ok = data is not None and self.text is not None
                 self.text = self.text + data if ok else None
-            else:
-                self.state = jg.advance(self.state, data) if data is not None else None
+            elif self.state is not None:
+                self.state = (_advance(self.automaton.step, self.state, data)
+                              if data is not None else None)
         self.read = len(outputs)
         if self.kind != "choice":
-            return self.vocab.json_mask(self.state)
+            return self.vocab.mask(self.automaton, self.state)
         return self._choice_mask()
 
     def _choice_mask(self) -> bytes:

@@ -6,9 +6,11 @@ Requests are validated strictly (no "1" for 1, no true for 1) and with OpenAI's 
 body is a 400 here and never reaches a worker. Unknown fields are ignored, as vLLM does.
 vLLM's extra sampling fields (top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
 allowed_token_ids, ...) and ``return_tokens_as_token_ids`` are accepted. Guided decoding
-(moebius/guided): ``response_format`` "json_object" (the output is one JSON object) and vLLM's
-``guided_choice``; a JSON schema, a regex or a grammar (``response_format`` "json_schema",
-vLLM's other ``guided_*`` and ``structured_outputs``) is a 400 rather than ignored.
+(moebius/guided): ``response_format`` "json_object" (the output is one JSON object) and
+"json_schema" (a document of the schema: the subset moebius/guided/json_schema.py enforces,
+a 400 naming any other keyword), vLLM's ``guided_json`` (a schema) and ``guided_choice``; a
+regex or a grammar (vLLM's other ``guided_*``, ``structured_outputs``, a "structural_tag"
+format) is a 400 rather than ignored.
 
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
@@ -44,12 +46,24 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema under ``schema`` (``strict`` is
+    what this server does anyway: moebius/guided/json_schema.py)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(..., alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 # vLLM's guided-decoding extras this server cannot enforce: any value but null is a 400
-UNSUPPORTED_GUIDED = ("guided_json", "guided_regex", "guided_grammar", "structured_outputs")
+UNSUPPORTED_GUIDED = ("guided_regex", "guided_grammar", "structured_outputs")
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only (int() takes others too)
 Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -82,7 +96,7 @@ class _SamplingFields(_Strict):
     logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     allowed_token_ids: TokenIds | None = None  # vLLM's
     response_format: ResponseFormat | None = None
-    guided_json: Any = None
+    guided_json: dict | str | None = None  # vLLM's: a JSON schema (or its text)
     guided_regex: Any = None
     guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of them
     guided_grammar: Any = None
@@ -92,16 +106,25 @@ class _SamplingFields(_Strict):
         """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination, a
         logit_bias key that is not a token id, or guided decoding this server cannot do."""
         fmt = self.response_format
-        if fmt is not None and fmt.type not in ("text", "json_object"):
+        if fmt is not None and fmt.type == "structural_tag":
             raise SamplingError(
-                f"guided decoding is not supported: response_format {fmt.type!r} cannot be "
-                f"enforced by this server (only 'text' and 'json_object' are accepted)"
+                "guided decoding is not supported: response_format 'structural_tag' cannot be "
+                "enforced by this server ('text', 'json_object' and 'json_schema' can)"
             )
+        schema = self.guided_json
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise SamplingError("response_format 'json_schema' needs its json_schema.schema")
+            if schema is not None:
+                raise SamplingError("response_format 'json_schema' and guided_json exclude "
+                                    "each other")
+            schema = fmt.json_schema.schema_
         for name in UNSUPPORTED_GUIDED:
             if getattr(self, name) is not None:
                 raise SamplingError(
                     f"guided decoding is not supported: {name} cannot be enforced by this server "
-                    f"(response_format 'json_object' and guided_choice can)"
+                    f"(response_format 'json_object' / 'json_schema', guided_json and "
+                    f"guided_choice can)"
                 )
         return SamplingParams(
             n=self.n,
@@ -124,6 +147,7 @@ class _SamplingFields(_Strict):
             logit_bias=self._logit_bias(),
             allowed_token_ids=self.allowed_token_ids,
             guided_json_object=fmt is not None and fmt.type == "json_object",
+            guided_json=schema,
             guided_choice=self.guided_choice,
         )
 

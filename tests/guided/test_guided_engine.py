@@ -38,7 +38,8 @@ class GuideProcessor:
         self.vocab, self.kind, self.prompt_len, self.bias = vocab, kind, prompt_len, bias or {}
 
     def __call__(self, input_ids, scores):
-        guide = Guide(self.vocab, self.kind, CHOICES if self.kind == "choice" else ())
+        spec = {"choice": CHOICES, "schema": SCHEMA}.get(self.kind, ())
+        guide = Guide(self.vocab, self.kind, spec)
         packed = np.frombuffer(guide.mask(input_ids[0, self.prompt_len:].tolist()), np.uint8)
         keep = np.unpackbits(packed, bitorder="little")[: scores.shape[1]].astype(bool)
         scores = scores.masked_fill(~torch.from_numpy(keep), float("-inf"))
@@ -53,14 +54,15 @@ def test_greedy_guided_tokens_match_transformers(qwen_dir):
     tok = Tokenizer(qwen_dir)
     with LLM(qwen_dir) as llm:
         vocab = llm.engine.vocabulary()
-        prompts = [tok.encode(p) for p in PROMPTS[:4]]
+        prompts = [tok.encode(p) for p in (PROMPTS * 2)[:5]]
         specs = [dict(guided_json_object=True), dict(guided_choice=CHOICES),
-                 dict(guided_json_object=True, logit_bias=braces(tok)), {}]
+                 dict(guided_json_object=True, logit_bias=braces(tok)), {},
+                 dict(guided_json=SCHEMA, logit_bias=schema_bias(llm))]
         params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, **s) for s in specs]
         got = llm.generate(prompts, params)
         plain = token_ids(llm.generate(prompts[:3], SamplingParams(temperature=0,
                                                                    max_tokens=MAX_NEW)))
-    kinds = ["json", "choice", "json", None]
+    kinds = ["json", "choice", "json", None, "schema"]
     procs = [dict(logits_processor=LogitsProcessorList(
         [GuideProcessor(vocab, k, len(p), s.get("logit_bias"))])) if k else {}
         for k, p, s in zip(kinds, prompts, specs, strict=True)]
@@ -73,14 +75,30 @@ def test_greedy_guided_tokens_match_transformers(qwen_dir):
     assert json.loads(got[2].outputs[0].text) == {}
     assert got[2].outputs[0].finish_reason == "stop"
     assert len(got[3].outputs[0].token_ids) == MAX_NEW  # no guide: not stopped by one
+    assert isinstance(json.loads(got[4].outputs[0].text)["id"], int)
+
+
+SCHEMA = {"type": "object", "required": ["id"], "properties": {
+    "id": {"type": "integer"}, "ok": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}}}}
+
+
+def schema_bias(llm: LLM) -> dict[int, float]:
+    """Whitespace pushed down, closers up: the tiny random model finishes a document."""
+    bias = {i: -100.0 for i, b in enumerate(llm.engine.vocabulary().tokens)
+            if b and not b.strip()}
+    bias.update({t: 5.0 for t in llm.tokenizer.encode('}]0"', add_special_tokens=False)})
+    return bias
 
 
 def sampled(llm: LLM) -> list[tuple[str, str]]:
     params = ([SamplingParams(seed=s, max_tokens=24, guided_json_object=True) for s in range(6)]
               + [SamplingParams(seed=s, max_tokens=8, guided_choice=CHOICES) for s in range(6)]
+              + [SamplingParams(seed=s, max_tokens=32, guided_json=SCHEMA,
+                                logit_bias=schema_bias(llm)) for s in range(6)]
               + [SamplingParams(seed=1, max_tokens=24, n=2, guided_json_object=True,
                                 logit_bias=braces(llm.tokenizer))])
-    outs = llm.generate(["JSON, please:"] * 12 + ["{"], params)
+    outs = llm.generate(["JSON, please:"] * 18 + ["{"], params)
     return [(c.text, c.finish_reason) for o in outs for c in o.outputs]
 
 
@@ -91,8 +109,9 @@ def sampled_one_rank(qwen_dir):
 
 
 def test_sampled_outputs_keep_to_the_grammar(sampled_one_rank):
-    json_outs, choice_outs, bias_outs = (sampled_one_rank[:6], sampled_one_rank[6:12],
-                                         sampled_one_rank[12:])
+    json_outs, choice_outs, schema_outs, bias_outs = (
+        sampled_one_rank[:6], sampled_one_rank[6:12], sampled_one_rank[12:18],
+        sampled_one_rank[18:])
     for text, reason in json_outs + bias_outs:
         state = jg.advance(jg.OBJECT, text.encode())
         assert state is not None, text
@@ -100,6 +119,11 @@ def test_sampled_outputs_keep_to_the_grammar(sampled_one_rank):
         if reason == "stop":
             assert isinstance(json.loads(text), dict)
     assert all(text in CHOICES and reason == "stop" for text, reason in choice_outs)
+    for text, reason in schema_outs:
+        doc = json.loads(text)
+        assert reason == "stop" and set(doc) <= {"id", "ok", "tags"}
+        assert isinstance(doc["id"], int) and isinstance(doc.get("ok", True), bool)
+        assert set(doc.get("tags", [])) <= {"a", "b"}
     assert [reason for _, reason in bias_outs] == ["stop", "stop"]  # n=2: a guide each
 
 
@@ -120,6 +144,10 @@ def test_sampled_outputs_do_not_depend_on_steps_or_layouts(qwen_dir, sampled_one
     (dict(guided_choice=["a", ""]), "guided_choice must be a non-empty list"),
     (dict(guided_choice="yes"), "guided_choice must be a non-empty list"),
     (dict(guided_choice=["a"], guided_json_object=True), "exclude each other"),
+    (dict(guided_json={"type": "object"}, guided_json_object=True), "exclude each other"),
+    (dict(guided_json={"type": "string", "format": "date"}), "format cannot be enforced"),
+    (dict(guided_json="{"), "not valid JSON"),
+    (dict(guided_json=[1]), "must be a JSON schema"),
     (dict(guided_json_object=True, ignore_eos=True), "ignore_eos cannot be combined"),
     (dict(guided_choice=["a"], min_tokens=2), "min_tokens cannot be combined"),
 ])

@@ -2,8 +2,8 @@
 steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --tool-call-parser
 hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
 and tool-call history too, and with logit_bias / allowed_token_ids), 64 streams survive two
-live layout switches token for token, JSON mode and guided_choice hold their outputs to the
-grammar, bad logit rules and requests for guided decoding it cannot do are 400s,
+live layout switches token for token, JSON mode, a JSON schema and guided_choice hold their
+outputs to the grammar, bad logit rules and requests for guided decoding it cannot do are 400s,
 fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0;
 /tokenize counts what /v1/completions and /v1/chat/completions run, /detokenize inverts it,
 /v1/models/{id} answers the client's models.retrieve.
@@ -341,10 +341,17 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
     ({"allowed_token_ids": [3, 384]}, r"allowed_token_ids must be token ids in \[0, 384\)"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "guided decoding is not supported: response_format 'json_schema'"),
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": {"type": "string",
+                                                                  "maxLength": 3}}}},
+     "guided_json: #: maxLength cannot be enforced"),
+    ({"response_format": {"type": "json_schema"}}, "needs its json_schema.schema"),
+    ({"response_format": {"type": "structural_tag"}},
+     "guided decoding is not supported: response_format 'structural_tag'"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
-    ({"guided_json": {"type": "object"}}, "guided decoding is not supported: guided_json"),
+    ({"guided_json": {"$ref": "#/nowhere"}}, "does not resolve"),
+    ({"guided_json": "{not json"}, "guided_json is not valid JSON"),
+    ({"guided_json": {"type": "object"}, "guided_choice": ["a"]}, "exclude each other"),
     ({"guided_regex": "[a-z]+"}, "guided decoding is not supported: guided_regex"),
     ({"guided_choice": []}, "guided_choice must be a non-empty list"),
     ({"guided_choice": ["yes", ""]}, "guided_choice must be a non-empty list"),
@@ -364,7 +371,7 @@ def test_bad_logit_rules_and_guided_decoding_are_400(client, endpoint, extra, ma
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_json_mode_and_guided_choice(client, offline, endpoint):
+def test_json_mode_schema_and_guided_choice(client, offline, endpoint):
     """response_format json_object: the text is a JSON object where it stopped, a prefix of
     one where max_tokens cut it, and (seeded) the offline API's one-rank, non-overlapped
     text; guided_choice: exactly one of the choices."""
@@ -394,6 +401,30 @@ def test_json_mode_and_guided_choice(client, offline, endpoint):
     for seed in range(4):
         text, reason = ask({"guided_choice": choices}, 20, seed)
         assert text in choices and reason == "stop"
+    # a JSON schema (pydantic's shape: $defs, a $ref, an Optional); whitespace pushed down and
+    # closers up, so that the tiny random model finishes within max_tokens
+    schema = {"$defs": {"Item": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["id"]}},
+        "type": "object", "properties": {
+            "item": {"$ref": "#/$defs/Item"},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        "required": ["item"]}
+    tokens = offline.engine.vocabulary().tokens
+    bias = {str(i): -100 for i, b in enumerate(tokens) if b and not b.strip()}
+    bias.update({str(t): 5 for t in offline.tokenizer.encode('}]0"', add_special_tokens=False)})
+    push = {"logit_bias": bias}
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema}}
+    stopped = 0
+    for seed in range(6):
+        text, reason = ask({"response_format": fmt, **push}, 48, seed)
+        if reason == "stop":
+            doc = json.loads(text)
+            assert set(doc) <= {"item", "note"} and isinstance(doc["item"]["id"], int)
+            assert all(isinstance(t, str) for t in doc["item"].get("tags", []))
+            assert doc.get("note") is None or isinstance(doc["note"], str)
+            stopped += 1
+    assert stopped >= 3
 
 
 def test_text_response_format_is_accepted(client):

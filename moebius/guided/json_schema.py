@@ -1,0 +1,313 @@
+"""A JSON schema compiled to a byte-level automaton whose states are hashable values.
+
+The subset that generators use (OpenAI's structured outputs, pydantic's ``model_json_schema``):
+``type`` (object, array, string, number, integer, boolean, null, or a list of them), object
+``properties`` with ``required``, array ``items``, ``enum``, ``const``, ``anyOf``/``oneOf``
+whose alternatives begin with different bytes (``Optional[X]``: X or null), ``$ref`` into
+``$defs``/``definitions`` (recursion included), and ``{}`` (any value). Annotations (title,
+description, default, examples, ...) are ignored. Every other keyword (minimum, maxLength,
+pattern, format, ...) is refused with ``SchemaError``: an output would not be held to it.
+
+As OpenAI's strict mode and xgrammar do: properties come in the schema's order (an optional
+one may be skipped, a required one may not), and no others (``additionalProperties`` is not
+followed); any whitespace may go between tokens, as JSON allows.
+
+A state is ``(frames, mode, aux)``: ``frames`` the open containers as (node, progress) pairs
+(an object's progress: the index of the next property it may take; an array's: 0 before its
+first item, 1 after), ``mode`` where the next byte goes, ``aux`` what the mode needs (the node
+of a value to come, the remaining bytes of candidate keys or enum values, a nested any-value
+state of json_grammar.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+from moebius.guided import json_grammar as jg
+
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
+                         "$comment", "deprecated", "readOnly", "writeOnly", "$defs",
+                         "definitions", "additionalProperties", "strict", "discriminator"})
+SUPPORTED = frozenset({"type", "properties", "required", "items", "enum", "const", "anyOf",
+                       "oneOf", "$ref"})
+SIMPLE_TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
+
+# modes; STR/ESC/HEX read a string's body as json_grammar does
+(VALUE, OBJ_FIRST, KEY_WAIT, KEYNAME, COLON, AFTER, DONE, ENUM, ANY, NUMBER, LITERAL, STR, ESC,
+ HEX) = range(14)
+
+
+class SchemaError(ValueError):
+    """A schema this compiler cannot hold an output to."""
+
+
+class Schema:
+    """The compiled nodes of one schema, and its automaton (``start``, ``step``,
+    ``complete``, ``in_plain_string``: guide.py's interface)."""
+
+    def __init__(self, schema) -> None:
+        self.root = schema
+        self.nodes: list[tuple] = []
+        self._refs: dict[str, int] = {}
+        self.start = ((), VALUE, self._compile(schema, "#"))
+
+    # -- compiling ------------------------------------------------------------------------
+    def _new(self) -> int:
+        self.nodes.append(())
+        return len(self.nodes) - 1
+
+    def _compile(self, s, where: str) -> int:
+        if s is True or s == {}:
+            return self._set(self._new(), ("any",))
+        if not isinstance(s, dict):
+            raise SchemaError(f"{where}: a schema must be an object or true, got {s!r}")
+        unknown = sorted(set(s) - SUPPORTED - ANNOTATIONS)
+        if unknown:
+            raise SchemaError(f"{where}: {', '.join(unknown)} cannot be enforced (supported: "
+                              f"{', '.join(sorted(SUPPORTED))})")
+        if "$ref" in s:
+            if set(s) & (SUPPORTED - {"$ref"}):
+                raise SchemaError(f"{where}: $ref with other keywords is not supported")
+            return self._ref(s["$ref"], where)
+        node = self._new()
+        if "const" in s or "enum" in s:
+            values = [s["const"]] if "const" in s else s["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"{where}: enum must be a non-empty list")
+            texts = tuple(sorted({json.dumps(v, ensure_ascii=False).encode() for v in values}))
+            return self._set(node, ("enum", texts))
+        alts = s.get("anyOf", s.get("oneOf"))
+        if alts is not None:
+            if not isinstance(alts, list) or not alts:
+                raise SchemaError(f"{where}: anyOf/oneOf must be a non-empty list")
+            ids = tuple(self._compile(a, f"{where}/anyOf/{i}") for i, a in enumerate(alts))
+            return self._set(node, ("union", ids), where)
+        kind = s.get("type")
+        if kind is None:
+            kind = "object" if "properties" in s else "array" if "items" in s else None
+        if kind is None:
+            return self._set(node, ("any",))
+        if isinstance(kind, list):
+            ids = tuple(self._compile({**s, "type": k}, f"{where}/type/{k}") for k in kind)
+            return self._set(node, ("union", ids), where)
+        if kind not in SIMPLE_TYPES:
+            raise SchemaError(f"{where}: unknown type {kind!r}")
+        if kind == "object":
+            props = s.get("properties")
+            if props is None:
+                return self._set(node, ("any_object",))
+            required = set(s.get("required", ()))
+            unknown_required = required - set(props)
+            if unknown_required:
+                raise SchemaError(f"{where}: required names {sorted(unknown_required)} that "
+                                  f"are not properties")
+            entries = tuple(
+                (json.dumps(k, ensure_ascii=False).encode()[1:], k in required,
+                 self._compile(v, f"{where}/properties/{k}")) for k, v in props.items())
+            return self._set(node, ("object", entries))
+        if kind == "array":
+            return self._set(node, ("array", self._compile(s.get("items", True),
+                                                           f"{where}/items")))
+        return self._set(node, (kind,))
+
+    def _set(self, node: int, spec: tuple, where: str = "") -> int:
+        self.nodes[node] = spec
+        if spec[0] == "union":
+            firsts = [self._first_bytes(a, set()) for a in spec[1]]
+            for i, a in enumerate(firsts):
+                for b in firsts[i + 1:]:
+                    if a & b:
+                        raise SchemaError(f"{where}: anyOf/oneOf alternatives that can begin "
+                                          f"with the same byte are not supported")
+        return node
+
+    def _first_bytes(self, node: int, seen: set) -> frozenset:
+        spec = self.nodes[node]
+        kind = spec[0] if spec else "ref"
+        if kind in ("any",) or node in seen or not spec:
+            return frozenset(range(256))
+        seen.add(node)
+        table = {"string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
+                 "boolean": b"tf", "null": b"n", "object": b"{", "any_object": b"{",
+                 "array": b"["}
+        if kind in table:
+            return frozenset(table[kind])
+        if kind == "enum":
+            return frozenset(t[0] for t in spec[1])
+        if kind == "alias":
+            return self._first_bytes(spec[1], seen)
+        return frozenset().union(*(self._first_bytes(a, seen) for a in spec[1]))
+
+    def _ref(self, ref, where: str) -> int:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"{where}: only local $ref (#/...) is supported, got {ref!r}")
+        if ref in self._refs:
+            return self._refs[ref]
+        target = self.root
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"{where}: $ref {ref!r} does not resolve")
+            target = target[part]
+        # a placeholder first, so that a recursive reference finds it
+        node = self._refs[ref] = self._new()
+        self.nodes[node] = ("alias", self._compile(target, ref))
+        return node
+
+    # -- the automaton ----------------------------------------------------------------------
+    def _resolve(self, node: int) -> tuple:
+        spec = self.nodes[node]
+        while spec[0] == "alias":
+            node = spec[1]
+            spec = self.nodes[node]
+        return spec
+
+    def step(self, state, b: int):
+        """The state after byte ``b``, or None where ``b`` cannot come next."""
+        frames, mode, aux = state
+        if mode == STR:
+            if b == 0x22:
+                return self._after(frames)
+            if b == 0x5C:
+                return (frames, ESC, 0)
+            return state if b >= 0x20 else None
+        if mode == ESC:
+            if b not in jg.ESCAPES:
+                return None
+            return (frames, HEX, 4) if b == 0x75 else (frames, STR, 0)
+        if mode == HEX:
+            if b not in jg.HEX:
+                return None
+            return (frames, HEX, aux - 1) if aux > 1 else (frames, STR, 0)
+        if mode == NUMBER:  # aux: (json_grammar's number mode, integer only)
+            nmode, integer = aux
+            nxt = jg._number(nmode, b)
+            if nxt is not None and not (integer and nxt in (jg.N_DOT, jg.N_E)):
+                return (frames, NUMBER, (nxt, integer))
+            if nmode not in jg.NUMBER_ENDS:
+                return None
+            return self.step(self._after(frames), b)  # the number ended: b comes after it
+        if mode == ENUM:  # aux: the remaining bytes of the values still possible
+            rests = tuple(r[1:] for r in aux if r and r[0] == b)
+            if rests:
+                return (frames, ENUM, rests)
+            if b"" in aux:  # one value is whole and b does not extend another (1 vs 12)
+                return self.step(self._after(frames), b)
+            return None
+        if mode == KEYNAME:  # aux: (remaining bytes up to the closing quote, index) pairs
+            rests = tuple((r[1:], i) for r, i in aux if r and r[0] == b)
+            for r, i in rests:
+                if not r:  # the key's closing quote: no other key can be whole too
+                    node, _ = frames[-1]
+                    value = self._resolve(node)[1][i][2]
+                    return (frames[:-1] + ((node, i + 1),), COLON, value)
+            return (frames, KEYNAME, rests) if rests else None
+        if mode == ANY:  # aux: json_grammar's state of a value of any kind
+            inner = jg.step(aux, b)
+            if inner is not None:
+                return (frames, ANY, inner)
+            if not jg.complete(aux):
+                return None
+            return self.step(self._after(frames), b)
+        if mode == LITERAL:
+            if b != aux[0]:
+                return None
+            return (frames, LITERAL, aux[1:]) if len(aux) > 1 else self._after(frames)
+        if b in jg.WS:
+            return state
+        if mode == VALUE:
+            return self._value(frames, aux, b)
+        if mode == COLON:
+            return (frames, VALUE, aux) if b == 0x3A else None
+        if mode == KEY_WAIT:
+            return self._key(frames, b)
+        if mode == OBJ_FIRST or mode == AFTER:
+            return self._in_container(frames, mode, b)
+        return None  # DONE: whitespace only (above)
+
+    def _value(self, frames, node: int, b: int):
+        spec = self._resolve(node)
+        kind = spec[0]
+        if kind == "union":
+            for alt in spec[1]:
+                nxt = self._value(frames, alt, b)
+                if nxt is not None:
+                    return nxt
+            return None
+        if kind == "any":
+            inner = jg.step(jg.VALUE_START, b)
+            return None if inner is None else (frames, ANY, inner)
+        if kind == "any_object":
+            return (frames, ANY, jg.step(jg.OBJECT, b)) if b == 0x7B else None
+        if kind == "string":
+            return (frames, STR, 0) if b == 0x22 else None
+        if kind in ("number", "integer"):
+            if b == 0x2D:
+                return (frames, NUMBER, (jg.N_MINUS, kind == "integer"))
+            if b in jg.DIGITS:
+                return (frames, NUMBER, (jg.N_ZERO if b == 0x30 else jg.N_INT,
+                                         kind == "integer"))
+            return None
+        if kind == "boolean":
+            rest = {0x74: b"rue", 0x66: b"alse"}.get(b)
+            return None if rest is None else (frames, LITERAL, rest)
+        if kind == "null":
+            return (frames, LITERAL, b"ull") if b == 0x6E else None
+        if kind == "enum":
+            return self.step((frames, ENUM, spec[1]), b)
+        if kind == "object":
+            return (frames + ((node, 0),), OBJ_FIRST, 0) if b == 0x7B else None
+        if kind == "array":
+            return (frames + ((node, 0),), OBJ_FIRST, 0) if b == 0x5B else None
+        return None
+
+    def _key(self, frames, b: int):
+        """The opening quote of the next property's name: those from the frame's progress up
+        to the first required one may come."""
+        node, progress = frames[-1]
+        entries = self._resolve(node)[1]
+        names = []
+        for i in range(progress, len(entries)):
+            names.append((entries[i][0], i))
+            if entries[i][1]:
+                break
+        return (frames, KEYNAME, tuple(names)) if b == 0x22 and names else None
+
+    def _in_container(self, frames, mode: int, b: int):
+        node, progress = frames[-1]
+        spec = self._resolve(node)
+        if spec[0] == "array":
+            if b == 0x5D:  # ]
+                return self._after(frames[:-1])
+            if mode == AFTER:
+                return (frames, VALUE, spec[1]) if b == 0x2C else None
+            return self._value(frames[:-1] + ((node, 1),), spec[1], b)
+        entries = spec[1]
+        if b == 0x7D:  # }: only once every required property is given
+            return None if any(e[1] for e in entries[progress:]) else self._after(frames[:-1])
+        if mode == AFTER:
+            if b != 0x2C or progress >= len(entries):
+                return None
+            return (frames, KEY_WAIT, 0)
+        return self._key(frames, b)
+
+    def _after(self, frames):
+        return (frames, AFTER if frames else DONE, 0)
+
+    def complete(self, state) -> bool:
+        """Whether the bytes read so far are a whole document of the schema."""
+        if state is None:
+            return False
+        frames, mode, aux = state
+        if frames:
+            return False
+        if mode == DONE:
+            return True
+        if mode == NUMBER:
+            return aux[0] in jg.NUMBER_ENDS
+        if mode == ANY:
+            return jg.complete(aux)
+        return mode == ENUM and b"" in aux
+
+    def in_plain_string(self, state) -> bool:
+        return state is not None and state[1] == STR

@@ -1,0 +1,118 @@
+"""JSON schemas compiled to the byte automaton: documents of the schema are taken whole, with
+every prefix alive; others are refused; keywords it cannot enforce are refused at compile
+time; masks equal trying every token."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moebius.guided.guide import Guide, Vocabulary
+from moebius.guided.json_schema import Schema, SchemaError
+from tests.guided.test_guide import allowed_of, synthetic_vocab
+
+PERSON = {"type": "object", "required": ["name", "age"], "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "nick": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+ENUM = {"type": "object", "required": ["c"],
+        "properties": {"c": {"enum": ["red", "green", 1, 12, None]}}}
+TREE = {"$defs": {"Node": {"type": "object", "required": ["v"], "properties": {
+    "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}},
+    "$ref": "#/$defs/Node"}
+ANY = {"type": "object", "required": ["meta", "obj"],
+       "properties": {"meta": {}, "obj": {"type": "object"}, "flag": {"type": "boolean"}}}
+CASES = [
+    (PERSON, ['{"name": "a", "age": 3}', '{"name":"a","age":-3,"tags":[],"nick":null}',
+              '{ "name" : "x\\"y" , "age" : 0 , "nick" : "y" }',
+              '{"name":"a","age":1,"tags":["x","y"]}'],
+     ['{"age": 3, "name": "a"}', '{"name": "a"}', '{"name": "a", "age": 3.5}',
+      '{"name":"a","age":3,"extra":1}', '{"name":1,"age":2}', "{}",
+      '{"name":"a","age":1,"nick":3}', '{"name":"a","age":1,}', '{"name":"a","age":01}']),
+    (ENUM, ['{"c":"red"}', '{"c":1}', '{"c":12}', '{"c":null}', '{"c": 12 }'],
+     ['{"c":"blue"}', '{"c":123}', '{"c":2}', '{"c":"re"}']),
+    (TREE, ['{"v":1}', '{"v":1,"kids":[{"v":2,"kids":[]},{"v":3}]}'],
+     ['{"v":1,"kids":[{"kids":[]}]}', '{"v":1,"kids":[1]}']),
+    (ANY, ['{"meta": [1, {"a": "b"}], "obj": {"x": [true]}}', '{"meta": 5, "obj": {}}',
+           '{"meta": 5 , "obj":{} , "flag": false}'],
+     ['{"meta": 5, "obj": []}', '{"meta": 5}', '{"meta": 5, "obj": {}, "flag": 1}']),
+    ({"type": "array", "items": {"type": "number"}}, ["[1, 2.5, -3e2]", "[]"],
+     ["[1,]", '["a"]', "[1 2]"]),
+    ({"type": ["string", "null"]}, ['"x"', "null"], ["1", "nul"]),
+    ({"const": {"a": [1, "b"]}}, ['{"a": [1, "b"]}'], ['{"a":[1,"b"]}', "{}"]),
+    (True, ["1", '{"a": null}', "[]"], ["[", "}"]),
+]
+
+
+def run(schema: Schema, text: str):
+    state = schema.start
+    for b in text.encode():
+        state = schema.step(state, b)
+        if state is None:
+            return None
+    return state
+
+
+@pytest.mark.parametrize("spec,good,bad", CASES)
+def test_documents_of_the_schema_and_no_others(spec, good, bad):
+    schema = Schema(spec)
+    for doc in good:
+        json.loads(doc)
+        for i in range(len(doc)):
+            assert run(schema, doc[:i]) is not None, doc[:i]
+        assert schema.complete(run(schema, doc)), doc
+    for doc in bad:
+        assert not schema.complete(run(schema, doc)), doc
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"type": "string", "maxLength": 3}, "maxLength cannot be enforced"),
+    ({"type": "integer", "minimum": 0}, "minimum cannot be enforced"),
+    ({"type": "string", "pattern": "a+"}, "pattern cannot be enforced"),
+    ({"anyOf": [{"type": "object"}, {"type": "object"}]}, "begin with the same byte"),
+    ({"anyOf": [{"type": "number"}, {"type": "integer"}]}, "begin with the same byte"),
+    ({"$ref": "#/nope"}, "does not resolve"),
+    ({"$ref": "http://x/s.json"}, "only local"),
+    ({"type": "foo"}, "unknown type"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "not properties"),
+    ({"enum": []}, "non-empty list"),
+    (False, "must be an object or true"),
+])
+def test_what_cannot_be_enforced_is_refused(spec, match):
+    with pytest.raises(SchemaError, match=match):
+        Schema(spec)
+
+
+def test_schema_masks_equal_trying_every_token():
+    tokens = synthetic_vocab(3000, 5)
+    tokens[:12] = [b'"name"', b'"age"', b'"na', b"me", b'":', b"12", b"a", b'"', b"null", b"}",
+                   b"[", b"]"]
+    eos = [len(tokens) - 1]
+    tokens[-1] = None
+    vocab = Vocabulary(tokens, eos)
+    guide = Guide(vocab, "schema", PERSON)
+    doc = b'{"name": "a\\u00e9", "age": -12, "tags": ["x", "y"], "nick": null} '
+    for i in range(len(doc) + 1):
+        state = run(guide.automaton, doc[:i].decode())
+        got = allowed_of(vocab.mask(guide.automaton, state), len(tokens))
+        want = np.array([b is not None and _advance(guide.automaton, state, b) is not None
+                         for b in tokens])
+        want[eos] = guide.automaton.complete(state)
+        assert (got == want).all(), (doc[:i], np.flatnonzero(got != want)[:5])
+
+
+def _advance(schema, state, data):
+    for b in data:
+        state = schema.step(state, b)
+        if state is None:
+            return None
+    return state
+
+
+def test_one_compiled_schema_per_distinct_schema():
+    vocab = Vocabulary([b"{", b"}"], [])
+    a = vocab.schema({"type": "object", "properties": {"x": {"type": "integer"}}})
+    b = vocab.schema({"properties": {"x": {"type": "integer"}}, "type": "object"})
+    assert a is b and vocab.schema(True) is not a
