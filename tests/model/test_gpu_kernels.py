@@ -550,53 +550,48 @@ def test_grouped_expert_rows_summed_in_the_norm(T, P, K):
     assert rel(out, rms_norm(ref_x, nw.double(), 1e-6)) < 1e-2
 
 
-@pytest.mark.parametrize("T,N,K", [(1, 5120, 2048), (4, 2048, 4096), (3, 640, 2048), (2, 100, 300)])
-def test_gemv_matches_reference(T, N, K, monkeypatch):
-    """The weight-prefetching GEMV of a few tokens against float64, on a row slice and a
-    column slice of a weight (TP head slices), eager and replayed in a graph."""
-    from moebius.model import triton_gemv
-
-    monkeypatch.setattr(triton_gemv, "ENABLED", True)
-    g = torch.Generator(device="cuda").manual_seed(T * 7 + N)
+def check_projection(gemv, usable, T: int, N: int, K: int) -> torch.Tensor:
+    """``gemv`` of T tokens against float64 on a whole weight and a column slice of a larger
+    one (TP head slices), eager and replayed in a graph; ``usable(x, w)`` must say True.
+    Returns the last weight."""
+    g = torch.Generator(device="cuda").manual_seed(T * 7 + N + K)
     x = torch.randn(T, K, device="cuda", generator=g).bfloat16()
     whole = (torch.randn(N + 8, K + 64, device="cuda", generator=g) * K**-0.5).bfloat16()
     for w in (whole[:N, :K].contiguous(), whole[8:, 64:]):
-        assert triton_gemv.usable(x, w) == (K <= triton_gemv.SLAB and T <= triton_gemv.MAX_TOKENS)
-        y = triton_gemv.gemv(x, w)
-        err = rel(y, x.double() @ w.double().T)
-        assert 1e-4 < err < 1e-2, err  # bf16 output rounding, nothing worse
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = triton_gemv.gemv(x, w)
-        x.copy_(torch.randn(T, K, device="cuda", generator=g))
-        graph.replay()
-        assert torch.equal(replayed, triton_gemv.gemv(x, w))
-
-
-@pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (2560, 2048), (200, 320)])
-@pytest.mark.parametrize("T", [1, 3, 8])
-def test_shared_memory_gemv_matches_reference(T, N, K, monkeypatch):
-    """The GEMV that holds its weight in shared memory (TMA, one wave) against float64, for
-    T tokens, on a whole weight and a column slice of a larger one (rows 16-byte aligned),
-    eager and replayed in a graph; rows past N (the last program's) are not written."""
-    from moebius.model import gluon_gemv
-
-    monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"o"})
-    g = torch.Generator(device="cuda").manual_seed(N + K + T)
-    x = torch.randn(T, K, device="cuda", generator=g).bfloat16()
-    whole = (torch.randn(N + 8, K + 64, device="cuda", generator=g) * K**-0.5).bfloat16()
-    for w in (whole[:N, :K].contiguous(), whole[8:, 64:]):
-        assert gluon_gemv.usable(x, w, "o") and not gluon_gemv.usable(x, w, "qkv")
-        y = gluon_gemv.gemv(x, w)
+        assert usable(x, w)
+        y = gemv(x, w)
         assert y.shape == (T, N)
         err = rel(y, x.double() @ w.double().T)
         assert 1e-4 < err < 1e-2, err  # bf16 output rounding, nothing worse
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            replayed = gluon_gemv.gemv(x, w)
+            replayed = gemv(x, w)
         x.copy_(torch.randn(T, K, device="cuda", generator=g))
         graph.replay()
-        assert torch.equal(replayed, gluon_gemv.gemv(x, w))
+        assert torch.equal(replayed, gemv(x, w))
+    return w
+
+
+@pytest.mark.parametrize("T,N,K", [(1, 5120, 2048), (4, 2048, 4096), (3, 640, 2048), (2, 100, 300)])
+def test_gemv_matches_reference(T, N, K, monkeypatch):
+    """The weight-prefetching GEMV (registers) of a few tokens (it is used for one)."""
+    from moebius.model import triton_gemv
+
+    monkeypatch.setattr(triton_gemv, "ENABLED", True)
+    fits = K <= triton_gemv.SLAB and T <= triton_gemv.MAX_TOKENS
+    check_projection(triton_gemv.gemv, lambda x, w: triton_gemv.usable(x, w) == fits, T, N, K)
+
+
+@pytest.mark.parametrize("N,K", [(5120, 2048), (2048, 4096), (2560, 2048), (200, 320)])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_shared_memory_gemv_matches_reference(T, N, K, monkeypatch):
+    """The GEMV that holds its weight in shared memory (TMA, one wave) for T tokens; rows
+    16-byte aligned; only the projections turned on take it."""
+    from moebius.model import gluon_gemv
+
+    monkeypatch.setattr(gluon_gemv, "PROJECTIONS", {"o"})
+    w = check_projection(gluon_gemv.gemv, lambda x, w: gluon_gemv.usable(x, w, "o")
+                         and not gluon_gemv.usable(x, w, "qkv"), T, N, K)
     too_many = torch.zeros(gluon_gemv.MAX_TOKENS + 1, K, device="cuda").bfloat16()
     assert not gluon_gemv.usable(too_many, w, "o")
 
