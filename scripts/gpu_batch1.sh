@@ -9,7 +9,9 @@
 source "$(dirname "$0")/gpu_common.sh"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py -k \
   "${TESTS_K:-shared_memory or router_fold or self_routing or norm_routes or gemv_matches or cuda_graphs}" \
-  2>&1 | tail -6; lap tests
+  2>&1 | tail -6
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/guided/test_guided_engine.py -k cuda \
+  2>&1 | tail -3; lap tests
 run() {  # $1 tag; env passes through
   timeout 100 python3 -m moebius.bench.decode --batches 1 8 2>&1 \
     | quiet | grep -v '^{' | grep "^ *[18] " | sed "s/^/[$1] /" | tee -a "$OUT/ab.txt"
