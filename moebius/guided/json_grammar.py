@@ -141,8 +141,9 @@ def _number(mode: int, b: int) -> int | None:
     return None
 
 
-def advance(state: State | None, data: bytes) -> State | None:
-    """The state after ``data``, or None where some byte of it cannot come next."""
+def advance(state, data: bytes, step=step):
+    """The state after ``data``, or None where some byte of it cannot come next; ``step``:
+    another automaton's (json_schema.Schema.step, guide.Choices.step)."""
     for b in data:
         if state is None:
             return None

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from moebius.guided import json_grammar as jg
 from moebius.guided.guide import Guide, Vocabulary
 from moebius.guided.json_schema import Schema, SchemaError
 from tests.guided.test_guide import allowed_of, synthetic_vocab
@@ -47,12 +48,7 @@ CASES = [
 
 
 def run(schema: Schema, text: str):
-    state = schema.start
-    for b in text.encode():
-        state = schema.step(state, b)
-        if state is None:
-            return None
-    return state
+    return jg.advance(schema.start, text.encode(), schema.step)
 
 
 @pytest.mark.parametrize("spec,good,bad", CASES)
@@ -92,27 +88,20 @@ def test_schema_masks_equal_trying_every_token():
     eos = [len(tokens) - 1]
     tokens[-1] = None
     vocab = Vocabulary(tokens, eos)
-    guide = Guide(vocab, "schema", PERSON)
+    grammar = Guide(vocab, "schema", PERSON).grammar
+    schema = grammar.automaton
     doc = b'{"name": "a\\u00e9", "age": -12, "tags": ["x", "y"], "nick": null} '
     for i in range(len(doc) + 1):
-        state = run(guide.automaton, doc[:i].decode())
-        got = allowed_of(vocab.mask(guide.automaton, state), len(tokens))
-        want = np.array([b is not None and _advance(guide.automaton, state, b) is not None
+        state = run(schema, doc[:i].decode())
+        got = allowed_of(vocab.mask(grammar, state), len(tokens))
+        want = np.array([b is not None and jg.advance(state, b, schema.step) is not None
                          for b in tokens])
-        want[eos] = guide.automaton.complete(state)
+        want[eos] = schema.complete(state)
         assert (got == want).all(), (doc[:i], np.flatnonzero(got != want)[:5])
-
-
-def _advance(schema, state, data):
-    for b in data:
-        state = schema.step(state, b)
-        if state is None:
-            return None
-    return state
 
 
 def test_one_compiled_schema_per_distinct_schema():
     vocab = Vocabulary([b"{", b"}"], [])
-    a = vocab.schema({"type": "object", "properties": {"x": {"type": "integer"}}})
-    b = vocab.schema({"properties": {"x": {"type": "integer"}}, "type": "object"})
-    assert a is b and vocab.schema(True) is not a
+    a = vocab.grammar("schema", {"type": "object", "properties": {"x": {"type": "integer"}}})
+    b = vocab.grammar("schema", {"properties": {"x": {"type": "integer"}}, "type": "object"})
+    assert a is b and vocab.grammar("schema", True) is not a
