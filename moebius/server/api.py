@@ -161,9 +161,6 @@ def create_app(
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(401, f"invalid or missing {what} key", code="invalid_api_key")
 
-    def check_model(name: str | None) -> None:
-        check_served(name, served_model_name)
-
     async def parse(request: Request, model):
         """The body as ``model`` (a pydantic class, or a function of the raw body choosing
         one); 400 for a bad body, 404 for an unknown model."""
@@ -175,7 +172,7 @@ def create_app(
             req = model.model_validate_json(body)
         except pydantic.ValidationError as e:
             raise to_api_error(e) from None
-        check_model(req.model)
+        check_served(req.model, served_model_name)
         return req
 
     async def serve(kind: str, request: Request) -> Response:
@@ -218,7 +215,7 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")  # :path: served names may hold "/" (org/name)
     async def retrieve_model(request: Request, model_id: str):
         check_key(request, api_key, "API")
-        check_model(model_id)
+        check_served(model_id, served_model_name)
         return model_card().model_dump()
 
     async def answer(request: Request, model, handle) -> Response:
