@@ -2,21 +2,26 @@
 
 The subset that generators use (OpenAI's structured outputs, pydantic's ``model_json_schema``):
 ``type`` (object, array, string, number, integer, boolean, null, or a list of them), object
-``properties`` with ``required``, array ``items``, ``enum``, ``const``, ``anyOf``/``oneOf``
-whose alternatives begin with different bytes (``Optional[X]``: X or null), ``$ref`` into
-``$defs``/``definitions`` (recursion included), and ``{}`` (any value). Annotations (title,
+``properties`` with ``required``, array ``items`` with ``minItems``/``maxItems``, ``enum``,
+``const``, ``anyOf``/``oneOf`` whose alternatives begin with different bytes (``Optional[X]``: X
+or null) or are objects told apart by their first property (a required ``const``/``enum``, as
+a discriminated union or a forced tool call's ``name``), ``$ref`` into ``$defs``/
+``definitions`` (recursion included), and ``{}`` (any value). Annotations (title,
 description, default, examples, ...) are ignored. Every other keyword (minimum, maxLength,
-pattern, format, ...) is refused with ``SchemaError``: an output would not be held to it.
+pattern, format, ...) is refused with ``SchemaError``: an output would not be held to it;
+``loosened`` drops the value bounds from a schema that need not be held to them (a tool's
+parameters, as OpenAI's non-strict function calling does).
 
 As OpenAI's strict mode and xgrammar do: properties come in the schema's order (an optional
 one may be skipped, a required one may not), and no others (``additionalProperties`` is not
 followed); any whitespace may go between tokens, as JSON allows.
 
 A state is ``(frames, mode, aux)``: ``frames`` the open containers as (node, progress) pairs
-(an object's progress: the index of the next property it may take; an array's: 0 before its
-first item, 1 after), ``mode`` where the next byte goes, ``aux`` what the mode needs (the node
-of a value to come, the remaining bytes of candidate keys or enum values, a nested any-value
-state of json_grammar.py).
+(an object's progress: the index of the next property it may take; an array's: the items
+begun, counted up to the largest bound), ``mode`` where the next byte goes, ``aux`` what the
+mode needs (the node of a value to come, the remaining bytes of candidate keys, enum or tag
+values, a nested any-value state of json_grammar.py). A tagged union's object is the union's
+node until its tag's value is read, then the chosen alternative's.
 """
 
 from __future__ import annotations
@@ -28,17 +33,39 @@ from moebius.guided import json_grammar as jg
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
                          "$comment", "deprecated", "readOnly", "writeOnly", "$defs",
                          "definitions", "additionalProperties", "strict", "discriminator"})
-SUPPORTED = frozenset({"type", "properties", "required", "items", "enum", "const", "anyOf",
-                       "oneOf", "$ref"})
+SUPPORTED = frozenset({"type", "properties", "required", "items", "minItems", "maxItems",
+                       "enum", "const", "anyOf", "oneOf", "$ref"})
+# bounds on values (not on structure) that ``loosened`` drops
+VALUE_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                          "multipleOf", "minLength", "maxLength", "pattern", "format",
+                          "minProperties", "maxProperties", "uniqueItems", "contentEncoding",
+                          "contentMediaType"})
 SIMPLE_TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 
 # modes; STR/ESC/HEX read a string's body as json_grammar does
 (VALUE, OBJ_FIRST, KEY_WAIT, KEYNAME, COLON, AFTER, DONE, ENUM, ANY, NUMBER, LITERAL, STR, ESC,
- HEX) = range(14)
+ HEX, TAG) = range(15)
 
 
 class SchemaError(ValueError):
     """A schema this compiler cannot hold an output to."""
+
+
+def loosened(s):
+    """``s`` without its bounds on values (``VALUE_BOUNDS``, wherever a schema sits in it):
+    the structure, types, enums and required properties stay."""
+    if not isinstance(s, dict):
+        return s
+    out = {k: v for k, v in s.items() if k not in VALUE_BOUNDS}
+    for k in ("properties", "$defs", "definitions"):
+        if isinstance(out.get(k), dict):
+            out[k] = {name: loosened(v) for name, v in out[k].items()}
+    for k in ("anyOf", "oneOf"):
+        if isinstance(out.get(k), list):
+            out[k] = [loosened(v) for v in out[k]]
+    if "items" in out:
+        out["items"] = loosened(out["items"])
+    return out
 
 
 class Schema:
@@ -81,6 +108,11 @@ class Schema:
             if not isinstance(alts, list) or not alts:
                 raise SchemaError(f"{where}: anyOf/oneOf must be a non-empty list")
             ids = tuple(self._compile(a, f"{where}/anyOf/{i}") for i, a in enumerate(alts))
+            tags = self._tags(ids)
+            if tags is not None:  # objects told apart by their first property's value
+                key = self._resolve(ids[0])[1][0][0]
+                self.nodes.append(("tag", tags))
+                return self._set(node, ("tagged", ((key, True, len(self.nodes) - 1),)))
             return self._set(node, ("union", ids), where)
         kind = s.get("type")
         if kind is None:
@@ -106,8 +138,14 @@ class Schema:
                  self._compile(v, f"{where}/properties/{k}")) for k, v in props.items())
             return self._set(node, ("object", entries))
         if kind == "array":
-            return self._set(node, ("array", self._compile(s.get("items", True),
-                                                           f"{where}/items")))
+            lo, hi = s.get("minItems", 0), s.get("maxItems")
+            for name, n in (("minItems", lo), ("maxItems", hi)):
+                if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                    raise SchemaError(f"{where}: {name} must be a non-negative integer")
+            if hi is not None and hi < lo:
+                raise SchemaError(f"{where}: maxItems {hi} is below minItems {lo}")
+            item = self._compile(s.get("items", True), f"{where}/items")
+            return self._set(node, ("array", item, lo, hi))
         return self._set(node, (kind,))
 
     def _set(self, node: int, spec: tuple, where: str = "") -> int:
@@ -121,6 +159,32 @@ class Schema:
                                           f"with the same byte are not supported")
         return node
 
+    def _tags(self, ids: tuple) -> tuple | None:
+        """For alternatives that are all objects whose first property is the same required
+        name with a const/enum value, no value in two of them: (value bytes, object node)
+        pairs, sorted; else None."""
+        if len(ids) < 2 or any(not self.nodes[i] for i in ids):  # a ref still compiling
+            return None
+        specs = [self._resolve(i) for i in ids]
+        if any(s[0] != "object" or not s[1] or not s[1][0][1] for s in specs):
+            return None
+        if len({s[1][0][0] for s in specs}) != 1:
+            return None
+        pairs = []
+        for i, s in zip(ids, specs, strict=True):
+            value = self.nodes[s[1][0][2]] and self._resolve(s[1][0][2])
+            if not value or value[0] != "enum":
+                return None
+            pairs += [(text, self._object_node(i)) for text in value[1]]
+        if len({text for text, _ in pairs}) < len(pairs):
+            return None
+        return tuple(sorted(pairs))
+
+    def _object_node(self, node: int) -> int:
+        while self.nodes[node][0] == "alias":
+            node = self.nodes[node][1]
+        return node
+
     def _first_bytes(self, node: int, seen: set) -> frozenset:
         spec = self.nodes[node]
         kind = spec[0] if spec else "ref"
@@ -129,11 +193,11 @@ class Schema:
         seen.add(node)
         table = {"string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
                  "boolean": b"tf", "null": b"n", "object": b"{", "any_object": b"{",
-                 "array": b"["}
+                 "array": b"[", "tagged": b"{"}
         if kind in table:
             return frozenset(table[kind])
-        if kind == "enum":
-            return frozenset(t[0] for t in spec[1])
+        if kind in ("enum", "tag"):
+            return frozenset(t[0][0] if kind == "tag" else t[0] for t in spec[1])
         if kind == "alias":
             return self._first_bytes(spec[1], seen)
         return frozenset().union(*(self._first_bytes(a, seen) for a in spec[1]))
@@ -194,6 +258,14 @@ class Schema:
             if b"" in aux:  # one value is whole and b does not extend another (1 vs 12)
                 return self.step(self._after(frames), b)
             return None
+        if mode == TAG:  # aux: (remaining bytes, object node) of the tag values still possible
+            rests = tuple((r[1:], n) for r, n in aux if r and r[0] == b)
+            if len(rests) == 1 and not rests[0][0]:  # a string's closing quote
+                return self._tagged(frames, rests[0][1])
+            if rests:
+                return (frames, TAG, rests)
+            whole = [n for r, n in aux if not r]  # a number or literal, b after it
+            return self.step(self._tagged(frames, whole[0]), b) if whole else None
         if mode == KEYNAME:  # aux: (remaining bytes up to the closing quote, index) pairs
             rests = tuple((r[1:], i) for r, i in aux if r and r[0] == b)
             for r, i in rests:
@@ -255,7 +327,9 @@ class Schema:
             return (frames, LITERAL, b"ull") if b == 0x6E else None
         if kind == "enum":
             return self.step((frames, ENUM, spec[1]), b)
-        if kind == "object":
+        if kind == "tag":
+            return self.step((frames, TAG, spec[1]), b)
+        if kind in ("object", "tagged"):
             return (frames + ((node, 0),), OBJ_FIRST, 0) if b == 0x7B else None
         if kind == "array":
             return (frames + ((node, 0),), OBJ_FIRST, 0) if b == 0x5B else None
@@ -276,12 +350,16 @@ class Schema:
     def _in_container(self, frames, mode: int, b: int):
         node, progress = frames[-1]
         spec = self._resolve(node)
-        if spec[0] == "array":
+        if spec[0] == "array":  # progress: the items begun, up to the largest bound
+            _, item, lo, hi = spec
             if b == 0x5D:  # ]
-                return self._after(frames[:-1])
+                return self._after(frames[:-1]) if progress >= lo else None
+            if hi is not None and progress >= hi:
+                return None
+            begun = frames[:-1] + ((node, min(progress + 1, max(lo, hi or 0))),)
             if mode == AFTER:
-                return (frames, VALUE, spec[1]) if b == 0x2C else None
-            return self._value(frames[:-1] + ((node, 1),), spec[1], b)
+                return (begun, VALUE, item) if b == 0x2C else None
+            return self._value(begun, item, b)
         entries = spec[1]
         if b == 0x7D:  # }: only once every required property is given
             return None if any(e[1] for e in entries[progress:]) else self._after(frames[:-1])
@@ -290,6 +368,10 @@ class Schema:
                 return None
             return (frames, KEY_WAIT, 0)
         return self._key(frames, b)
+
+    def _tagged(self, frames, obj: int):
+        """The tag's value is read: the rest is the chosen alternative's object."""
+        return self._after(frames[:-1] + ((obj, 1),))
 
     def _after(self, frames):
         return (frames, AFTER if frames else DONE, 0)

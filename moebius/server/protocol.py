@@ -15,7 +15,9 @@ format) is a 400 rather than ignored.
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
 the dicts transformers' chat templates read (arguments parsed from their JSON text, as vLLM
-does). Which parser reads the output is the server's business (moebius/server/tool_parsers.py).
+does). tool_choice "required" or a named function is forced by a JSON schema added to the
+sampling parameters (moebius/server/tool_choice.py); which parser reads an "auto" output is the
+server's business (moebius/server/tool_parsers.py).
 
 vLLM's /tokenize takes a prompt, or messages with the chat request's template fields
 (``ChatTemplateFields``); /detokenize token ids.
@@ -23,6 +25,7 @@ vLLM's /tokenize takes a prompt, or messages with the chat request's template fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -32,6 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moebius.core import MAX_LOGIT_BIAS, SamplingError, SamplingParams
+from moebius.server.tool_choice import forced_schema
 
 INT64_MAX = 2**63 - 1
 Prompt = str | list[Annotated[int, Field(ge=0)]]
@@ -301,6 +305,21 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """As the base's; tool_choice "required" or a named function adds the schema that
+        forces the calls (moebius/server/tool_choice.py)."""
+        params = super().sampling_params(max_tokens, logprobs)
+        mode = self.tool_mode()
+        if mode not in ("required", "named"):
+            return params
+        if params.guided:
+            raise SamplingError(f"tool_choice {_choice_text(self.tool_choice)} forces the "
+                                f"output's form: response_format and guided_* cannot be added")
+        name = self.tool_choice.function.name if mode == "named" else None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        schema = forced_schema(tools, name, self.parallel_tool_calls)
+        return dataclasses.replace(params, guided_json=schema)
 
     def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
         """OpenAI's default: "auto" with tools, "none" without. Raises ValueError (a 400) for a

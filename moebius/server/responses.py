@@ -9,7 +9,8 @@ so a streamed text always equals the non-streamed one.
 Tool calls (chat requests with tools, on a server with a tool-call parser): a choice whose text
 holds calls answers ``message.tool_calls`` and ``finish_reason: "tool_calls"``; streamed, its
 content stops at the first call's start tag and the calls follow as ``delta.tool_calls``
-chunks once it finishes (moebius/server/tool_parsers.py).
+chunks once it finishes (moebius/server/tool_parsers.py). tool_choice "required" or a named
+function needs no parser: the calls are forced and read as moebius/server/tool_choice.py says.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from moebius.core import RequestOutput, SamplingParams
 from moebius.server import protocol as P
 from moebius.server.async_engine import AsyncEngine
+from moebius.server.tool_choice import ForcedCalls
 from moebius.server.tool_parsers import ParsedOutput, ToolCallConfig, ToolCallStream, ToolParser
 
 
@@ -96,12 +98,10 @@ class Responder:
                 '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                 "to be set"
             )
-        if self.tool_parser is None:  # required / named: no schema decoding to force a call
-            raise ValueError(
-                f"tool_choice {mode!r} requires --tool-call-parser: calls are read from the "
-                "output (this server cannot force them: no JSON-schema decoding)"
-            )
-        return self.tool_parser
+        if mode == "auto":
+            return self.tool_parser
+        # required / named: forced by the schema the request's sampling parameters carry
+        return ForcedCalls(req.tool_choice.function.name if mode == "named" else None)
 
     def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """A completion prompt's ids (a string gets the tokenizer's BOS, if it adds one, as
@@ -203,7 +203,7 @@ class Responder:
                     if parsed and parsed.tool_calls:
                         calls = [P.MessageToolCall(**t.to_openai()) for t in parsed.tool_calls]
                         message = P.AssistantMessage(content=parsed.content, tool_calls=calls)
-                        finish = "tool_calls"
+                        finish = job.tool_parser.finish_reason or finish
                     choices.append(
                         P.ChatChoice(
                             index=index,
@@ -283,7 +283,8 @@ class Responder:
                             for k, call in enumerate(calls):
                                 tool_delta = {"tool_calls": [{"index": k, **call.to_openai()}]}
                                 yield self._chunk(job, index, tool_delta)
-                            yield self._chunk(job, index, "", None, "tool_calls")
+                            finish = job.tool_parser.finish_reason or c.finish_reason
+                            yield self._chunk(job, index, "", None, finish)
                             continue
                         yield self._chunk(job, index, delta, lps, c.finish_reason if done else None)
                     if out.finished:

@@ -55,9 +55,10 @@ class ParsedOutput:
 
 class ToolParser(ABC):
     """Finds tool calls in a finished choice's text. ``start`` is the text that opens a call:
-    ``ToolCallStream`` holds content back from its first appearance on."""
+    ``ToolCallStream`` holds content back from its first appearance on ("": from the start)."""
 
     start: str
+    finish_reason: str | None = "tool_calls"  # a choice's with calls (None: the engine's)
 
     @abstractmethod
     def parse(self, text: str) -> ParsedOutput:
@@ -144,6 +145,8 @@ class ToolCallStream:
     def content_end(self, text: str) -> int:
         if self.start_at is None:
             tag = self.parser.start
+            if not tag:  # a forced call: nothing is content
+                return 0
             found = text.find(tag, max(self._scanned - len(tag) + 1, 0))
             self._scanned = len(text)
             if found < 0:

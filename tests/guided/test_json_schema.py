@@ -11,7 +11,7 @@ import pytest
 
 from moebius.guided import json_grammar as jg
 from moebius.guided.guide import Guide, Vocabulary
-from moebius.guided.json_schema import Schema, SchemaError
+from moebius.guided.json_schema import Schema, SchemaError, loosened
 from tests.guided.test_guide import allowed_of, synthetic_vocab
 
 PERSON = {"type": "object", "required": ["name", "age"], "properties": {
@@ -25,6 +25,17 @@ TREE = {"$defs": {"Node": {"type": "object", "required": ["v"], "properties": {
     "$ref": "#/$defs/Node"}
 ANY = {"type": "object", "required": ["meta", "obj"],
        "properties": {"meta": {}, "obj": {"type": "object"}, "flag": {"type": "boolean"}}}
+# a discriminated union (pydantic's Union of models with a Literal first field), in an array
+# of one to two items: the tag's value chooses the object that the rest must be
+SHAPES = {"type": "array", "minItems": 1, "maxItems": 2, "items": {"oneOf": [
+    {"$ref": "#/$defs/Circle"},
+    {"type": "object", "required": ["kind", "w"], "properties": {
+        "kind": {"enum": ["rect", "square"]}, "w": {"type": "number"},
+        "h": {"type": "number"}}},
+    {"type": "object", "required": ["kind"], "properties": {"kind": {"const": 7}}},
+    {"type": "object", "required": ["kind"], "properties": {"kind": {"const": 78}}}]},
+    "$defs": {"Circle": {"type": "object", "required": ["kind", "r"], "properties": {
+        "kind": {"const": "circle"}, "r": {"type": "number"}}}}}
 CASES = [
     (PERSON, ['{"name": "a", "age": 3}', '{"name":"a","age":-3,"tags":[],"nick":null}',
               '{ "name" : "x\\"y" , "age" : 0 , "nick" : "y" }',
@@ -44,6 +55,12 @@ CASES = [
     ({"type": ["string", "null"]}, ['"x"', "null"], ["1", "nul"]),
     ({"const": {"a": [1, "b"]}}, ['{"a": [1, "b"]}'], ['{"a":[1,"b"]}', "{}"]),
     (True, ["1", '{"a": null}', "[]"], ["[", "}"]),
+    (SHAPES, ['[{"kind": "circle", "r": 1}]',
+              '[{"kind":"rect","w":2,"h":3},{"kind":"square","w":1}]',
+              '[{"kind": 7}]', '[{"kind":78}, {"kind" : 7 }]'],
+     ["[]", '[{"kind": "circle", "w": 1}]', '[{"kind": "rect", "r": 1}]', '[{"r": 1}]',
+      '[{"kind": "circle"}]', '[{"kind":7},{"kind":7},{"kind":7}]', '[{"kind": 8}]',
+      '[{"kind": "rect", "w": 1, "r": 2}]']),
 ]
 
 
@@ -69,6 +86,14 @@ def test_documents_of_the_schema_and_no_others(spec, good, bad):
     ({"type": "string", "pattern": "a+"}, "pattern cannot be enforced"),
     ({"anyOf": [{"type": "object"}, {"type": "object"}]}, "begin with the same byte"),
     ({"anyOf": [{"type": "number"}, {"type": "integer"}]}, "begin with the same byte"),
+    ({"anyOf": [{"type": "object", "required": ["k"], "properties": {"k": {"const": 1}}},
+                {"type": "object", "required": ["k"], "properties": {"k": {"enum": [2, 1]}}}]},
+     "begin with the same byte"),  # a tag value in two alternatives
+    ({"anyOf": [{"type": "object", "properties": {"k": {"const": 1}}},
+                {"type": "object", "properties": {"k": {"const": 2}}}]},
+     "begin with the same byte"),  # the tag must be required
+    ({"type": "array", "minItems": 2, "maxItems": 1}, "below minItems"),
+    ({"type": "array", "minItems": -1}, "non-negative integer"),
     ({"$ref": "#/nope"}, "does not resolve"),
     ({"$ref": "http://x/s.json"}, "only local"),
     ({"type": "foo"}, "unknown type"),
@@ -78,6 +103,23 @@ def test_documents_of_the_schema_and_no_others(spec, good, bad):
 ])
 def test_what_cannot_be_enforced_is_refused(spec, match):
     with pytest.raises(SchemaError, match=match):
+        Schema(spec)
+
+
+def test_loosened_drops_value_bounds_wherever_a_schema_sits():
+    spec = {"type": "object", "required": ["format"], "minProperties": 1, "properties": {
+        "format": {"type": "string", "format": "date", "maxLength": 10},
+        "n": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
+        "xs": {"type": "array", "items": {"$ref": "#/$defs/X"}, "minItems": 1}},
+        "$defs": {"X": {"type": "string", "pattern": "a+"}}}
+    loose = loosened(spec)
+    assert loose == {"type": "object", "required": ["format"], "properties": {
+        "format": {"type": "string"},  # a property named like a keyword stays
+        "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        "xs": {"type": "array", "items": {"$ref": "#/$defs/X"}, "minItems": 1}},
+        "$defs": {"X": {"type": "string"}}}
+    assert Schema(loose).complete(run(Schema(loose), '{"format": "x", "xs": ["b"]}'))
+    with pytest.raises(SchemaError, match="minProperties cannot be enforced"):
         Schema(spec)
 
 

@@ -3,7 +3,7 @@ steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --too
 hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
 and tool-call history too, and with logit_bias / allowed_token_ids), 64 streams survive two
 live layout switches token for token, JSON mode, a JSON schema and guided_choice hold their
-outputs to the grammar, bad logit rules and requests for guided decoding it cannot do are 400s,
+outputs to the grammar, tool_choice "required" or a named function forces calls, bad logit rules and requests for guided decoding it cannot do are 400s,
 fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0;
 /tokenize counts what /v1/completions and /v1/chat/completions run, /detokenize inverts it,
 /v1/models/{id} answers the client's models.retrieve.
@@ -30,6 +30,8 @@ import pytest
 
 from moebius import LLM, SamplingParams
 from moebius.guided import json_grammar
+from moebius.guided.json_schema import Schema
+from moebius.server.tool_choice import forced_schema
 from tests.conftest import PROMPTS
 
 MODEL, API_KEY, ADMIN_KEY, MAX_MODEL_LEN = "tiny", "sk-test", "admin-test", 512
@@ -278,6 +280,47 @@ def test_tools_reach_the_prompt(client, offline):
     r = client.chat.completions.create(**{**kw, "messages": history})
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
     assert r.choices[0].message.content == want.outputs[0].text
+
+
+FORCED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "clock", "parameters": {
+        "type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", "get_weather"])
+def test_tool_choice_required_or_named_forces_calls(client, offline, choice):
+    """The real engine under the forced schema (moebius/server/tool_choice.py): the tiny
+    random model writes calls of the request's tools with their arguments' structure, on a
+    server without --enable-auto-tool-choice; cut off by max_tokens, the text is a prefix of
+    such calls. Whitespace is pushed down and closers up, so most seeds finish."""
+    tokens = offline.engine.vocabulary().tokens
+    bias = {str(i): -100 for i, b in enumerate(tokens) if b and not b.strip()}
+    bias.update({str(t): 5 for t in offline.tokenizer.encode("}]", add_special_tokens=False)})
+    bias.update({str(t): 12 for t in offline.tokenizer.encode('"', add_special_tokens=False)})
+    tool_choice = choice if choice == "required" else {"type": "function",
+                                                       "function": {"name": choice}}
+    schema = Schema(forced_schema(FORCED_TOOLS, None if choice == "required" else choice, True))
+    stopped = 0
+    for seed in range(6):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=48, seed=seed, tools=FORCED_TOOLS,
+            tool_choice=tool_choice, extra_body={"logit_bias": bias}).choices[0]
+        if r.finish_reason == "length":
+            assert json_grammar.advance(schema.start, r.message.content.encode(),
+                                        schema.step) is not None
+            continue
+        assert r.finish_reason == "stop" and r.message.content is None
+        for call in r.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert call.function.name in ("get_weather", "clock") and isinstance(args, dict)
+            if call.function.name == "get_weather":
+                assert isinstance(args["city"], str)
+        if choice != "required":
+            assert [c.function.name for c in r.message.tool_calls] == [choice]
+        stopped += 1
+    assert stopped >= 3
 
 
 def test_bad_tool_fields_are_400(client):

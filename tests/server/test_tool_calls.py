@@ -22,6 +22,7 @@ from moebius.core import CompletionOutput, RequestOutput
 from moebius.server import protocol as P
 from moebius.server.api import create_app
 from moebius.server.responses import Responder
+from moebius.server.tool_choice import forced_schema
 from moebius.server.tool_parsers import ToolCallConfig
 from moebius.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -52,12 +53,14 @@ class ScriptedEngine:
         self.switches, self.layout = [], "tp"
         self.running: dict[str, list] = {}
         self.prompts: list[list[int]] = []  # every prompt received
+        self.params: list = []  # and its sampling parameters
 
     def add_request(self, prompt, params, request_id=None):
         ids = self.tokenizer.encode(self.script, add_special_tokens=False)
         dets = [IncrementalDetokenizer(self.tokenizer) for _ in range(params.n)]
         self.running[request_id] = [list(prompt), params, ids, dets, 0]
         self.prompts.append(list(prompt))
+        self.params.append(params)
 
     def check_prompt(self, ids, params):
         pass
@@ -250,19 +253,54 @@ def test_n_choices_each_get_calls(serve):
     assert len(set(ids)) == 4
 
 
-def test_required_and_named_choice_are_read_like_auto(serve):
-    client, _ = serve()
-    named = {"type": "function", "function": {"name": "clock"}}
-    for choice in ("required", named):
-        r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS,
-                                           tool_choice=choice, max_tokens=200)
-        assert r.choices[0].finish_reason == "tool_calls"
+FORCED = ('[{"name": "get_weather", "parameters": {"city": "Zürich"}}, '
+          '{"name": "clock", "parameters": {}}]')
+
+
+@pytest.mark.parametrize("tool_calls", [HERMES, None])
+def test_required_and_named_choice_force_the_calls(serve, tool_calls):
+    """The engine gets the forced schema (moebius/server/tool_choice.py), on a server with or
+    without a parser; the forced output comes back as calls, finish "stop" as OpenAI's."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, script, want in [
+            ("required", FORCED, [("get_weather", {"city": "Zürich"}), ("clock", {})]),
+            (named, '{"city": "Zürich"}', [("get_weather", {"city": "Zürich"})])]:
+        client, engine = serve(script, tool_calls)
+        kw = dict(messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=200)
+        r = client.chat.completions.create(model="tiny", **kw).choices[0]
+        got = [(t.function.name, json.loads(t.function.arguments)) for t in r.message.tool_calls]
+        assert (got, r.message.content, r.finish_reason) == (want, None, "stop")
+        s = streamed(client, **kw)
+        assert [(c["name"], json.loads(c["arguments"])) for c in s.calls] == want
+        assert (s.content, s.finish) == ("", ["stop"])
+        schema = engine.params[0].guided_json
+        assert schema == forced_schema(TOOLS, None if choice == "required" else "get_weather",
+                                       True)
+    # cut off by max_tokens: the text as written, no calls
+    client, engine = serve(FORCED, tool_calls)
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=5,
+                                       tool_choice="required").choices[0]
+    assert (r.message.tool_calls, r.finish_reason) == (None, "length")
+    assert FORCED.startswith(r.message.content)
+
+
+def test_parallel_tool_calls_false_forces_one_call(serve):
+    client, engine = serve(FORCED)
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200,
+                                       tool_choice="required", parallel_tool_calls=False)
+    assert engine.params[0].guided_json["maxItems"] == 1
+    assert [t.function.name for t in r.choices[0].message.tool_calls] == ["get_weather"]
 
 
 BAD = [
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "'nope' is not in tools"),
     ({"tool_choice": "required"}, "tool_choice: 'required' needs tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "tool_choice 'required' forces the output's form"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "allOf": [{"type": "object"}]}}}], "tool_choice": "required"},
+     "the parameters of function 'f' cannot be enforced: #: allOf"),
     ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
      "tools.0.function.name"),
@@ -286,21 +324,15 @@ def test_bad_tool_fields_are_400(serve, extra, match):
     assert engine.prompts == []
 
 
-def test_a_server_without_a_parser_refuses_tool_choices_it_cannot_serve(serve):
+def test_a_server_without_a_parser_refuses_auto(serve):
     client, _ = serve(tool_calls=None)
     with pytest.raises(openai.BadRequestError, match='"auto" tool choice requires '
                        "--enable-auto-tool-choice and --tool-call-parser"):
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="'required' requires --tool-call-parser"):
-        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=4,
-                                       tool_choice="required")
     r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200,
                                        tool_choice="none")
     assert r.choices[0].message.content == TWO_CALLS
-    # a parser without --enable-auto-tool-choice serves required/named, not auto
+    # a parser without --enable-auto-tool-choice does not serve auto either
     client, _ = serve(tool_calls=ToolCallConfig("hermes"))
     with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
         client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=4)
-    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200,
-                                       tool_choice="required")
-    assert r.choices[0].finish_reason == "tool_calls"
