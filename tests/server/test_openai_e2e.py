@@ -1,12 +1,13 @@
-"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped
-steps as on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --tool-call-parser
-hermes``) driven by the official ``openai`` client: outputs equal the offline API's (with tools
-and tool-call history too, and with logit_bias / allowed_token_ids), 64 streams survive two
-live layout switches token for token, JSON mode, a JSON schema and guided_choice hold their
-outputs to the grammar, tool_choice "required" or a named function forces calls, bad logit rules and requests for guided decoding it cannot do are 400s,
-fuzzed bodies never cause a 500, a disconnect aborts its request, SIGTERM drains and exits 0;
-/tokenize counts what /v1/completions and /v1/chat/completions run, /detokenize inverts it,
-/v1/models/{id} answers the client's models.retrieve.
+"""The real server (``python -m moebius.server``, 2 CPU ranks, tiny checkpoint, overlapped steps as
+on a GPU, a Qwen-style tool template, ``--enable-auto-tool-choice --tool-call-parser hermes``)
+driven by the official ``openai`` client: outputs equal the offline API's (with tools and tool-
+call history too, and with logit_bias / allowed_token_ids), 64 streams survive two live layout
+switches token for token, JSON mode, a JSON schema and guided_choice hold their outputs to the
+grammar, tool_choice "required" or a named function forces calls, bad logit rules and requests
+for guided decoding it cannot do are 400s, fuzzed bodies never cause a 500, a disconnect aborts
+its request, SIGTERM drains and exits 0; /tokenize counts what /v1/completions and
+/v1/chat/completions run, /detokenize inverts it, /v1/models/{id} answers the client's
+models.retrieve.
 Plus in-process checks of the queue bound and of engine failure."""
 
 from __future__ import annotations
