@@ -153,7 +153,7 @@ class SamplingParams:
 def _checked_schema(schema) -> dict | bool:
     """A JSON schema (a dict, true, or its JSON text) that moebius/guided can enforce, or
     SamplingError saying what it cannot."""
-    from moebius.guided.json_schema import Schema, SchemaError
+    from moebius.guided.json_schema import SchemaError, compiled
 
     if isinstance(schema, str):
         try:
@@ -163,7 +163,7 @@ def _checked_schema(schema) -> dict | bool:
     if not isinstance(schema, (dict, bool)) or schema is False:
         raise SamplingError(f"guided_json must be a JSON schema (an object), got {_short(schema)}")
     try:
-        Schema(schema)
+        compiled(schema)
     except SchemaError as e:
         raise SamplingError(f"guided_json: {e}") from None
     return schema

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moebius.guided import json_grammar as jg
-from moebius.guided.json_schema import Schema
+from moebius.guided.json_schema import Schema, compiled
 
 CACHE_STATES = 1024  # states whose masks a grammar keeps (19 KB each at 151,936 tokens)
 CACHE_GRAMMARS = 64  # grammars a vocabulary keeps (distinct schemas and choice lists)
@@ -108,10 +108,10 @@ class Vocabulary:
         """The grammar of ``kind`` ("json", "schema" with ``spec`` a JSON schema, "choice"
         with ``spec`` the strings), built once per distinct spec (SchemaError where a schema
         is unsupported); a request holds on to its own past this cache's bound."""
-        key = (kind, json.dumps(spec, sort_keys=True))
+        key = (kind, json.dumps(spec))  # in the spec's order: a schema's properties follow it
         hit = self._grammars.get(key)
         if hit is None:
-            automaton = (JsonObject() if kind == "json" else Schema(spec) if kind == "schema"
+            automaton = (JsonObject() if kind == "json" else compiled(spec) if kind == "schema"
                          else Choices(spec))
             hit = self._grammars[key] = Grammar(automaton)
             if len(self._grammars) > CACHE_GRAMMARS:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 
-from moebius.guided.json_schema import Schema, SchemaError, loosened
+from moebius.guided.json_schema import SchemaError, compiled, loosened
 from moebius.server.tool_parsers import ParsedOutput, ToolCall, ToolParser
 
 ANY_OBJECT = {"type": "object"}  # a function without a parameters schema
@@ -38,7 +38,7 @@ def forced_schema(tools: list[dict], name: str | None, parallel: bool) -> dict:
             continue
         spec = loosened(fn.get("parameters") or ANY_OBJECT)
         try:
-            Schema(spec)
+            compiled(spec)
         except SchemaError as e:
             raise ValueError(f"tool_choice: the parameters of function {fn['name']!r} cannot "
                              f"be enforced: {e}") from None

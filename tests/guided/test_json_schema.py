@@ -11,7 +11,7 @@ import pytest
 
 from moebius.guided import json_grammar as jg
 from moebius.guided.guide import Guide, Vocabulary
-from moebius.guided.json_schema import Schema, SchemaError, loosened
+from moebius.guided.json_schema import Schema, SchemaError, compiled, loosened
 from tests.guided.test_guide import allowed_of, synthetic_vocab
 
 PERSON = {"type": "object", "required": ["name", "age"], "properties": {
@@ -144,6 +144,12 @@ def test_schema_masks_equal_trying_every_token():
 
 def test_one_compiled_schema_per_distinct_schema():
     vocab = Vocabulary([b"{", b"}"], [])
-    a = vocab.grammar("schema", {"type": "object", "properties": {"x": {"type": "integer"}}})
-    b = vocab.grammar("schema", {"properties": {"x": {"type": "integer"}}, "type": "object"})
-    assert a is b and vocab.grammar("schema", True) is not a
+    xy = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {}}}
+    a = vocab.grammar("schema", xy)
+    assert vocab.grammar("schema", json.loads(json.dumps(xy))) is a
+    assert a.automaton is compiled(xy)  # the one the request's parameters were checked with
+    # the same keywords in another order: properties in another order are another schema
+    yx = {"type": "object", "properties": {"y": {}, "x": {"type": "integer"}}}
+    b = vocab.grammar("schema", yx)
+    assert b is not a and vocab.grammar("schema", True) is not a
+    assert run(a.automaton, '{"x": 1, "y": 2}') and not run(b.automaton, '{"x": 1, "y": 2}')
