@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moebius.guided import json_grammar as jg
-from moebius.guided.json_schema import Schema, compiled
+from moebius.guided.json_schema import compiled
 
 CACHE_STATES = 1024  # states whose masks a grammar keeps (19 KB each at 151,936 tokens)
 CACHE_GRAMMARS = 64  # grammars a vocabulary keeps (distinct schemas and choice lists)
+WHITESPACE_RUN = 32  # bytes of whitespace a JSON output may write between two tokens
 _STRING_BREAKERS = frozenset(range(0x20)) | {0x22, 0x5C}
 
 
@@ -72,11 +73,39 @@ class Choices:
         return False
 
 
+class BoundedWhitespace:
+    """A JSON automaton whose whitespace between tokens comes in runs of at most ``limit``
+    bytes (whitespace inside strings is text and does not count). JSON allows any amount, and
+    a model that likes newlines can spend every token on them (vLLM's "disable any whitespace"
+    and SGLang's whitespace pattern exist for that); a bounded run still takes indentation
+    (32 bytes: a newline and 31 spaces) but makes the model write the next token. A state is
+    (the inner automaton's state, the length of the current run)."""
+
+    def __init__(self, inner, limit: int = WHITESPACE_RUN) -> None:
+        self.inner, self.limit = inner, limit
+        self.start = (inner.start, 0)
+
+    def step(self, state, b: int):
+        inner, run = state
+        nxt = self.inner.step(inner, b)
+        if nxt is None:
+            return None
+        if b in jg.WS and not self.inner.in_plain_string(inner):
+            return (nxt, run + 1) if run < self.limit else None
+        return (nxt, 0)
+
+    def complete(self, state) -> bool:
+        return state is not None and self.inner.complete(state[0])
+
+    def in_plain_string(self, state) -> bool:
+        return state is not None and self.inner.in_plain_string(state[0])
+
+
 @dataclass
 class Grammar:
     """An automaton, and the packed masks of its states computed so far for one vocabulary."""
 
-    automaton: JsonObject | Schema | Choices
+    automaton: BoundedWhitespace | Choices
     masks: OrderedDict = field(default_factory=OrderedDict)
 
 
@@ -111,7 +140,8 @@ class Vocabulary:
         key = (kind, json.dumps(spec))  # in the spec's order: a schema's properties follow it
         hit = self._grammars.get(key)
         if hit is None:
-            automaton = (JsonObject() if kind == "json" else compiled(spec) if kind == "schema"
+            automaton = (BoundedWhitespace(JsonObject()) if kind == "json"
+                         else BoundedWhitespace(compiled(spec)) if kind == "schema"
                          else Choices(spec))
             hit = self._grammars[key] = Grammar(automaton)
             if len(self._grammars) > CACHE_GRAMMARS:
@@ -155,9 +185,6 @@ class Vocabulary:
             cache.popitem(last=False)
         return packed
 
-    def json_mask(self, state: jg.State | None) -> bytes:
-        """The packed mask of a JSON-mode state."""
-        return self.mask(self.grammar("json"), state)
 
     def _allowed(self, automaton, state) -> np.ndarray:
         step = automaton.step

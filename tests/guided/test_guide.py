@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from moebius.guided import json_grammar as jg
-from moebius.guided.guide import Guide, Vocabulary
+from moebius.guided.guide import WHITESPACE_RUN, Guide, Vocabulary
 from moebius.guided.token_bytes import token_bytes
 from moebius.model.tiny import SPECIAL_TOKENS, train_tokenizer
 
@@ -65,25 +65,48 @@ def synthetic_vocab(n: int, seed: int) -> list[bytes | None]:
     return out
 
 
+def json_mask(vocab: Vocabulary, text: bytes | None) -> np.ndarray:
+    """JSON mode's mask after ``text`` (None: off the grammar), unpacked."""
+    grammar = vocab.grammar("json")
+    auto = grammar.automaton
+    state = None if text is None else jg.advance(auto.start, text, auto.step)
+    return allowed_of(vocab.mask(grammar, state), vocab.size)
+
+
 def test_json_masks_equal_trying_every_token():
     tokens = synthetic_vocab(3000, 0)
     eos = [len(tokens) - 1]
     tokens[-1] = None
     vocab = Vocabulary(tokens, eos)
-    docs = ['{"ab": [1, -2.5e3, true, null, "x\\u00e9y", {"k": {}}], "c": "d"} ', "{}"]
+    auto = vocab.grammar("json").automaton
+    docs = ['{"ab": [1, -2.5e3, true, null, "x\\u00e9y", {"k": {}}], "c": "d"} ', "{}",
+            '{\n' + " " * 31 + '"a": "' + " " * 40 + '"}']
     checked = 0
     for doc in docs:
         data = doc.encode()
         for i in range(len(data) + 1):
-            state = jg.advance(jg.OBJECT, data[:i])
-            got = allowed_of(vocab.json_mask(state), len(tokens))
-            want = np.array([b is not None and jg.advance(state, b) is not None
+            state = jg.advance(auto.start, data[:i], auto.step)
+            got = json_mask(vocab, data[:i])
+            want = np.array([b is not None and jg.advance(state, b, auto.step) is not None
                              for b in tokens])
-            want[eos] = jg.complete(state)
+            want[eos] = auto.complete(state)
             assert (got == want).all(), (data[:i], np.flatnonzero(got != want)[:5])
             checked += 1
     assert checked > 60
-    assert allowed_of(vocab.json_mask(None), len(tokens)).nonzero()[0].tolist() == eos
+    assert json_mask(vocab, None).nonzero()[0].tolist() == eos
+
+
+def test_whitespace_between_tokens_comes_in_bounded_runs():
+    """A run of WHITESPACE_RUN bytes between two tokens, then the next token must come;
+    inside a string whitespace is text, unbounded."""
+    auto = Vocabulary([b"{"], []).grammar("json").automaton
+    def ok(text: str) -> bool:
+        return jg.advance(auto.start, text.encode(), auto.step) is not None
+    run = " " * WHITESPACE_RUN
+    assert ok("{" + run + '"a"' + run + ":" + run + "1" + run + "}" + run)
+    assert not ok("{" + run + " ") and not ok('{"a":' + run + "\n")
+    assert not ok("{}" + run + "\t")
+    assert ok('{"a": "' + run * 3 + '"}')
 
 
 def test_guide_follows_outputs_and_ends_only_when_whole():
@@ -118,9 +141,11 @@ def test_vocabulary_walk_handles_repeats_and_prefixes(n):
     tokens = synthetic_vocab(n, n)
     tokens[:4] = [b" ", b" ", b"  ", b" t"]  # a token that is another's prefix, and repeats
     vocab = Vocabulary(tokens, [])
-    state = jg.advance(jg.OBJECT, b'{"a":')
-    got = allowed_of(vocab.json_mask(state), n)
-    want = np.array([b is not None and jg.advance(state, b) is not None for b in tokens])
+    auto = vocab.grammar("json").automaton
+    state = jg.advance(auto.start, b'{"a":', auto.step)
+    got = json_mask(vocab, b'{"a":')
+    want = np.array([b is not None and jg.advance(state, b, auto.step) is not None
+                     for b in tokens])
     assert (got == want).all()
     assert got[:4].tolist() == [True, True, True, True]
 
