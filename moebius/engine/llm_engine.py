@@ -217,8 +217,8 @@ class LLMEngine:
         return Guide(self.vocabulary(), "json")
 
     def vocabulary(self) -> Vocabulary:
-        """Every token's bytes and the guided masks computed so far (built at the first guided
-        request: a pass over the vocabulary)."""
+        """Every token's bytes and the guided masks computed so far (a pass over the
+        vocabulary: the server builds it at start, offline the first guided request does)."""
         if self._vocabulary is None:
             if self.tokenizer is None:
                 raise ConfigError("guided decoding needs the checkpoint's tokenizer")

@@ -75,6 +75,8 @@ def run_server(
     engine = engine_class(engine_cfg)
     name = served_model_name or engine_cfg.model_dir or "moebius"
     try:
+        if engine.tokenizer is not None:  # guided decoding's token bytes (~0.5 s at 152k
+            engine.vocabulary()  # tokens) now, not inside the first guided request's step
         app = create_app(engine, name, api_key=api_key, admin_key=admin_key, max_queue=max_queue,
                          tool_calls=tool_calls)
         if extend is not None:
