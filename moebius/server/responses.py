@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from moebius.core import RequestOutput, SamplingParams
 from moebius.server import protocol as P
 from moebius.server.async_engine import AsyncEngine
-from moebius.server.tool_choice import ForcedCalls
+from moebius.server.tool_choice import ForcedCalls, ForcedStream
 from moebius.server.tool_parsers import ParsedOutput, ToolCallConfig, ToolCallStream, ToolParser
 
 
@@ -239,6 +239,7 @@ class Responder:
         finals: dict[int, RequestOutput] = {}
         closed: set[int] = set()
         tool_streams: dict[int, ToolCallStream] = {}
+        forced: dict[int, ForcedStream] = {}
         try:
             async with aclosing(self._run(job)) as outs:
                 async for i, out in outs:
@@ -254,6 +255,11 @@ class Responder:
                         if done:
                             closed.add(index)
                         safe = len(c.text) if done else max(len(c.text) - hold, 0)
+                        if isinstance(job.tool_parser, ForcedCalls):  # calls, never content
+                            async for chunk in self._forced_chunks(
+                                    job, index, c, safe, forced, sent_tokens):
+                                yield chunk
+                            continue
                         calls = None
                         if job.tool_parser is not None:  # content stops at a call's start tag
                             if done:
@@ -300,6 +306,24 @@ class Responder:
         yield "data: [DONE]\n\n"
 
     # ---------------------------------------------------------------- formatting
+    async def _forced_chunks(self, job, index, c, safe, forced, sent_tokens):
+        """A forced call's stream step (moebius/server/tool_choice.py): the tool-call entries
+        its text completes, the new tokens' logprobs (in a chunk of no content), and at the
+        end the text as content if it holds no call, then the finish reason."""
+        stream = forced.setdefault(index, job.tool_parser.stream())
+        for entry in stream.feed(c.text[:safe]):
+            yield self._chunk(job, index, {"tool_calls": [entry]})
+        start = sent_tokens.get(index, 0)
+        sent_tokens[index] = len(c.token_ids)
+        lps = self._logprobs(job, c.token_ids[start:], c.logprobs[start:] if c.logprobs
+                             else None, 0, "")
+        if lps is not None and lps.content:
+            yield self._chunk(job, index, {}, lps)
+        if c.finish_reason is not None:
+            if not stream.calls:
+                yield self._chunk(job, index, c.text)
+            yield self._chunk(job, index, "", None, c.finish_reason)
+
     def _chunk(self, job: Job, index: int, delta, logprobs=None, finish=None) -> str:
         if job.kind == "chat":
             d = (

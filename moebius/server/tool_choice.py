@@ -14,7 +14,9 @@ Parameters are held to their structure (types, properties, required, enums, item
 on values (minimum, maxLength, pattern, format, ...) are dropped (``loosened``), as OpenAI's
 non-strict function calling does not hold outputs to them either; what the compiler cannot
 enforce at all is a 400 that names the function. The finish reason is the engine's ("stop"),
-as OpenAI and vLLM answer a forced call.
+as OpenAI and vLLM answer a forced call. Streamed, a named function's arguments go out as the
+model writes them (what instructor-style partial parsing reads) and "required" calls one by
+one as each closes; the streamed calls always equal the non-streamed response's.
 """
 
 from __future__ import annotations
@@ -75,23 +77,98 @@ def _rebased(s, root: str):
 
 
 class ForcedCalls(ToolParser):
-    """Reads the output of ``forced_schema``: the calls, or (cut off by max_tokens) the text
-    as content. Nothing of it is content while it streams."""
+    """Reads the output of ``forced_schema``. A named function's call has the text as its
+    arguments, as written (cut off by max_tokens, a prefix of them, as OpenAI and vLLM send
+    it); under "required" each call object already closed is a call (its arguments the
+    parameters' JSON), and with none closed the text is content. ``stream()`` sends the
+    same calls as they come."""
 
-    start = ""
+    start = ""  # unused: forced calls stream through ForcedStream, not ToolCallStream
     finish_reason = None  # the engine's
 
     def __init__(self, name: str | None) -> None:
         self.name = name
 
     def parse(self, text: str) -> ParsedOutput:
+        if self.name is not None:
+            return ParsedOutput(None, [ToolCall(self.name, text)])
+        calls = _calls(text, CallSpans().feed(text))
+        return ParsedOutput(None, calls) if calls else ParsedOutput(text, [])
+
+    def stream(self) -> ForcedStream:
+        return ForcedStream(self)
+
+
+class CallSpans:
+    """Finds the call objects of a "required" output as its text grows: (start, end) of each
+    object that closed at depth 2 (inside the list) since the last ``feed``."""
+
+    def __init__(self) -> None:
+        self.pos, self.depth, self.in_string, self.escaped, self.opened = 0, 0, False, False, 0
+
+    def feed(self, text: str) -> list[tuple[int, int]]:
+        spans = []
+        for i in range(self.pos, len(text)):
+            ch = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+                if self.depth == 2:
+                    self.opened = i
+            elif ch in "}]":
+                if self.depth == 2:
+                    spans.append((self.opened, i + 1))
+                self.depth -= 1
+        self.pos = len(text)
+        return spans
+
+
+def _calls(text: str, spans: list[tuple[int, int]]) -> list[ToolCall]:
+    """The calls in those spans of ``text``: {"name": ..., "parameters": ...} objects, as the
+    grammar writes them (anything else, which only a test's script can write, is skipped)."""
+    calls = []
+    for a, b in spans:
         try:
-            value = json.loads(text)
-            calls = ([(self.name, value)] if self.name is not None
-                     else [(c["name"], c["parameters"]) for c in value])
-        except (ValueError, TypeError, KeyError):  # cut off (the grammar allows no other)
-            return ParsedOutput(text, [])
-        if not calls or any(not isinstance(a, dict) or not isinstance(n, str) for n, a in calls):
-            return ParsedOutput(text, [])
-        return ParsedOutput(None, [ToolCall(n, json.dumps(a, ensure_ascii=False))
-                                   for n, a in calls])
+            obj = json.loads(text[a:b])
+            name, params = obj["name"], obj["parameters"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(name, str):
+            calls.append(ToolCall(name, json.dumps(params, ensure_ascii=False)))
+    return calls
+
+
+class ForcedStream:
+    """One streamed choice of a forced call: ``feed(text)`` (the text so far, only growing)
+    answers the ``delta.tool_calls`` entries to send now. A named function's arguments
+    stream as the model writes them (its first entry carries the id and name); under
+    "required" each call goes out whole once its object closes. ``calls``: entries sent."""
+
+    def __init__(self, parser: ForcedCalls) -> None:
+        self.parser, self.calls, self.sent = parser, 0, 0
+        self.spans = CallSpans()
+
+    def feed(self, text: str) -> list[dict]:
+        if self.parser.name is None:
+            out = [{"index": self.calls + k, **call.to_openai()}
+                   for k, call in enumerate(_calls(text, self.spans.feed(text)))]
+            self.calls += len(out)
+            return out
+        if len(text) == self.sent:
+            return []
+        entry = {"index": 0, "function": {"arguments": text[self.sent:]}}
+        if self.calls == 0:
+            call = ToolCall(self.parser.name, "").to_openai()
+            entry = {**entry, "id": call["id"], "type": "function",
+                     "function": {"name": self.parser.name, **entry["function"]}}
+            self.calls = 1
+        self.sent = len(text)
+        return [entry]

@@ -55,7 +55,7 @@ class ParsedOutput:
 
 class ToolParser(ABC):
     """Finds tool calls in a finished choice's text. ``start`` is the text that opens a call:
-    ``ToolCallStream`` holds content back from its first appearance on ("": from the start)."""
+    ``ToolCallStream`` holds content back from its first appearance on."""
 
     start: str
     finish_reason: str | None = "tool_calls"  # a choice's with calls (None: the engine's)
@@ -145,8 +145,6 @@ class ToolCallStream:
     def content_end(self, text: str) -> int:
         if self.start_at is None:
             tag = self.parser.start
-            if not tag:  # a forced call: nothing is content
-                return 0
             found = text.find(tag, max(self._scanned - len(tag) + 1, 0))
             self._scanned = len(text)
             if found < 0:

@@ -284,6 +284,50 @@ def test_required_and_named_choice_force_the_calls(serve, tool_calls):
     assert FORCED.startswith(r.message.content)
 
 
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("choice,script,max_tokens", [
+    ("required", FORCED, 300), ("required", FORCED, 60), ("required", FORCED, 4),
+    (NAMED, '{"city": "Zürich", "unit": "C"}', 300), (NAMED, '{"city": "Zürich"}', 3)])
+def test_forced_streams_equal_the_whole_response_at_every_token(qwen_dir, choice, script,
+                                                               max_tokens):
+    """A named function's arguments stream as written (several entries of index 0), each
+    "required" call once its object closes; merged by index they are the non-streamed calls,
+    whole or cut off by max_tokens (60 tokens: after the first "required" call, 4: before)."""
+    engine = ScriptedEngine(qwen_dir, script)
+    responder = Responder(EveryOutput(engine), "tiny", HERMES)
+    body = {"model": "tiny", "messages": ASK, "tools": TOOLS, "max_tokens": max_tokens,
+            "tool_choice": choice}
+
+    async def run(stream: bool):
+        job = responder.prepare_chat(P.ChatCompletionRequest.model_validate(body))
+        if not stream:
+            return await responder.collect(job)
+        return [e async for e in responder.stream(job)]
+
+    whole = asyncio.run(run(False))["choices"][0]
+    chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in asyncio.run(run(True))[:-1]]
+    deltas = [c.choices[0].delta for c in chunks]
+    entries = [t for d in deltas for t in d.tool_calls or []]
+    merged = {}
+    for t in entries:
+        if t.index not in merged:
+            merged[t.index] = [t.id, t.function.name, ""]
+        merged[t.index][2] += t.function.arguments or ""
+    want = whole["message"]["tool_calls"] or []
+    assert [m[1:] for _, m in sorted(merged.items())] == [
+        [c["function"]["name"], c["function"]["arguments"]] for c in want]
+    assert all(m[0].startswith("call_") for m in merged.values())
+    assert "".join(d.content or "" for d in deltas) == (whole["message"]["content"] or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [
+        whole["finish_reason"]]
+    if choice == NAMED and max_tokens > 3:
+        assert len(entries) > 3  # the arguments came as the model wrote them
+    if max_tokens == 60:  # the first call had closed: it came, the cut second did not
+        assert [c["function"]["name"] for c in want] == ["get_weather"]
+
+
 def test_parallel_tool_calls_false_forces_one_call(serve):
     client, engine = serve(FORCED)
     r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200,
