@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moebius.core import MAX_LOGIT_BIAS, SamplingError, SamplingParams
+from moebius.guided.json_schema import loosened
 from moebius.server.tool_choice import forced_schema
 
 INT64_MAX = 2**63 - 1
@@ -51,8 +52,10 @@ class StreamOptions(_Strict):
 
 
 class JsonSchemaFormat(BaseModel):
-    """OpenAI's ``response_format.json_schema``: the schema under ``schema`` (``strict`` is
-    what this server does anyway: moebius/guided/json_schema.py)."""
+    """OpenAI's ``response_format.json_schema``: the schema under ``schema``. With ``strict``
+    true every keyword is enforced or the request is a 400; otherwise (OpenAI's default) bounds
+    on values (minimum, maxLength, pattern, format, ...) are dropped and the structure is
+    enforced (moebius/guided/json_schema.py, ``loosened``)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: str = "response"
@@ -123,6 +126,8 @@ class _SamplingFields(_Strict):
                 raise SamplingError("response_format 'json_schema' and guided_json exclude "
                                     "each other")
             schema = fmt.json_schema.schema_
+            if not fmt.json_schema.strict:  # OpenAI's default: the structure, not the bounds
+                schema = loosened(schema)
         for name in UNSUPPORTED_GUIDED:
             if getattr(self, name) is not None:
                 raise SamplingError(
