@@ -177,6 +177,21 @@ class EveryOutput:
                 yield out
 
 
+def whole_and_events(engine: ScriptedEngine, body: dict) -> tuple[dict, list[str]]:
+    """The chat request ``body`` (with ASK) answered whole (its first choice) and streamed
+    (the server-sent events), every output of ``engine`` reaching the Responder."""
+    responder = Responder(EveryOutput(engine), "tiny", HERMES)
+    body = {"model": "tiny", "messages": ASK, **body}
+
+    async def run(stream: bool):
+        job = responder.prepare_chat(P.ChatCompletionRequest.model_validate(body))
+        if not stream:
+            return await responder.collect(job)
+        return [e async for e in responder.stream(job)]
+
+    return asyncio.run(run(False))["choices"][0], asyncio.run(run(True))
+
+
 @pytest.mark.parametrize("script", [
     TWO_CALLS,
     CALLS,
@@ -185,17 +200,7 @@ class EveryOutput:
 ])
 def test_streams_cut_at_every_token(qwen_dir, script):
     engine = ScriptedEngine(qwen_dir, script)
-    responder = Responder(EveryOutput(engine), "tiny", HERMES)
-    body = {"model": "tiny", "messages": ASK, "tools": TOOLS, "max_tokens": 300}
-
-    async def run(stream: bool):
-        job = responder.prepare_chat(P.ChatCompletionRequest.model_validate(body))
-        if not stream:
-            return await responder.collect(job)
-        return [e async for e in responder.stream(job)]
-
-    whole = asyncio.run(run(False))["choices"][0]
-    events = asyncio.run(run(True))
+    whole, events = whole_and_events(engine, {"tools": TOOLS, "max_tokens": 300})
     assert len(events) > len(engine.tokenizer.encode(script)) / 2  # about one per token
     assert events[-1] == "data: [DONE]\n\n"
     chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in events[:-1]]
@@ -295,19 +300,9 @@ def test_forced_streams_equal_the_whole_response_at_every_token(qwen_dir, choice
     """A named function's arguments stream as written (several entries of index 0), each
     "required" call once its object closes; merged by index they are the non-streamed calls,
     whole or cut off by max_tokens (60 tokens: after the first "required" call, 4: before)."""
-    engine = ScriptedEngine(qwen_dir, script)
-    responder = Responder(EveryOutput(engine), "tiny", HERMES)
-    body = {"model": "tiny", "messages": ASK, "tools": TOOLS, "max_tokens": max_tokens,
-            "tool_choice": choice}
-
-    async def run(stream: bool):
-        job = responder.prepare_chat(P.ChatCompletionRequest.model_validate(body))
-        if not stream:
-            return await responder.collect(job)
-        return [e async for e in responder.stream(job)]
-
-    whole = asyncio.run(run(False))["choices"][0]
-    chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in asyncio.run(run(True))[:-1]]
+    body = {"tools": TOOLS, "max_tokens": max_tokens, "tool_choice": choice}
+    whole, events = whole_and_events(ScriptedEngine(qwen_dir, script), body)
+    chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in events[:-1]]
     deltas = [c.choices[0].delta for c in chunks]
     entries = [t for d in deltas for t in d.tool_calls or []]
     merged = {}
