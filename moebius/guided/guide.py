@@ -185,7 +185,6 @@ class Vocabulary:
             cache.popitem(last=False)
         return packed
 
-
     def _allowed(self, automaton, state) -> np.ndarray:
         step = automaton.step
         if state is None:

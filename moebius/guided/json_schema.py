@@ -14,7 +14,8 @@ parameters, as OpenAI's non-strict function calling does).
 
 As OpenAI's strict mode and xgrammar do: properties come in the schema's order (an optional
 one may be skipped, a required one may not), and no others (``additionalProperties`` is not
-followed); any whitespace may go between tokens, as JSON allows.
+followed); whitespace may go between tokens, as JSON allows (guide.BoundedWhitespace bounds
+its runs).
 
 A state is ``(frames, mode, aux)``: ``frames`` the open containers as (node, progress) pairs
 (an object's progress: the index of the next property it may take; an array's: the items

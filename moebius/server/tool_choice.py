@@ -12,11 +12,12 @@ tools, so a call comes whatever the model would have written, on any server (no
 
 Parameters are held to their structure (types, properties, required, enums, items); bounds
 on values (minimum, maxLength, pattern, format, ...) are dropped (``loosened``), as OpenAI's
-non-strict function calling does not hold outputs to them either; what the compiler cannot
-enforce at all is a 400 that names the function. The finish reason is the engine's ("stop"),
-as OpenAI and vLLM answer a forced call. Streamed, a named function's arguments go out as the
-model writes them (what instructor-style partial parsing reads) and "required" calls one by
-one as each closes; the streamed calls always equal the non-streamed response's.
+non-strict function calling does not hold outputs to them either, unless the function says
+``strict: true``; what the compiler cannot enforce is a 400 that names the function. The
+finish reason is the engine's ("stop"), as OpenAI and vLLM answer a forced call. Streamed, a
+named function's arguments go out as the model writes them (what instructor-style partial
+parsing reads) and "required" calls one by one as each closes; the streamed calls always
+equal the non-streamed response's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def forced_schema(tools: list[dict], name: str | None, parallel: bool) -> dict:
         fn = tool["function"]
         if name is not None and fn["name"] != name:
             continue
-        spec = loosened(fn.get("parameters") or ANY_OBJECT)
+        spec = fn.get("parameters") or ANY_OBJECT
+        if not fn.get("strict"):  # OpenAI's strict functions keep every keyword, or a 400
+            spec = loosened(spec)
         try:
             compiled(spec)
         except SchemaError as e:

@@ -50,6 +50,12 @@ def test_a_named_function_holds_the_output_to_its_arguments():
     assert whole(forced_schema(TOOLS, "clock", True), '{"anything": [1, {}]}')
 
 
+def test_a_strict_function_keeps_its_bounds_or_is_refused():
+    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]
+    with pytest.raises(ValueError, match="function 'book' cannot be enforced: .*format"):
+        forced_schema(strict, "book", True)
+
+
 def test_the_forced_output_reads_back_as_calls():
     calls = ForcedCalls(None).parse('[{"name": "book", "parameters": {"day": "Zürich"}}, '
                                     '{"name": "clock", "parameters": {}}]')
