@@ -429,6 +429,10 @@ class LLMEngine:
             pending = self.executor.launch(batch.inputs)
         outs += self._land()
         if not batch.empty:
+            if batch.late:  # guided rows: their masks needed the tokens that just landed
+                with self._lock:
+                    masks = self.scheduler.late_masks(batch)
+                pending = self.executor.masks(pending, masks)
             self._inflight = (batch, pending, t)
         return outs or self._collect([])
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 INFLIGHT = -1  # an input token the previous launch sampled, still on the device
+# a guided row's token_mask that follows the launch: it needs the token in flight, which lands
+# while the step's forward runs (ModelRunner.sample_late; docs/async-scheduling.md)
+LATE_MASK = b""
 
 
 @dataclass(slots=True)
@@ -50,7 +53,7 @@ class SeqWork:
     # params' own (checked) objects, so a sequence without them adds one None to the message
     logit_rules: tuple[list[int] | None, dict[int, float] | None] | None = None
     # guided decoding: the tokens allowed this step, V bits packed little-endian
-    # (moebius/guided/guide.py)
+    # (moebius/guided/guide.py), or LATE_MASK
     token_mask: bytes | None = None
 
 

@@ -16,6 +16,7 @@ from moebius.config import EngineConfig
 from moebius.engine.cuda_graphs import padded_table
 from moebius.engine.messages import (
     INFLIGHT,
+    LATE_MASK,
     SampledToken,
     SeqWork,
     StepInput,
@@ -97,6 +98,14 @@ class PendingStep:
             for o, t in zip(out, self.host[0].tolist(), strict=True):
                 o.token_id = t
         return StepResult(self.rank, out, self.expert_counts)
+
+
+class LateStep:
+    """A launched step whose guided rows wait for their masks (``LATE_MASK``): its logits are
+    computed (queued), ``ModelRunner.sample_late`` samples them once the masks come."""
+
+    def __init__(self, logits, seqs: list[SeqWork], expert_counts=None) -> None:
+        self.logits, self.seqs, self.expert_counts = logits, seqs, expert_counts
 
 
 class ModelRunner:
@@ -190,7 +199,7 @@ class ModelRunner:
             keep = [i for i, s in enumerate(step.seqs) if s.sample]
             if len(keep) < len(step.seqs):
                 logits = logits[self._h2d(keep)]
-            return self._sample(logits, step.seqs)
+            return self._sample_or_wait(logits, step.seqs)
         input_ids, positions, meta, sample_rows = self._prepare(step.seqs)
         self._fill_inflight(input_ids, step.seqs)
         t_max = max(step.num_tokens_per_rank) if step.num_tokens_per_rank else len(input_ids)
@@ -212,8 +221,30 @@ class ModelRunner:
         if not sample_rows:
             return PendingStep(self.rank, expert_counts=counts)
         logits = (hidden[self._h2d(sample_rows)] @ self.weights.lm_head.t()).float()
-        pending = self._sample(logits, step.seqs)
+        return self._sample_or_wait(logits, step.seqs, counts)
+
+    def _sample_or_wait(self, logits, seqs: list[SeqWork], counts=None):
+        """Sample now, or (a guided row's mask follows) keep the logits for ``sample_late``."""
+        if any(s.token_mask == LATE_MASK for s in seqs if s.sample):
+            return LateStep(logits, seqs, counts)
+        pending = self._sample(logits, seqs)
         pending.expert_counts = counts
+        return pending
+
+    @torch.inference_mode()
+    def sample_late(self, late: LateStep | PendingStep, masks: dict[str, bytes]) -> PendingStep:
+        """Sample a ``LateStep`` with its guided rows' masks (request id -> packed mask; a
+        row without one, a request that finished meanwhile, samples unmasked and is
+        dropped). The device queues the sampling behind the step's forward: the host
+        computed the masks while that ran. Under EP a rank whose rows have no guide sampled
+        at launch: its PendingStep comes back as it is."""
+        if not isinstance(late, LateStep):
+            return late
+        for s in late.seqs:
+            if s.token_mask == LATE_MASK:
+                s.token_mask = masks.get(s.request_id)
+        pending = self._sample(late.logits, late.seqs)
+        pending.expert_counts = late.expert_counts
         return pending
 
     def _full_tables(self, seqs: list[SeqWork]) -> None:

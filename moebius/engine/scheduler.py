@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moebius.config import EngineConfig
 from moebius.core import Request, RequestStatus
 from moebius.engine.messages import (
     INFLIGHT,
+    LATE_MASK,
     KVMove,
     SampledToken,
     SeqWork,
@@ -35,6 +36,8 @@ class ScheduledBatch:
     num_preempted: int = 0
     # overlapped scheduling: ``launched`` advanced the counts already; which items sample
     sampling: list[bool] | None = None
+    # guided requests launched with a token in flight: their masks follow (``late_masks``)
+    late: list[Request] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -174,8 +177,11 @@ class Scheduler:
             if req.status is not running:
                 continue
             inflight = req.num_inflight
-            if inflight and (req.guide is not None or self._ends_with_inflight(req)):
-                continue  # its last token in flight, or its mask needs that token (guided)
+            if inflight and (self._ends_with_inflight(req) or (
+                    req.guide is not None and self.transition is not None)):
+                # its last token in flight; or guided mid-switch, where a step samples inside
+                # its launch, so the mask cannot follow (LATE_MASK)
+                continue
             b = req.owner_rank if split else 0
             done = req.num_computed_tokens
             total = len(req.prompt_token_ids) + len(req.output_token_ids) + inflight
@@ -243,7 +249,15 @@ class Scheduler:
             self.running.append(req)
             items.append((req, n))
             budgets[b] -= n
-        return ScheduledBatch(items, self._inputs(items), preempted)
+        late = [r for r, _ in items if r.guide is not None and r.num_inflight]
+        return ScheduledBatch(items, self._inputs(items), preempted, late=late)
+
+    def late_masks(self, batch: ScheduledBatch) -> dict[str, bytes]:
+        """The masks of ``batch.late``'s rows, once the tokens that were in flight at its
+        launch have landed (``update``): the ranks sample with them (none for a request that
+        finished meanwhile; its token is dropped)."""
+        return {r.request_id: r.guide.mask(r.output_token_ids) for r in batch.late
+                if r.status == RequestStatus.RUNNING}
 
     def _inputs(self, items: list[tuple[Request, int]]) -> list[StepInput]:
         if self.transition is not None:
@@ -334,7 +348,9 @@ class Scheduler:
         rules = None
         if do_sample and (p.allowed_token_ids or p.logit_bias):
             rules = (p.allowed_token_ids, p.logit_bias)
-        mask = req.guide.mask(out_ids) if do_sample and req.guide is not None else None
+        mask = None
+        if do_sample and req.guide is not None:  # a token in flight: the mask follows
+            mask = LATE_MASK if req.num_inflight else req.guide.mask(out_ids)
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
                        -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,

@@ -65,6 +65,9 @@ def serve(runner, kind: str, payload):
         return None
     if kind == "finish":
         return runner.finish(runner.inflight.popleft())
+    if kind == "masks":  # the newest launch's guided masks (a LateStep): sample it; no reply
+        runner.inflight[-1] = runner.sample_late(runner.inflight[-1], payload)
+        return None
     if kind == "switch":
         return runner.reshard(payload)
     if kind == "memory":
@@ -90,7 +93,7 @@ def worker_loop(cfg: EngineConfig, rank: int, world_size: int, conn) -> None:
             if kind == "shutdown":
                 break
             out = serve(runner, kind, payload)
-            if kind != "launch":
+            if kind not in ("launch", "masks"):
                 conn.send(("ok", out))
     except (EOFError, KeyboardInterrupt):
         pass
@@ -122,6 +125,10 @@ class LocalExecutor:
 
     def finish(self, pending) -> list[StepResult]:
         return [self.runner.finish(pending)]
+
+    def masks(self, pending, masks: dict[str, bytes]):
+        """The launched step's guided masks (it waits for them: a ``LateStep``): sample it."""
+        return self.runner.sample_late(pending, masks)
 
     def switch(self, switch: SwitchInput) -> list[SwitchResult]:
         return [self.runner.reshard(switch)]
@@ -246,6 +253,11 @@ class ProcessExecutor:
 
     def finish(self, pending=None) -> list[StepResult]:
         return self._broadcast("finish", [None] * len(self.conns))
+
+    def masks(self, pending, masks: dict[str, bytes]) -> None:
+        """The newest launch's guided masks, to every rank (each samples its rows); no reply,
+        the pipes keep them before the next launch."""
+        self._send("masks", [masks] * len(self.conns))
 
     def step(self, inputs: list[StepInput]) -> list[StepResult]:
         return self._broadcast("step", inputs)

@@ -19,8 +19,9 @@ the choices). A request whose outputs leave the grammar gets only the end of seq
 takes allowed_token_ids that share no token with the mask: every logit -inf, and the draw
 falls outside).
 
-Guided requests are never scheduled with a token in flight (engine/scheduler.py): the mask of
-a step needs the token before it, so under overlapped steps they take every other step.
+Under overlapped steps the mask of a step needs the token still in flight at its launch: the
+scheduler marks the row ``LATE_MASK`` and the engine sends the mask once that token lands,
+before the ranks sample (engine/scheduler.py ``late_masks``, ModelRunner.sample_late).
 """
 
 from __future__ import annotations

@@ -127,13 +127,34 @@ def test_sampled_outputs_keep_to_the_grammar(sampled_one_rank):
     assert [reason for _, reason in bias_outs] == ["stop", "stop"]  # n=2: a guide each
 
 
+def test_overlapped_guided_requests_advance_every_step(qwen_dir):
+    """Under overlapped steps a guided row is launched with its token in flight and sampled
+    once that token lands and its mask is computed (LATE_MASK, ModelRunner.sample_late): a
+    request of n tokens takes about n steps beside a plain one, not 2n; the steps of a layout
+    switch (all at once) and a second rank change nothing."""
+    for kw in (dict(), dict(ranks=2, layout="tp", switch_schedule=[(5, "ep")])):
+        with LLM(qwen_dir, async_scheduling=True, **kw) as llm:
+            eng = llm.engine
+            eng.add_request("JSON, please:", SamplingParams(
+                seed=3, max_tokens=20, guided_json_object=True), "g")
+            eng.add_request("Hello", SamplingParams(seed=3, max_tokens=20, ignore_eos=True), "p")
+            steps, last = 0, {}
+            while eng.has_unfinished():
+                for out in eng.step():
+                    last[out.request_id] = out
+                steps += 1
+            n = len(last["g"].outputs[0].token_ids)
+            assert n >= 8, last["g"].outputs[0].text  # long enough to tell n from 2n steps
+            assert steps <= max(n, 20) + 3, (steps, n)
+
+
 @pytest.mark.parametrize("kw", [
     dict(async_scheduling=True),
     dict(ranks=2, layout="tp", async_scheduling=True, switch_schedule=[(3, "ep"), (9, "tp")]),
     dict(ranks=2, layout="ep", switch_schedule=[(4, "tp")]),
 ], ids=["overlapped", "tp2-switching", "ep2-switching"])
 def test_sampled_outputs_do_not_depend_on_steps_or_layouts(qwen_dir, sampled_one_rank, kw):
-    """Overlapped steps take a guided request every other step (its mask needs the token in
+    """Overlapped steps sample a guided row after its launch (its mask needs the token in
     flight); the draws are seeded per request, so the outputs stay the same."""
     with LLM(qwen_dir, **kw) as llm:
         assert sampled(llm) == sampled_one_rank
