@@ -157,3 +157,7 @@ def test_mask_bench_runs(capsys, monkeypatch):
     guided_masks.main()
     out = capsys.readouterr().out
     assert "vocabulary of 3000 tokens" in out and len(out.splitlines()) == 2 + 9
+    monkeypatch.setattr("sys.argv", ["guided_masks", "--engine", "--rounds", "1"])
+    guided_masks.main()
+    steps = capsys.readouterr().out.split()
+    assert steps[2] == "in" and int(steps[3]) == 48  # every row advanced every step
