@@ -58,10 +58,12 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     # guided decoding (moebius/guided): the output is one JSON object (OpenAI's JSON mode), a
     # document of this JSON schema (OpenAI's json_schema response format, vLLM's guided_json),
-    # or exactly one of these strings (vLLM's guided_choice); it may end only where it is whole
+    # exactly one of these strings (vLLM's guided_choice), or a whole match of this regular
+    # expression (vLLM's guided_regex); it may end only where it is whole
     guided_json_object: bool = False
     guided_json: dict | bool | str | None = None
     guided_choice: list[str] | None = None
+    guided_regex: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -127,12 +129,15 @@ class SamplingParams:
                                 f"got {_short(choice)}")
         if not self.guided:
             return
-        kinds = [self.guided_json_object, self.guided_json is not None, choice is not None]
+        kinds = [self.guided_json_object, self.guided_json is not None, choice is not None,
+                 self.guided_regex is not None]
         if sum(kinds) > 1:
-            raise SamplingError("guided_choice, guided_json (a JSON schema) and JSON mode "
-                                "exclude each other")
+            raise SamplingError("guided_choice, guided_json (a JSON schema), guided_regex and "
+                                "JSON mode exclude each other")
         if self.guided_json is not None:
             self.guided_json = _checked_schema(self.guided_json)
+        if self.guided_regex is not None:
+            _check_regex(self.guided_regex)
         if self.ignore_eos:
             raise SamplingError("ignore_eos cannot be combined with guided decoding: a guided "
                                 "output ends where the grammar does")
@@ -143,7 +148,7 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         return (self.guided_json_object or self.guided_json is not None
-                or self.guided_choice is not None)
+                or self.guided_choice is not None or self.guided_regex is not None)
 
     @property
     def greedy(self) -> bool:
@@ -167,6 +172,18 @@ def _checked_schema(schema) -> dict | bool:
     except SchemaError as e:
         raise SamplingError(f"guided_json: {e}") from None
     return schema
+
+
+def _check_regex(pattern) -> None:
+    """SamplingError unless ``pattern`` is a regular expression moebius/guided can enforce."""
+    from moebius.guided.regex import RegexError, compiled
+
+    if not isinstance(pattern, str):
+        raise SamplingError(f"guided_regex must be a string, got {_short(pattern)}")
+    try:
+        compiled(pattern)
+    except RegexError as e:
+        raise SamplingError(f"guided_regex: {e}") from None
 
 
 def _is_id(t) -> bool:

@@ -214,6 +214,8 @@ class LLMEngine:
             return Guide(self.vocabulary(), "choice", params.guided_choice)
         if params.guided_json is not None:
             return Guide(self.vocabulary(), "schema", params.guided_json)
+        if params.guided_regex is not None:
+            return Guide(self.vocabulary(), "regex", params.guided_regex)
         return Guide(self.vocabulary(), "json")
 
     def vocabulary(self) -> Vocabulary:

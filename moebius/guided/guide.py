@@ -2,8 +2,9 @@
 
 Each kind of guide is a byte automaton with hashable states (``start``, ``step``,
 ``complete``, ``in_plain_string``): JSON mode (json_grammar.py), a JSON schema
-(json_schema.py), a choice among strings (``Choices``). A ``Vocabulary`` holds, once per
-engine, the bytes of every token id (token_bytes.py) and the ``Grammar``s in use: an automaton
+(json_schema.py), a choice among strings (``Choices``), a regular expression (regex.py). A
+``Vocabulary`` holds, once per engine, the bytes of every token id (token_bytes.py) and the
+``Grammar``s in use: an automaton
 with the masks already computed for its states (states are values, so one dict serves every
 request with that grammar). A request's ``Guide`` follows its outputs: before each sampling
 step the scheduler asks ``mask(outputs)``, the outputs it has not read yet move the state, and
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moebius.guided import json_grammar as jg
+from moebius.guided import regex
 from moebius.guided.json_schema import compiled
 
 CACHE_STATES = 1024  # states whose masks a grammar keeps (19 KB each at 151,936 tokens)
@@ -106,7 +108,7 @@ class BoundedWhitespace:
 class Grammar:
     """An automaton, and the packed masks of its states computed so far for one vocabulary."""
 
-    automaton: BoundedWhitespace | Choices
+    automaton: BoundedWhitespace | Choices | regex.Regex
     masks: OrderedDict = field(default_factory=OrderedDict)
 
 
@@ -136,13 +138,15 @@ class Vocabulary:
 
     def grammar(self, kind: str, spec=()) -> Grammar:
         """The grammar of ``kind`` ("json", "schema" with ``spec`` a JSON schema, "choice"
-        with ``spec`` the strings), built once per distinct spec (SchemaError where a schema
-        is unsupported); a request holds on to its own past this cache's bound."""
+        with ``spec`` the strings, "regex" with ``spec`` the pattern), built once per distinct
+        spec (SchemaError or RegexError where unsupported); a request holds on to its own past
+        this cache's bound."""
         key = (kind, json.dumps(spec))  # in the spec's order: a schema's properties follow it
         hit = self._grammars.get(key)
         if hit is None:
             automaton = (BoundedWhitespace(JsonObject()) if kind == "json"
                          else BoundedWhitespace(compiled(spec)) if kind == "schema"
+                         else regex.compiled(spec) if kind == "regex"
                          else Choices(spec))
             hit = self._grammars[key] = Grammar(automaton)
             if len(self._grammars) > CACHE_GRAMMARS:

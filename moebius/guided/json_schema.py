@@ -6,11 +6,14 @@ The subset that generators use (OpenAI's structured outputs, pydantic's ``model_
 ``const``, ``anyOf``/``oneOf`` whose alternatives begin with different bytes (``Optional[X]``: X
 or null) or are objects told apart by their first property (a required ``const``/``enum``, as
 a discriminated union or a forced tool call's ``name``), ``$ref`` into ``$defs``/
-``definitions`` (recursion included), and ``{}`` (any value). Annotations (title,
-description, default, examples, ...) are ignored. Every other keyword (minimum, maxLength,
-pattern, format, ...) is refused with ``SchemaError``: an output would not be held to it;
-``loosened`` drops the value bounds from a schema that need not be held to them (a tool's
-parameters, as OpenAI's non-strict function calling does).
+``definitions`` (recursion included), ``{}`` (any value), and strings held to a ``pattern``
+(regex.py; its text raw, without escapes), a ``format`` of ``FORMATS`` (date, time,
+date-time, uuid, ipv4, email: a pattern each) or ``minLength``/``maxLength`` (characters,
+an escape sequence one). Annotations (title, description, default, examples, ...) are
+ignored. Every other keyword (minimum, multipleOf, allOf, ...) is refused with
+``SchemaError``: an output would not be held to it; ``loosened`` drops the value bounds from
+a schema that need not be held to them (a non-strict response format, a tool's parameters,
+as OpenAI's non-strict modes do).
 
 As OpenAI's strict mode and xgrammar do: properties come in the schema's order (an optional
 one may be skipped, a required one may not), and no others (``additionalProperties`` is not
@@ -31,12 +34,29 @@ import json
 from functools import lru_cache
 
 from moebius.guided import json_grammar as jg
+from moebius.guided import regex
+from moebius.guided.regex import RegexError
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
                          "$comment", "deprecated", "readOnly", "writeOnly", "$defs",
                          "definitions", "additionalProperties", "strict", "discriminator"})
 SUPPORTED = frozenset({"type", "properties", "required", "items", "minItems", "maxItems",
-                       "enum", "const", "anyOf", "oneOf", "$ref"})
+                       "enum", "const", "anyOf", "oneOf", "$ref", "pattern", "format",
+                       "minLength", "maxLength"})
+STRING_KEYWORDS = frozenset({"pattern", "format", "minLength", "maxLength"})
+_DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+_TIME = r"([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+# string formats held to a pattern (RFC 3339's full-date/full-time/date-time, RFC 4122,
+# dotted IPv4, and an address of the common shape): a document of one is valid for the format
+FORMATS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": _DATE + "T" + _TIME,
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": rf"({_OCTET}\.){{3}}{_OCTET}",
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+}
 # bounds on values (not on structure) that ``loosened`` drops
 VALUE_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
                           "multipleOf", "minLength", "maxLength", "pattern", "format",
@@ -46,7 +66,7 @@ SIMPLE_TYPES = ("string", "number", "integer", "boolean", "null", "object", "arr
 
 # modes; STR/ESC/HEX read a string's body as json_grammar does
 (VALUE, OBJ_FIRST, KEY_WAIT, KEYNAME, COLON, AFTER, DONE, ENUM, ANY, NUMBER, LITERAL, STR, ESC,
- HEX, TAG) = range(15)
+ HEX, TAG, PSTR, LSTR) = range(17)
 
 
 class SchemaError(ValueError):
@@ -133,11 +153,18 @@ class Schema:
             kind = "object" if "properties" in s else "array" if "items" in s else None
         if kind is None:
             return self._set(node, ("any",))
-        if isinstance(kind, list):
-            ids = tuple(self._compile({**s, "type": k}, f"{where}/type/{k}") for k in kind)
+        if isinstance(kind, list):  # the string keywords go with "string" alone
+            ids = tuple(self._compile({**{k: v for k, v in s.items() if k not in STRING_KEYWORDS
+                                          or t == "string"}, "type": t}, f"{where}/type/{t}")
+                        for t in kind)
             return self._set(node, ("union", ids), where)
         if kind not in SIMPLE_TYPES:
             raise SchemaError(f"{where}: unknown type {kind!r}")
+        if kind == "string" and STRING_KEYWORDS & set(s):
+            return self._set(node, self._string(s, where))
+        if STRING_KEYWORDS & set(s):
+            raise SchemaError(f"{where}: {', '.join(sorted(STRING_KEYWORDS & set(s)))} cannot be "
+                              f"enforced on type {kind!r} (strings only)")
         if kind == "object":
             props = s.get("properties")
             if props is None:
@@ -161,6 +188,31 @@ class Schema:
             item = self._compile(s.get("items", True), f"{where}/items")
             return self._set(node, ("array", item, lo, hi))
         return self._set(node, (kind,))
+
+    def _string(self, s: dict, where: str) -> tuple:
+        """A string held to a ``pattern`` (or a ``format``'s), or to ``minLength``/
+        ``maxLength``; one kind of bound a string."""
+        pattern, fmt = s.get("pattern"), s.get("format")
+        lo, hi = s.get("minLength", 0), s.get("maxLength")
+        if (pattern is not None) + (fmt is not None) + ("minLength" in s or hi is not None) > 1:
+            raise SchemaError(f"{where}: pattern, format and minLength/maxLength together are "
+                              f"not supported (one of them a string)")
+        if fmt is not None:
+            if fmt not in FORMATS:
+                raise SchemaError(f"{where}: format {fmt!r} cannot be enforced (supported: "
+                                  f"{', '.join(sorted(FORMATS))})")
+            pattern = FORMATS[fmt]
+        if pattern is not None:
+            try:
+                return ("pstring", regex.compiled(pattern))
+            except RegexError as e:
+                raise SchemaError(f"{where}: pattern: {e}") from None
+        for name, n in (("minLength", lo), ("maxLength", hi)):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                raise SchemaError(f"{where}: {name} must be a non-negative integer")
+        if hi is not None and hi < lo:
+            raise SchemaError(f"{where}: maxLength {hi} is below minLength {lo}")
+        return ("lstring", lo, hi)
 
     def _set(self, node: int, spec: tuple, where: str = "") -> int:
         self.nodes[node] = spec
@@ -207,7 +259,7 @@ class Schema:
         seen.add(node)
         table = {"string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
                  "boolean": b"tf", "null": b"n", "object": b"{", "any_object": b"{",
-                 "array": b"[", "tagged": b"{"}
+                 "array": b"[", "tagged": b"{", "pstring": b'"', "lstring": b'"'}
         if kind in table:
             return frozenset(table[kind])
         if kind in ("enum", "tag"):
@@ -272,6 +324,16 @@ class Schema:
             if b"" in aux:  # one value is whole and b does not extend another (1 vs 12)
                 return self.step(self._after(frames), b)
             return None
+        if mode == PSTR:  # aux: (regex, its state); no escapes (the pattern reads raw text)
+            rx, r = aux
+            if b == 0x22:
+                return self._after(frames) if rx.complete(r) else None
+            if b == 0x5C or b < 0x20:
+                return None
+            nxt = rx.step(r, b)
+            return None if nxt is None else (frames, PSTR, (rx, nxt))
+        if mode == LSTR:  # aux: (min, max, characters so far up to the bound, escape progress)
+            return self._length_string(frames, aux, b)
         if mode == TAG:  # aux: (remaining bytes, object node) of the tag values still possible
             rests = tuple((r[1:], n) for r, n in aux if r and r[0] == b)
             if len(rests) == 1 and not rests[0][0]:  # a string's closing quote
@@ -327,6 +389,10 @@ class Schema:
             return (frames, ANY, jg.step(jg.OBJECT, b)) if b == 0x7B else None
         if kind == "string":
             return (frames, STR, 0) if b == 0x22 else None
+        if kind == "pstring":
+            return (frames, PSTR, (spec[1], spec[1].start)) if b == 0x22 else None
+        if kind == "lstring":
+            return (frames, LSTR, (spec[1], spec[2], 0, 0)) if b == 0x22 else None
         if kind in ("number", "integer"):
             if b == 0x2D:
                 return (frames, NUMBER, (jg.N_MINUS, kind == "integer"))
@@ -382,6 +448,28 @@ class Schema:
                 return None
             return (frames, KEY_WAIT, 0)
         return self._key(frames, b)
+
+    def _length_string(self, frames, aux, b: int):
+        """A string body counted in characters (an escape sequence is one, a UTF-8
+        character one): ``esc`` 0 outside an escape, -1 after the backslash, else the hex
+        digits left of a \\u escape."""
+        lo, hi, n, esc = aux
+        if esc == -1:
+            if b not in jg.ESCAPES:
+                return None
+            return (frames, LSTR, (lo, hi, n, 4 if b == 0x75 else 0))
+        if esc:
+            return (frames, LSTR, (lo, hi, n, esc - 1)) if b in jg.HEX else None
+        if b == 0x22:
+            return self._after(frames) if n >= lo else None
+        if b < 0x20:
+            return None
+        if 0x80 <= b < 0xC0:  # a UTF-8 continuation: the character is counted
+            return (frames, LSTR, aux)
+        if hi is not None and n >= hi:
+            return None
+        n = min(n + 1, max(lo, hi or 0))
+        return (frames, LSTR, (lo, hi, n, -1 if b == 0x5C else 0))
 
     def _tagged(self, frames, obj: int):
         """The tag's value is read: the rest is the chosen alternative's object."""

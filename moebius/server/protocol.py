@@ -8,9 +8,9 @@ vLLM's extra sampling fields (top_k, min_p, min_tokens, ignore_eos, stop_token_i
 allowed_token_ids, ...) and ``return_tokens_as_token_ids`` are accepted. Guided decoding
 (moebius/guided): ``response_format`` "json_object" (the output is one JSON object) and
 "json_schema" (a document of the schema: the subset moebius/guided/json_schema.py enforces,
-a 400 naming any other keyword), vLLM's ``guided_json`` (a schema) and ``guided_choice``; a
-regex or a grammar (vLLM's other ``guided_*``, ``structured_outputs``, a "structural_tag"
-format) is a 400 rather than ignored.
+a 400 naming any other keyword), vLLM's ``guided_json`` (a schema), ``guided_choice`` and
+``guided_regex`` (moebius/guided/regex.py); a grammar (``guided_grammar``,
+``structured_outputs``, a "structural_tag" format) is a 400 rather than ignored.
 
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
@@ -70,7 +70,7 @@ class ResponseFormat(_Strict):
 
 
 # vLLM's guided-decoding extras this server cannot enforce: any value but null is a 400
-UNSUPPORTED_GUIDED = ("guided_regex", "guided_grammar", "structured_outputs")
+UNSUPPORTED_GUIDED = ("guided_grammar", "structured_outputs")
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only (int() takes others too)
 Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -104,7 +104,7 @@ class _SamplingFields(_Strict):
     allowed_token_ids: TokenIds | None = None  # vLLM's
     response_format: ResponseFormat | None = None
     guided_json: dict | str | None = None  # vLLM's: a JSON schema (or its text)
-    guided_regex: Any = None
+    guided_regex: str | None = None  # vLLM's: the output is a whole match of it
     guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of them
     guided_grammar: Any = None
     structured_outputs: Any = None
@@ -132,8 +132,8 @@ class _SamplingFields(_Strict):
             if getattr(self, name) is not None:
                 raise SamplingError(
                     f"guided decoding is not supported: {name} cannot be enforced by this server "
-                    f"(response_format 'json_object' / 'json_schema', guided_json and "
-                    f"guided_choice can)"
+                    f"(response_format 'json_object' / 'json_schema', guided_json, "
+                    f"guided_choice and guided_regex can)"
                 )
         return SamplingParams(
             n=self.n,
@@ -158,6 +158,7 @@ class _SamplingFields(_Strict):
             guided_json_object=fmt is not None and fmt.type == "json_object",
             guided_json=schema,
             guided_choice=self.guided_choice,
+            guided_regex=self.guided_regex,
         )
 
     def _logit_bias(self) -> dict[int, float] | None:

@@ -10,6 +10,7 @@ refused. The grammar itself is checked against json.loads in test_json_grammar.p
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -78,6 +79,7 @@ def test_greedy_guided_tokens_match_transformers(qwen_dir):
     assert isinstance(json.loads(got[4].outputs[0].text)["id"], int)
 
 
+REGEX = r"\d{4}-\d{2}-\d{2}( \d{2}:\d{2})?"
 SCHEMA = {"type": "object", "required": ["id"], "properties": {
     "id": {"type": "integer"}, "ok": {"type": "boolean"},
     "tags": {"type": "array", "items": {"enum": ["a", "b"]}}}}
@@ -97,8 +99,9 @@ def sampled(llm: LLM) -> list[tuple[str, str]]:
               + [SamplingParams(seed=s, max_tokens=32, guided_json=SCHEMA,
                                 logit_bias=schema_bias(llm)) for s in range(6)]
               + [SamplingParams(seed=1, max_tokens=24, n=2, guided_json_object=True,
-                                logit_bias=braces(llm.tokenizer))])
-    outs = llm.generate(["JSON, please:"] * 18 + ["{"], params)
+                                logit_bias=braces(llm.tokenizer))]
+              + [SamplingParams(seed=s, max_tokens=16, guided_regex=REGEX) for s in range(4)])
+    outs = llm.generate(["JSON, please:"] * 18 + ["{"] + ["Date:"] * 4, params)
     return [(c.text, c.finish_reason) for o in outs for c in o.outputs]
 
 
@@ -109,9 +112,13 @@ def sampled_one_rank(qwen_dir):
 
 
 def test_sampled_outputs_keep_to_the_grammar(sampled_one_rank):
-    json_outs, choice_outs, schema_outs, bias_outs = (
+    json_outs, choice_outs, schema_outs, bias_outs, regex_outs = (
         sampled_one_rank[:6], sampled_one_rank[6:12], sampled_one_rank[12:18],
-        sampled_one_rank[18:])
+        sampled_one_rank[18:20], sampled_one_rank[20:])
+    for text, reason in regex_outs:  # whole where it stopped, a prefix where cut
+        whole = re.fullmatch(REGEX, text)
+        assert whole if reason == "stop" else re.fullmatch(r"[\d: -]*", text), text
+    assert [r for _, r in regex_outs].count("stop") >= 2
     for text, reason in json_outs + bias_outs:
         state = jg.advance(jg.OBJECT, text.encode())
         assert state is not None, text
@@ -166,7 +173,9 @@ def test_sampled_outputs_do_not_depend_on_steps_or_layouts(qwen_dir, sampled_one
     (dict(guided_choice="yes"), "guided_choice must be a non-empty list"),
     (dict(guided_choice=["a"], guided_json_object=True), "exclude each other"),
     (dict(guided_json={"type": "object"}, guided_json_object=True), "exclude each other"),
-    (dict(guided_json={"type": "string", "format": "date"}), "format cannot be enforced"),
+    (dict(guided_json={"type": "string", "format": "hostname"}), "format 'hostname' cannot"),
+    (dict(guided_regex="(a"), "guided_regex: missing"),
+    (dict(guided_regex="a", guided_choice=["a"]), "exclude each other"),
     (dict(guided_json="{"), "not valid JSON"),
     (dict(guided_json=[1]), "must be a JSON schema"),
     (dict(guided_json_object=True, ignore_eos=True), "ignore_eos cannot be combined"),

@@ -390,8 +390,8 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
     ({"allowed_token_ids": [3, 384]}, r"allowed_token_ids must be token ids in \[0, 384\)"),
     ({"response_format": {"type": "json_schema",
                           "json_schema": {"name": "x", "strict": True,
-                                          "schema": {"type": "string", "maxLength": 3}}}},
-     "guided_json: #: maxLength cannot be enforced"),
+                                          "schema": {"type": "integer", "minimum": 3}}}},
+     "guided_json: #: minimum cannot be enforced"),
     ({"response_format": {"type": "json_schema"}}, "needs its json_schema.schema"),
     ({"response_format": {"type": "structural_tag"}},
      "guided decoding is not supported: response_format 'structural_tag'"),
@@ -399,7 +399,8 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
     ({"guided_json": {"$ref": "#/nowhere"}}, "does not resolve"),
     ({"guided_json": "{not json"}, "guided_json is not valid JSON"),
     ({"guided_json": {"type": "object"}, "guided_choice": ["a"]}, "exclude each other"),
-    ({"guided_regex": "[a-z]+"}, "guided decoding is not supported: guided_regex"),
+    ({"guided_regex": "(?=a)"}, "guided_regex: group syntax"),
+    ({"guided_grammar": "root ::= x"}, "guided decoding is not supported: guided_grammar"),
     ({"guided_choice": []}, "guided_choice must be a non-empty list"),
     ({"guided_choice": ["yes", ""]}, "guided_choice must be a non-empty list"),
     ({"guided_choice": "yes"}, "guided_choice"),
@@ -421,7 +422,7 @@ def test_bad_logit_rules_and_guided_decoding_are_400(client, endpoint, extra, ma
 def test_json_mode_schema_and_guided_choice(client, offline, endpoint):
     """response_format json_object: the text is a JSON object where it stopped, a prefix of
     one where max_tokens cut it, and (seeded) the offline API's one-rank, non-overlapped
-    text; guided_choice: exactly one of the choices."""
+    text; guided_choice: exactly one of the choices; guided_regex: a whole match."""
     def ask(extra, max_tokens, seed):
         if endpoint == "chat":
             r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=max_tokens,
@@ -448,6 +449,8 @@ def test_json_mode_schema_and_guided_choice(client, offline, endpoint):
     for seed in range(4):
         text, reason = ask({"guided_choice": choices}, 20, seed)
         assert text in choices and reason == "stop"
+        text, reason = ask({"guided_regex": r"(yes|no)![0-9]?"}, 20, seed)
+        assert re.fullmatch(r"(yes|no)![0-9]?", text) and reason == "stop", text
     # a JSON schema (pydantic's shape: $defs, a $ref, an Optional); whitespace pushed down and
     # closers up, so that the tiny random model finishes within max_tokens
     schema = {"$defs": {"Item": {"type": "object", "properties": {
