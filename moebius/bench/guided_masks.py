@@ -1,7 +1,7 @@
 """Host cost of guided decoding's masks: a new JSON state's mask (computed once, then cached)
 and a cached one, on a synthetic vocabulary the size of Qwen3's (no checkpoint needed).
 
-    python -m moebius.bench.guided_masks [--vocab 151936]
+    python -m moebius.bench.guided_masks [--vocab 151936]   # JSON states, then regexes
     python -m moebius.bench.guided_masks --engine [--rounds 3]
 
 The vocabulary mixes what real ones hold: words with a leading space (most of a byte-level
@@ -33,6 +33,12 @@ STATES = {
     "after a value": b'{"ab":"x"',
     "whole": b"{}",
 }
+
+
+# regexes (guided_regex, a schema's pattern or format): a date, a sentence of letters (most of
+# a vocabulary goes on: the walk cannot prune), a choice, and a line of anything
+REGEXES = {r"\d{4}-\d{2}-\d{2}": ["", "2026-1"], r"[A-Za-z ]{1,40}\.": ["", "Hello wor"],
+           r"(yes|no|maybe)": [""], r"[^\n]*": ["ab"]}
 
 
 def synthetic(n: int, seed: int = 0) -> list[bytes]:
@@ -85,17 +91,23 @@ def main() -> None:
     t0 = time.perf_counter()
     vocab = Vocabulary(tokens, [args.vocab - 1])
     print(f"vocabulary of {args.vocab} tokens built in {time.perf_counter() - t0:.2f} s")
-    grammar = vocab.grammar("json")  # a request's guide holds its grammar
-    auto = grammar.automaton
-    print(f"{'state':14s} {'new, ms':>8s} {'cached, us':>11s}")
-    for name, text in STATES.items():
+    t0 = time.perf_counter()
+    vocab._byte_matrix()  # what a regex's masks read (built at the first)
+    print(f"token byte matrix built in {time.perf_counter() - t0:.2f} s")
+    print(f"{'state':32s} {'new, ms':>8s} {'cached, us':>11s}")
+    cases = [("json", (), name, text) for name, text in STATES.items()]
+    cases += [("regex", p, f"{p} after {t!r}", t.encode()) for p, ts in REGEXES.items()
+              for t in ts]
+    for kind, spec, name, text in cases:
+        grammar = vocab.grammar(kind, spec)  # a request's guide holds its grammar
+        auto = grammar.automaton
         state = jg.advance(auto.start, text, auto.step)
         t0 = time.perf_counter()
         vocab.mask(grammar, state)
         new = time.perf_counter() - t0
         t0 = time.perf_counter()
         vocab.mask(grammar, state)
-        print(f"{name:14s} {new * 1e3:8.1f} {(time.perf_counter() - t0) * 1e6:11.1f}")
+        print(f"{name:32s} {new * 1e3:8.1f} {(time.perf_counter() - t0) * 1e6:11.1f}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_mask_bench_runs(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["guided_masks", "--vocab", "3000"])
     guided_masks.main()
     out = capsys.readouterr().out
-    assert "vocabulary of 3000 tokens" in out and len(out.splitlines()) == 2 + 9
+    assert "vocabulary of 3000 tokens" in out and len(out.splitlines()) == 3 + 9 + 6
     monkeypatch.setattr("sys.argv", ["guided_masks", "--engine", "--rounds", "1"])
     guided_masks.main()
     steps = capsys.readouterr().out.split()
