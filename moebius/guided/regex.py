@@ -211,8 +211,8 @@ class _Parser:
 
 
 class Regex:
-    """The automaton of one pattern (``start``, ``step``, ``complete``, ``in_plain_string``;
-    also ``step_char`` for a whole code point, which json_schema.py's pattern strings use)."""
+    """The automaton of one pattern (``start``, ``step``, ``complete``, ``in_plain_string``);
+    ``step_char`` moves a state set by a whole code point."""
 
     def __init__(self, pattern: str) -> None:
         if not isinstance(pattern, str):
@@ -320,9 +320,6 @@ class Regex:
 
     def complete(self, state) -> bool:
         return state is not None and not state[1] and self.accept in state[0]
-
-    def complete_nfa(self, nfa: frozenset) -> bool:
-        return self.accept in nfa
 
     def in_plain_string(self, state) -> bool:
         return False
