@@ -56,6 +56,8 @@ class JsonObject:
     def in_plain_string(state) -> bool:
         return state is not None and state[1] in (jg.VAL_STR, jg.KEY_STR)
 
+    between_tokens = staticmethod(jg.between_tokens)
+
 
 class Choices:
     """Exactly one of some strings (any tokenization of it): a state is the bytes so far."""
@@ -78,7 +80,8 @@ class Choices:
 
 class BoundedWhitespace:
     """A JSON automaton whose whitespace between tokens comes in runs of at most ``limit``
-    bytes (whitespace inside strings is text and does not count). JSON allows any amount, and
+    bytes (whitespace inside strings, keys, patterns and enum values is text and does not
+    count). JSON allows any amount, and
     a model that likes newlines can spend every token on them (vLLM's "disable any whitespace"
     and SGLang's whitespace pattern exist for that); a bounded run still takes indentation
     (32 bytes: a newline and 31 spaces) but makes the model write the next token. A state is
@@ -93,7 +96,7 @@ class BoundedWhitespace:
         nxt = self.inner.step(inner, b)
         if nxt is None:
             return None
-        if b in jg.WS and not self.inner.in_plain_string(inner):
+        if b in jg.WS and self.inner.between_tokens(inner):
             return (nxt, run + 1) if run < self.limit else None
         return (nxt, 0)
 

@@ -24,6 +24,7 @@ LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 # modes
 VALUE, TOP_OBJECT, OBJ_FIRST, OBJ_KEY, COLON, AFTER, ARR_FIRST, DONE = range(8)
 KEY_STR, VAL_STR, KEY_ESC, VAL_ESC, KEY_HEX, VAL_HEX, LITERAL = range(8, 15)
+IN_TEXT = frozenset({KEY_STR, VAL_STR, KEY_ESC, VAL_ESC, KEY_HEX, VAL_HEX, LITERAL})
 # numbers: after "-", after a leading 0, in the integer's digits, after ".", in the fraction,
 # after "e", after the exponent's sign, in the exponent's digits
 N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(15, 23)
@@ -158,3 +159,8 @@ def complete(state: State | None) -> bool:
         return False
     stack, mode, _ = state
     return not stack and (mode == DONE or mode in NUMBER_ENDS)
+
+
+def between_tokens(state: State) -> bool:
+    """Whether whitespace in ``state`` is JSON's between tokens (not a string's text)."""
+    return state[1] not in IN_TEXT

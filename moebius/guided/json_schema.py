@@ -495,3 +495,11 @@ class Schema:
 
     def in_plain_string(self, state) -> bool:
         return state is not None and state[1] == STR
+
+    def between_tokens(self, state) -> bool:
+        """Whether whitespace here is JSON's between tokens (not a string's text, a pattern's,
+        a key's or an enum value's)."""
+        mode = state[1]
+        if mode == ANY:
+            return jg.between_tokens(state[2])
+        return mode in (VALUE, OBJ_FIRST, KEY_WAIT, COLON, AFTER, DONE, NUMBER)

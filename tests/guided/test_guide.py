@@ -107,6 +107,16 @@ def test_whitespace_between_tokens_comes_in_bounded_runs():
     assert not ok("{" + run + " ") and not ok('{"a":' + run + "\n")
     assert not ok("{}" + run + "\t")
     assert ok('{"a": "' + run * 3 + '"}')
+    # text a schema holds (a pattern's, a length-bound string's, an enum's, a free value's
+    # string) is not whitespace between tokens either
+    schema = {"type": "object", "properties": {
+        "p": {"type": "string", "pattern": "[a ]+"}, "n": {"type": "string", "maxLength": 99},
+        "e": {"enum": ["x" + run + " y"]}, "f": {}}}
+    auto = Vocabulary([b"{"], []).grammar("schema", schema).automaton
+    text = ('{"p": "a' + run * 2 + '", "n": "' + run * 2 + '", "e": "x' + run + ' y", '
+            '"f": {"k": "' + run * 2 + '"}}')
+    assert auto.complete(jg.advance(auto.start, text.encode(), auto.step))
+    assert jg.advance(auto.start, ('{"f": {"k":' + run + " ").encode(), auto.step) is None
 
 
 def test_guide_follows_outputs_and_ends_only_when_whole():
