@@ -9,8 +9,9 @@ allowed_token_ids, ...) and ``return_tokens_as_token_ids`` are accepted. Guided 
 (moebius/guided): ``response_format`` "json_object" (the output is one JSON object) and
 "json_schema" (a document of the schema: the subset moebius/guided/json_schema.py enforces,
 a 400 naming any other keyword), vLLM's ``guided_json`` (a schema), ``guided_choice`` and
-``guided_regex`` (moebius/guided/regex.py); a grammar (``guided_grammar``,
-``structured_outputs``, a "structural_tag" format) is a 400 rather than ignored.
+``guided_regex`` (moebius/guided/regex.py), or the same as vLLM's newer
+``structured_outputs`` (json, regex, choice, json_object); a grammar (``guided_grammar``,
+``structured_outputs.grammar``, a "structural_tag" format) is a 400 rather than ignored.
 
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``;
 assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` render into
@@ -69,8 +70,42 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (its newer form of the ``guided_*`` fields): one of
+    ``json`` (a schema), ``regex``, ``choice``, ``json_object``. A grammar, a structural tag,
+    a whitespace pattern and compact-only JSON are 400s; ``disable_fallback`` and
+    ``disable_additional_properties`` ask what this server does anyway (no fallback backend;
+    no properties beyond a schema's)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    grammar: Any = None
+    structural_tag: Any = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+
+    def guides(self) -> dict:
+        """As SamplingParams' guided fields; SamplingError for what cannot be enforced."""
+        for name in ("grammar", "structural_tag", "whitespace_pattern"):
+            if getattr(self, name) is not None:
+                raise SamplingError(f"guided decoding is not supported: structured_outputs."
+                                    f"{name} cannot be enforced by this server (json, regex, "
+                                    f"choice and json_object can)")
+        if self.disable_any_whitespace:
+            raise SamplingError("structured_outputs.disable_any_whitespace is not supported: "
+                                "whitespace between JSON tokens comes in runs of at most 32 "
+                                "bytes here")
+        return {"guided_json": self.json_, "guided_regex": self.regex,
+                "guided_choice": self.choice, "guided_json_object": bool(self.json_object)}
+
+
 # vLLM's guided-decoding extras this server cannot enforce: any value but null is a 400
-UNSUPPORTED_GUIDED = ("guided_grammar", "structured_outputs")
+UNSUPPORTED_GUIDED = ("guided_grammar",)
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only (int() takes others too)
 Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -107,7 +142,7 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None  # vLLM's: the output is a whole match of it
     guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of them
     guided_grammar: Any = None
-    structured_outputs: Any = None
+    structured_outputs: StructuredOutputs | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination, a
@@ -135,6 +170,14 @@ class _SamplingFields(_Strict):
                     f"(response_format 'json_object' / 'json_schema', guided_json, "
                     f"guided_choice and guided_regex can)"
                 )
+        guides = {"guided_json_object": fmt is not None and fmt.type == "json_object",
+                  "guided_json": schema, "guided_choice": self.guided_choice,
+                  "guided_regex": self.guided_regex}
+        if self.structured_outputs is not None:
+            if any(v is not None and v is not False for v in guides.values()):
+                raise SamplingError("structured_outputs and response_format / guided_* exclude "
+                                    "each other")
+            guides = self.structured_outputs.guides()
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -155,10 +198,7 @@ class _SamplingFields(_Strict):
             repetition_penalty=self.repetition_penalty,
             logit_bias=self._logit_bias(),
             allowed_token_ids=self.allowed_token_ids,
-            guided_json_object=fmt is not None and fmt.type == "json_object",
-            guided_json=schema,
-            guided_choice=self.guided_choice,
-            guided_regex=self.guided_regex,
+            **guides,
         )
 
     def _logit_bias(self) -> dict[int, float] | None:

@@ -1,11 +1,13 @@
 """How a request's guided-decoding fields become the engine's SamplingParams (no model):
 response_format json_schema enforces every keyword or refuses it when strict, and keeps the
 structure without the bounds on values otherwise (OpenAI's default); vLLM's guided_json is
-always enforced whole; a forced tool_choice carries its own schema and excludes the others."""
+always enforced whole; vLLM's newer structured_outputs maps onto the same fields; a forced
+tool_choice carries its own schema and excludes the others."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from moebius.core import SamplingError
 from moebius.server import protocol as P
@@ -53,3 +55,25 @@ def test_a_forced_tool_choice_carries_its_schema_and_excludes_other_guides():
                   {"guided_json": LOOSE}):
         with pytest.raises(SamplingError, match="forces the output's form"):
             params(tools=TOOLS, tool_choice="required", **extra)
+
+
+def test_structured_outputs_map_onto_the_guided_fields():
+    assert params(structured_outputs={"json": LOOSE}).guided_json == LOOSE
+    assert params(structured_outputs={"json": {}}).guided_json == {}
+    assert params(structured_outputs={"regex": "a+"}).guided_regex == "a+"
+    assert params(structured_outputs={"choice": ["a", "b"]}).guided_choice == ["a", "b"]
+    assert params(structured_outputs={"json_object": True}).guided_json_object
+    assert params(structured_outputs={"choice": ["a"], "disable_fallback": True,
+                                      "disable_additional_properties": True}).guided
+    for so, match in [({"grammar": "root ::= x"}, "structured_outputs.grammar cannot"),
+                      ({"structural_tag": "{}"}, "structural_tag cannot"),
+                      ({"whitespace_pattern": " "}, "whitespace_pattern cannot"),
+                      ({"json": {}, "disable_any_whitespace": True}, "disable_any_whitespace"),
+                      ({"regex": "a", "choice": ["a"]}, "exclude each other"),
+                      ({"json": {"type": "integer", "minimum": 1}}, "minimum cannot be")]:
+        with pytest.raises(SamplingError, match=match):
+            params(structured_outputs=so)
+    with pytest.raises(SamplingError, match="structured_outputs and response_format"):
+        params(structured_outputs={"regex": "a"}, guided_json={})
+    with pytest.raises(ValidationError, match="structured_outputs.backend"):
+        params(structured_outputs={"regex": "a", "backend": "xgrammar"})
