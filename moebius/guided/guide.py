@@ -4,9 +4,8 @@ Each kind of guide is a byte automaton with hashable states (``start``, ``step``
 ``complete``, ``in_plain_string``): JSON mode (json_grammar.py), a JSON schema
 (json_schema.py), a choice among strings (``Choices``), a regular expression (regex.py). A
 ``Vocabulary`` holds, once per engine, the bytes of every token id (token_bytes.py) and the
-``Grammar``s in use: an automaton
-with the masks already computed for its states (states are values, so one dict serves every
-request with that grammar). A request's ``Guide`` follows its outputs: before each sampling
+``Grammar``s in use: an automaton with the masks already computed for its states (states are
+values, so one dict serves every request with that grammar). A request's ``Guide`` follows its outputs: before each sampling
 step the scheduler asks ``mask(outputs)``, the outputs it has not read yet move the state, and
 the answer is the state's mask, V bits little-endian (``numpy.packbits``), that the sampling
 rank applies to the logits (sampler.apply_token_masks).
@@ -85,11 +84,11 @@ class Choices:
 class BoundedWhitespace:
     """A JSON automaton whose whitespace between tokens comes in runs of at most ``limit``
     bytes (whitespace inside strings, keys, patterns and enum values is text and does not
-    count). JSON allows any amount, and
-    a model that likes newlines can spend every token on them (vLLM's "disable any whitespace"
-    and SGLang's whitespace pattern exist for that); a bounded run still takes indentation
-    (32 bytes: a newline and 31 spaces) but makes the model write the next token. A state is
-    (the inner automaton's state, the length of the current run)."""
+    count). JSON allows any amount, and a model that likes newlines can spend every token on
+    them (vLLM's "disable any whitespace" and SGLang's whitespace pattern exist for that); a
+    bounded run still takes indentation (32 bytes: a newline and 31 spaces) but makes the
+    model write the next token. A state is (the inner automaton's state, the length of the
+    current run)."""
 
     def __init__(self, inner, limit: int = WHITESPACE_RUN) -> None:
         self.inner, self.limit = inner, limit
