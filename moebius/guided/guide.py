@@ -5,10 +5,11 @@ Each kind of guide is a byte automaton with hashable states (``start``, ``step``
 (json_schema.py), a choice among strings (``Choices``), a regular expression (regex.py). A
 ``Vocabulary`` holds, once per engine, the bytes of every token id (token_bytes.py) and the
 ``Grammar``s in use: an automaton with the masks already computed for its states (states are
-values, so one dict serves every request with that grammar). A request's ``Guide`` follows its outputs: before each sampling
-step the scheduler asks ``mask(outputs)``, the outputs it has not read yet move the state, and
-the answer is the state's mask, V bits little-endian (``numpy.packbits``), that the sampling
-rank applies to the logits (sampler.apply_token_masks).
+values, so one dict serves every request with that grammar). A request's ``Guide`` follows
+its outputs: before each sampling step the scheduler asks ``mask(outputs)``, the outputs it
+has not read yet move the state, and the answer is the state's mask, V bits little-endian
+(``numpy.packbits``), that the sampling rank applies to the logits
+(sampler.apply_token_masks). A regex's masks come from a ``ByteTable`` instead of the walk.
 
 A mask is computed once per state: inside a string every token without a quote, a backslash
 or a control byte is allowed whatever the state (one precomputed mask), and only the rest
