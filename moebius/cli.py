@@ -218,7 +218,8 @@ def server_kwargs(args) -> dict:
     from moebius.server.tool_parsers import ToolCallConfig
 
     return dict(
-        tool_calls=ToolCallConfig(args.tool_call_parser, args.enable_auto_tool_choice),
+        tool_calls=ToolCallConfig(args.tool_call_parser, args.enable_auto_tool_choice,
+                                  args.reasoning_parser),
         host=args.host,
         port=args.port,
         api_key=args.api_key,
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='serve tool_choice "auto" (the default with tools); needs '
                    "--tool-call-parser")
+    p.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="put a chat output's <think>...</think> in reasoning_content")
     add_role_args(p)
     engine_args(p)
     p.set_defaults(fn=cmd_serve)

@@ -438,6 +438,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser (vLLM's field)
     tool_calls: list[MessageToolCall] | None = None
 
 

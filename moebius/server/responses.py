@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from moebius.core import RequestOutput, SamplingParams
 from moebius.server import protocol as P
 from moebius.server.async_engine import AsyncEngine
+from moebius.server.reasoning import ReasoningParser
+from moebius.server.reasoning import make as make_reasoning
 from moebius.server.tool_choice import ForcedCalls, ForcedStream
 from moebius.server.tool_parsers import ParsedOutput, ToolCallConfig, ToolCallStream, ToolParser
 
@@ -43,6 +45,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     tool_parser: ToolParser | None = None  # chat with tools: find calls in the output
     parallel_tool_calls: bool = True
+    reasoning: ReasoningParser | None = None  # chat on a --reasoning-parser server
 
     def parse_tools(self, text: str) -> ParsedOutput:
         parsed = self.tool_parser.parse(text)
@@ -61,6 +64,7 @@ class Responder:
         self.model_name = model_name
         self.tool_calls = tool_calls or ToolCallConfig()
         self.tool_parser = self.tool_calls.make_parser()
+        self.reasoning = make_reasoning(self.tool_calls.reasoning_parser)
 
     # ---------------------------------------------------------------- requests
     def prepare_completion(self, req: P.CompletionRequest) -> Job:
@@ -85,6 +89,8 @@ class Responder:
             req.num_logprobs(),
         )
         job.tool_parser, job.parallel_tool_calls = parser, req.parallel_tool_calls
+        if not any(p.guided for p in job.params):  # a guided output has no reasoning block
+            job.reasoning = self.reasoning
         return job
 
     def _tool_parser(self, req: P.ChatCompletionRequest) -> ToolParser | None:
@@ -198,11 +204,17 @@ class Responder:
                 index = i * job.params[i].n + c.index
                 lps = self._logprobs(job, c.token_ids, c.logprobs, 0, c.text)
                 if job.kind == "chat":
-                    message, finish = P.AssistantMessage(content=c.text), c.finish_reason
-                    parsed = job.parse_tools(c.text) if job.tool_parser else None
+                    text, reasoning = c.text, None
+                    if job.reasoning is not None:
+                        reasoning, text = job.reasoning.split(c.text)
+                    content = text if text or reasoning is None else None
+                    message = P.AssistantMessage(content=content, reasoning_content=reasoning)
+                    finish = c.finish_reason
+                    parsed = job.parse_tools(text) if job.tool_parser else None
                     if parsed and parsed.tool_calls:
                         calls = [P.MessageToolCall(**t.to_openai()) for t in parsed.tool_calls]
-                        message = P.AssistantMessage(content=parsed.content, tool_calls=calls)
+                        message = P.AssistantMessage(content=parsed.content, tool_calls=calls,
+                                                     reasoning_content=reasoning)
                         finish = job.tool_parser.finish_reason or finish
                     choices.append(
                         P.ChatChoice(
@@ -240,6 +252,7 @@ class Responder:
         closed: set[int] = set()
         tool_streams: dict[int, ToolCallStream] = {}
         forced: dict[int, ForcedStream] = {}
+        sent_reasoning: dict[int, int] = {}
         try:
             async with aclosing(self._run(job)) as outs:
                 async for i, out in outs:
@@ -260,15 +273,28 @@ class Responder:
                                     job, index, c, safe, forced, sent_tokens):
                                 yield chunk
                             continue
+                        base, said = 0, False  # where the content begins (after reasoning)
+                        if job.reasoning is not None:
+                            r0, r1, base = job.reasoning.split_at(c.text[:safe], done)
+                            r_from = max(sent_reasoning.get(index, 0), r0)
+                            if r1 > r_from:
+                                reasoning = {"reasoning_content": c.text[r_from:r1]}
+                                yield self._chunk(job, index, reasoning)
+                                sent_reasoning[index], said = r1, True
+                            if base is None:  # still reasoning: no content yet
+                                safe = sent_text[index]
+                            else:
+                                sent_text[index] = max(sent_text[index], base)
                         calls = None
-                        if job.tool_parser is not None:  # content stops at a call's start tag
-                            if done:
-                                parsed = job.parse_tools(c.text)
+                        if job.tool_parser is not None and base is not None:  # content stops
+                            if done:  # at a call's start tag
+                                parsed = job.parse_tools(c.text[base:])
                                 if parsed.tool_calls:
-                                    calls, safe = parsed.tool_calls, len(parsed.content or "")
+                                    calls = parsed.tool_calls
+                                    safe = base + len(parsed.content or "")
                             else:
                                 if index not in tool_streams:
-                                    tool_streams[index] = ToolCallStream(job.tool_parser)
+                                    tool_streams[index] = ToolCallStream(job.tool_parser, base)
                                 safe = tool_streams[index].content_end(c.text[:safe])
                         start, tok_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
                         if safe <= start and len(c.token_ids) == tok_start and not done:
@@ -283,6 +309,8 @@ class Responder:
                             start,
                             delta,
                         )
+                        if said and not delta and lps is None and not done:
+                            continue  # this step's text was all reasoning, sent above
                         if calls:
                             if delta or new_ids:
                                 yield self._chunk(job, index, delta, lps)

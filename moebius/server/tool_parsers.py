@@ -105,14 +105,20 @@ PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser}
 
 @dataclass(frozen=True)
 class ToolCallConfig:
-    """The server's tool-call flags, vLLM's: ``--tool-call-parser NAME`` (how calls are found
-    in the output) and ``--enable-auto-tool-choice`` (serve ``tool_choice: "auto"``, the
-    default when a request has tools; it needs a parser)."""
+    """The server's flags for reading chat outputs, vLLM's: ``--tool-call-parser NAME`` (how
+    calls are found in the output), ``--enable-auto-tool-choice`` (serve ``tool_choice:
+    "auto"``, the default when a request has tools; it needs a parser) and
+    ``--reasoning-parser NAME`` (the reasoning before the content: moebius/server/
+    reasoning.py)."""
 
     parser: str | None = None
     enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        from moebius.server.reasoning import make
+
+        make(self.reasoning_parser)  # ValueError for an unknown one
         if self.parser is not None and self.parser not in PARSERS:
             raise ValueError(
                 f"unknown --tool-call-parser {self.parser!r}; known: {', '.join(sorted(PARSERS))}"
@@ -137,10 +143,11 @@ class ToolCallStream:
     answers how much of it is content that may be sent now. Once the choice finishes, parse its
     whole text with the parser (see the module docstring)."""
 
-    def __init__(self, parser: ToolParser) -> None:
+    def __init__(self, parser: ToolParser, content_from: int = 0) -> None:
         self.parser = parser
         self.start_at: int | None = None  # where the first start tag begins, once seen
-        self._scanned = 0  # the text before this was searched for the tag
+        self._scanned = content_from  # the text before this was searched for the tag (or is
+        # no content: a reasoning block)
 
     def content_end(self, text: str) -> int:
         if self.start_at is None:

@@ -177,10 +177,11 @@ class EveryOutput:
                 yield out
 
 
-def whole_and_events(engine: ScriptedEngine, body: dict) -> tuple[dict, list[str]]:
+def whole_and_events(engine: ScriptedEngine, body: dict,
+                     config: ToolCallConfig = HERMES) -> tuple[dict, list[str]]:
     """The chat request ``body`` (with ASK) answered whole (its first choice) and streamed
     (the server-sent events), every output of ``engine`` reaching the Responder."""
-    responder = Responder(EveryOutput(engine), "tiny", HERMES)
+    responder = Responder(EveryOutput(engine), "tiny", config)
     body = {"model": "tiny", "messages": ASK, **body}
 
     async def run(stream: bool):
