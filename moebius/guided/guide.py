@@ -201,7 +201,8 @@ class Vocabulary:
                          else BoundedWhitespace(compiled(spec)) if kind == "schema"
                          else regex.compiled(spec) if kind == "regex"
                          else Choices(spec))
-            hit = self._grammars[key] = Grammar(automaton)
+            table = ByteTable(automaton) if kind == "regex" else None
+            hit = self._grammars[key] = Grammar(automaton, table=table)
             if len(self._grammars) > CACHE_GRAMMARS:
                 self._grammars.popitem(last=False)
         else:
@@ -238,9 +239,7 @@ class Vocabulary:
         if hit is not None:
             cache.move_to_end(state)
             return hit
-        if isinstance(grammar.automaton, regex.Regex) and state is not None:
-            if grammar.table is None:
-                grammar.table = ByteTable(grammar.automaton)
+        if grammar.table is not None and state is not None:
             allowed = self._table_walk(grammar.table, state)
         else:
             allowed = self._allowed(grammar.automaton, state)

@@ -85,6 +85,18 @@ def _compiled(text: str) -> Schema:
     return Schema(json.loads(text))
 
 
+def _bounds(s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
+    """A count's bounds (``minItems``/``maxItems``, ``minLength``/``maxLength``): the lower
+    one 0 and the upper one None where left out."""
+    lo, hi = s.get(low, 0), s.get(high)
+    for name, n in ((low, lo), (high, hi)):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise SchemaError(f"{where}: {name} must be a non-negative integer")
+    if hi is not None and hi < lo:
+        raise SchemaError(f"{where}: {high} {hi} is below {low} {lo}")
+    return lo, hi
+
+
 def loosened(s):
     """``s`` without its bounds on values (``VALUE_BOUNDS``, wherever a schema sits in it):
     the structure, types, enums and required properties stay."""
@@ -145,8 +157,8 @@ class Schema:
             tags = self._tags(ids)
             if tags is not None:  # objects told apart by their first property's value
                 key = self._resolve(ids[0])[1][0][0]
-                self.nodes.append(("tag", tags))
-                return self._set(node, ("tagged", ((key, True, len(self.nodes) - 1),)))
+                tag = self._set(self._new(), ("tag", tags))
+                return self._set(node, ("tagged", ((key, True, tag),)))
             return self._set(node, ("union", ids), where)
         kind = s.get("type")
         if kind is None:
@@ -179,12 +191,7 @@ class Schema:
                  self._compile(v, f"{where}/properties/{k}")) for k, v in props.items())
             return self._set(node, ("object", entries))
         if kind == "array":
-            lo, hi = s.get("minItems", 0), s.get("maxItems")
-            for name, n in (("minItems", lo), ("maxItems", hi)):
-                if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-                    raise SchemaError(f"{where}: {name} must be a non-negative integer")
-            if hi is not None and hi < lo:
-                raise SchemaError(f"{where}: maxItems {hi} is below minItems {lo}")
+            lo, hi = _bounds(s, "minItems", "maxItems", where)
             item = self._compile(s.get("items", True), f"{where}/items")
             return self._set(node, ("array", item, lo, hi))
         return self._set(node, (kind,))
@@ -193,8 +200,8 @@ class Schema:
         """A string held to a ``pattern`` (or a ``format``'s), or to ``minLength``/
         ``maxLength``; one kind of bound a string."""
         pattern, fmt = s.get("pattern"), s.get("format")
-        lo, hi = s.get("minLength", 0), s.get("maxLength")
-        if (pattern is not None) + (fmt is not None) + ("minLength" in s or hi is not None) > 1:
+        lengths = "minLength" in s or s.get("maxLength") is not None
+        if (pattern is not None) + (fmt is not None) + lengths > 1:
             raise SchemaError(f"{where}: pattern, format and minLength/maxLength together are "
                               f"not supported (one of them a string)")
         if fmt is not None:
@@ -207,12 +214,7 @@ class Schema:
                 return ("pstring", regex.compiled(pattern))
             except RegexError as e:
                 raise SchemaError(f"{where}: pattern: {e}") from None
-        for name, n in (("minLength", lo), ("maxLength", hi)):
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-                raise SchemaError(f"{where}: {name} must be a non-negative integer")
-        if hi is not None and hi < lo:
-            raise SchemaError(f"{where}: maxLength {hi} is below minLength {lo}")
-        return ("lstring", lo, hi)
+        return ("lstring", *_bounds(s, "minLength", "maxLength", where))
 
     def _set(self, node: int, spec: tuple, where: str = "") -> int:
         self.nodes[node] = spec
@@ -241,12 +243,13 @@ class Schema:
             value = self.nodes[s[1][0][2]] and self._resolve(s[1][0][2])
             if not value or value[0] != "enum":
                 return None
-            pairs += [(text, self._object_node(i)) for text in value[1]]
+            pairs += [(text, self._target(i)) for text in value[1]]
         if len({text for text, _ in pairs}) < len(pairs):
             return None
         return tuple(sorted(pairs))
 
-    def _object_node(self, node: int) -> int:
+    def _target(self, node: int) -> int:
+        """``node`` past its aliases (a $ref's node is an alias of its target's)."""
         while self.nodes[node][0] == "alias":
             node = self.nodes[node][1]
         return node
@@ -286,11 +289,7 @@ class Schema:
 
     # -- the automaton ----------------------------------------------------------------------
     def _resolve(self, node: int) -> tuple:
-        spec = self.nodes[node]
-        while spec[0] == "alias":
-            node = spec[1]
-            spec = self.nodes[node]
-        return spec
+        return self.nodes[self._target(node)]
 
     def step(self, state, b: int):
         """The state after byte ``b``, or None where ``b`` cannot come next."""

@@ -217,7 +217,6 @@ class Regex:
     def __init__(self, pattern: str) -> None:
         if not isinstance(pattern, str):
             raise RegexError(f"a pattern must be a string, got {pattern!r}")
-        self.pattern = pattern
         self.edges: list[list[tuple[int, int, int]]] = []  # state -> (lo, hi, target)
         self.eps: list[list[int]] = []
         # (state set, code point) -> the next set: a mask's walk steps the same few sets by the
