@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 
 from moebius.guided.json_schema import SchemaError, compiled, loosened
-from moebius.server.tool_parsers import ParsedOutput, ToolCall, ToolParser
+from moebius.server.tool_parsers import ParsedOutput, ToolCall, ToolParser, _call_id
 
 ANY_OBJECT = {"type": "object"}  # a function without a parameters schema
 
@@ -169,8 +169,7 @@ class ForcedStream:
             return []
         entry = {"index": 0, "function": {"arguments": text[self.sent:]}}
         if self.calls == 0:
-            call = ToolCall(self.parser.name, "").to_openai()
-            entry = {**entry, "id": call["id"], "type": "function",
+            entry = {**entry, "id": _call_id(), "type": "function",
                      "function": {"name": self.parser.name, **entry["function"]}}
             self.calls = 1
         self.sent = len(text)
