@@ -42,6 +42,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per token, besides the sampled one
+    # vLLM's: each prompt token's logprob (from the second on) and the prompt's top n at its
+    # position, from the model's raw logits (RequestOutput.prompt_logprobs)
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # OpenAI's: a token's logit minus presence_penalty if it is among the outputs so far, and
@@ -89,6 +92,10 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be in [0, 20], got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (
@@ -253,6 +260,28 @@ class Request:
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
     guide: object | None = None  # guided decoding: a moebius.guided.guide.Guide
+    # params.prompt_logprobs set (on a group's first child only): entry p >= 1 is (the logprob
+    # of prompt token p, its rank, {top id: logprob}) once a step computed it, else None
+    prompt_logprobs: list | None = None
+    num_prompt_logprobs: int = 0  # entries computed
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Some prompt logprob is still to compute: its prompt must run whole, not from the
+        prefix cache (whose blocks hold KV, not logits)."""
+        return (self.prompt_logprobs is not None
+                and self.num_prompt_logprobs < len(self.prompt_token_ids) - 1)
+
+    def store_prompt_logprobs(self, first: int, lps, ranks, top_ids, top_lps) -> None:
+        """Keep prompt logprobs a step computed (``StepResult.prompt_logprobs``) from prompt
+        position ``first`` on. A chunk computed twice (in flight across a preemption) writes
+        the same values again."""
+        entries = self.prompt_logprobs
+        if entries is None:
+            return
+        for j, lp in enumerate(lps):
+            self.num_prompt_logprobs += entries[first + j] is None
+            entries[first + j] = (lp, ranks[j], dict(zip(top_ids[j], top_lps[j], strict=True)))
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -366,3 +395,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs set: None for the first prompt token, then each token's
+    # logprob and the top n at its position (with ranks), once the prompt is computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

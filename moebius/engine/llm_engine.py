@@ -78,6 +78,7 @@ class _Group:
     # the new token's (rebuilding them all made a step O(tokens so far) per request)
     logprobs: list[list[dict[int, Logprob]]] = field(init=False)
     cum_logprobs: list[float] = field(init=False)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once all are computed
 
     def __post_init__(self) -> None:
         self.logprobs = [[] for _ in self.children]
@@ -171,6 +172,8 @@ class LLMEngine:
             child = Request(f"{rid}#{i}" if params.n > 1 else rid, ids, params, seed=base_seed + i)
             child.guide = self.guide(params)
             children.append(child)
+        if params.prompt_logprobs is not None:  # the prompt is the same: one child scores it
+            children[0].prompt_logprobs = [None] * len(ids)
         detoks = [
             IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             if self.tokenizer
@@ -455,6 +458,10 @@ class LLMEngine:
         self._on_step_results(batch, results)
         tokens = {t.request_id: t for res in results for t in res.tokens}
         with self._lock:
+            for res in results:
+                for rid, scored in (res.prompt_logprobs or {}).items():
+                    if (req := self.requests.get(rid)) is not None:
+                        req.store_prompt_logprobs(*scored)
             updated = self.scheduler.update(batch, tokens)
             self.step_count += 1
             now = time.monotonic()
@@ -537,6 +544,9 @@ class LLMEngine:
                 )
             )
         first = group.children[0]
+        if group.prompt_logprobs is None and first.prompt_logprobs is not None and not (
+                first.needs_prompt_logprobs):
+            group.prompt_logprobs = _prompt_logprobs(first)
         return RequestOutput(
             request_id=group.request_id,
             prompt=group.prompt,
@@ -549,6 +559,7 @@ class LLMEngine:
                 "first_token_time": first.first_token_time,
                 "first_scheduled_time": first.first_scheduled_time,
             },
+            prompt_logprobs=group.prompt_logprobs,
         )
 
     def memory_summary(self) -> str:
@@ -598,3 +609,16 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _prompt_logprobs(req: Request) -> list[dict[int, Logprob] | None]:
+    """vLLM's ``RequestOutput.prompt_logprobs`` of a scored prompt: None for the first token,
+    then {the token: its Logprob, each top id: its Logprob}, with ranks."""
+    out: list[dict[int, Logprob] | None] = [None]
+    for token, (lp, rank, top) in zip(req.prompt_token_ids[1:], req.prompt_logprobs[1:],
+                                      strict=True):
+        entry = {token: Logprob(lp, rank)}
+        for i, (t, v) in enumerate(top.items()):
+            entry.setdefault(t, Logprob(v, i + 1))
+        out.append(entry)
+    return out

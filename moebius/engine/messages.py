@@ -55,6 +55,9 @@ class SeqWork:
     # guided decoding: the tokens allowed this step, V bits packed little-endian
     # (moebius/guided/guide.py), or LATE_MASK
     token_mask: bytes | None = None
+    # prompt logprobs (SamplingParams.prompt_logprobs): (top n, the prompt tokens that follow
+    # the first len(...) of token_ids), the logprob of each under its predecessor's logits
+    prompt_logprobs: tuple[int, list[int]] | None = None
 
 
 @dataclass
@@ -97,6 +100,9 @@ class StepResult:
     # request_id -> per-MoE-layer top-k counts of this step's tokens, split at KV-block
     # boundaries: (B, num_moe_layers, E), row j for block start_pos // block_size + j
     expert_counts: dict | None = None
+    # request_id -> (position of the first prompt token scored, its logprobs, their ranks, the
+    # top ids and the top logprobs at each position): SeqWork.prompt_logprobs' answers
+    prompt_logprobs: dict | None = None
 
 
 @dataclass

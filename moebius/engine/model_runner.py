@@ -38,6 +38,7 @@ from moebius.model.sampler import (
     apply_token_masks,
     logprobs_of,
     sample,
+    score_tokens,
 )
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
@@ -59,53 +60,72 @@ def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
 
 
 class PendingStep:
-    """A launched step: its sampled tokens (and logprobs) on their way to the host. On GPU
-    they are copied into pinned memory right behind the sampling, and ``result`` waits on an
-    event recorded there, not on the stream (which by then also holds the next step)."""
+    """A launched step: its sampled tokens (and logprobs, and prompt logprobs) on their way to
+    the host. On GPU they are copied into pinned memory right behind the sampling, and
+    ``result`` waits on an event recorded there, not on the stream (which by then also holds
+    the next step)."""
 
     def __init__(self, rank: int, work=(), tokens=None, logprobs=None, expert_counts=None,
-                 done=None) -> None:
+                 done=None, scored=None) -> None:
         self.rank = rank
         self.work = work  # the sampled sequences, in row order
         self.want = logprobs[0] if logprobs else []  # rows asking logprobs
         self.expert_counts = expert_counts
         self.done = done  # an already finished result (steps that run synchronously)
-        self.host = []  # tokens, then (chosen, top ids, top logprobs) when asked
+        self.scored = []  # prompt logprobs: (request id, first position, count), row order
         self.event = None
-        tensors = ([tokens] if tokens is not None else []) + list(logprobs[1:] if logprobs else [])
-        if tensors and tensors[0].is_cuda:
-            for t in tensors:
-                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                self.host.append(h.copy_(t, non_blocking=True))
+        named = {"tokens": tokens} if tokens is not None else {}
+        if logprobs:
+            named.update(zip(("chosen", "top_ids", "top_lp"), logprobs[1:], strict=True))
+        if scored:
+            self.scored = scored[0]
+            named.update(zip(_SCORED, scored[1], strict=True))
+        self.host = named
+        if named and next(iter(named.values())).is_cuda:
+            self.host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                         .copy_(t, non_blocking=True) for k, t in named.items()}
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host = tensors
 
     def result(self) -> StepResult:
         if self.done is not None:
             return self.done
         if self.event is not None:
             self.event.synchronize()
+        host = self.host
         out = [SampledToken(s.request_id, 0) for s in self.work]
         if self.want:
-            chosen, top_ids, top_lp = (t.tolist() for t in self.host[1:])
+            chosen, top_ids, top_lp = (host[k].tolist() for k in ("chosen", "top_ids", "top_lp"))
             for j, i in enumerate(self.want):
                 k = self.work[i].num_logprobs
                 out[i].logprob = float(chosen[j])
                 out[i].top_logprobs = dict(zip(top_ids[j][:k], top_lp[j][:k], strict=True))
-        if self.host:
-            for o, t in zip(out, self.host[0].tolist(), strict=True):
+        if "tokens" in host:
+            for o, t in zip(out, host["tokens"].tolist(), strict=True):
                 o.token_id = t
-        return StepResult(self.rank, out, self.expert_counts)
+        return StepResult(self.rank, out, self.expert_counts, self._prompt_logprobs())
+
+    def _prompt_logprobs(self) -> dict | None:
+        if not self.scored:
+            return None
+        cols = [self.host[k].tolist() for k in _SCORED]
+        out, row = {}, 0
+        for rid, first, count in self.scored:
+            out[rid] = (first, *(c[row : row + count] for c in cols))
+            row += count
+        return out
+
+
+_SCORED = ("p_chosen", "p_rank", "p_top_ids", "p_top_lp")  # PendingStep's prompt logprobs
 
 
 class LateStep:
     """A launched step whose guided rows wait for their masks (``LATE_MASK``): its logits are
     computed (queued), ``ModelRunner.sample_late`` samples them once the masks come."""
 
-    def __init__(self, logits, seqs: list[SeqWork], expert_counts=None) -> None:
+    def __init__(self, logits, seqs: list[SeqWork], expert_counts=None, scored=None) -> None:
         self.logits, self.seqs, self.expert_counts = logits, seqs, expert_counts
+        self.scored = scored
 
 
 class ModelRunner:
@@ -218,18 +238,37 @@ class ModelRunner:
             expert_ids,
         )
         counts = self._expert_counts(step.seqs, expert_ids) if expert_ids else None
+        scored = self._score_prompts(hidden, step.seqs, self._reports_here())
         if not sample_rows:
-            return PendingStep(self.rank, expert_counts=counts)
+            return PendingStep(self.rank, expert_counts=counts, scored=scored)
         logits = (hidden[self._h2d(sample_rows)] @ self.weights.lm_head.t()).float()
-        return self._sample_or_wait(logits, step.seqs, counts)
+        return self._sample_or_wait(logits, step.seqs, counts, scored)
 
-    def _sample_or_wait(self, logits, seqs: list[SeqWork], counts=None):
+    def _sample_or_wait(self, logits, seqs: list[SeqWork], counts=None, scored=None):
         """Sample now, or (a guided row's mask follows) keep the logits for ``sample_late``."""
         if any(s.token_mask == LATE_MASK for s in seqs if s.sample):
-            return LateStep(logits, seqs, counts)
-        pending = self._sample(logits, seqs)
-        pending.expert_counts = counts
-        return pending
+            return LateStep(logits, seqs, counts, scored)
+        return self._sample(logits, seqs, counts=counts, scored=scored)
+
+    def _score_prompts(self, hidden, seqs: list[SeqWork], report: bool):
+        """The prompt logprobs the sequences ask (``SeqWork.prompt_logprobs``) from ``hidden``
+        (their flat rows in order), on the rank that reports them: ((request id, first
+        position, count) each, ``score_tokens``' tensors), or None."""
+        if not report:
+            return None
+        heads, rows, targets, num_top, start = [], [], [], 0, 0
+        for s in seqs:
+            if s.prompt_logprobs is not None:
+                n, following = s.prompt_logprobs
+                heads.append((s.request_id, s.start_pos + 1, len(following)))
+                rows += range(start, start + len(following))
+                targets += following
+                num_top = max(num_top, n)
+            start += len(s.token_ids)
+        if not heads:
+            return None
+        return heads, score_tokens(hidden[self._h2d(rows)], self.weights.lm_head,
+                                   self._h2d(targets), num_top)
 
     @torch.inference_mode()
     def sample_late(self, late: LateStep | PendingStep, masks: dict[str, bytes]) -> PendingStep:
@@ -243,9 +282,8 @@ class ModelRunner:
         for s in late.seqs:
             if s.token_mask == LATE_MASK:
                 s.token_mask = masks.get(s.request_id)
-        pending = self._sample(late.logits, late.seqs)
-        pending.expert_counts = late.expert_counts
-        return pending
+        return self._sample(late.logits, late.seqs, counts=late.expert_counts,
+                            scored=late.scored)
 
     def _full_tables(self, seqs: list[SeqWork]) -> None:
         """Complete each sequence's block table in place: one that carries only the blocks
@@ -343,10 +381,12 @@ class ModelRunner:
         )
         sampled = seqs if rep == "tp" else own
         rows = rows_tp if rep == "tp" else rows_ep
-        if (rep == "tp" and rank != 0) or not rows:
-            return StepResult(rank, [])
+        report = rep != "tp" or rank == 0
+        scored = self._score_prompts(hidden, sampled, report)
+        if not report or not rows:
+            return PendingStep(rank, scored=scored).result()
         logits = (hidden[torch.tensor(rows, device=dev)] @ self.weights.lm_head.t()).float()
-        return self._sample(logits, sampled, report=True).result()
+        return self._sample(logits, sampled, report=True, scored=scored).result()
 
     def _expert_counts(self, seqs: list[SeqWork], expert_ids: list[torch.Tensor]) -> dict | None:
         """request_id -> (B, num_moe_layers, E) int64 numpy counts of this step's top-k picks,
@@ -413,7 +453,8 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions, meta, sample_rows
 
-    def _sample(self, logits, seqs: list[SeqWork], report: bool | None = None) -> PendingStep:
+    def _sample(self, logits, seqs: list[SeqWork], report: bool | None = None, counts=None,
+                scored=None) -> PendingStep:
         """Sample one token for each sequence with ``sample`` set (logits (n_sample, V)) on the
         device; the tokens stay there as the next launch's ``INFLIGHT`` inputs.
 
@@ -452,8 +493,8 @@ class ModelRunner:
             rows_t = self._h2d(want)
             lps = (want, *logprobs_of(logits[rows_t], tokens[rows_t], n))
         if not (self._reports_here() if report is None else report):
-            return PendingStep(self.rank)
-        return PendingStep(self.rank, work, tokens, lps)
+            return PendingStep(self.rank, expert_counts=counts)
+        return PendingStep(self.rank, work, tokens, lps, counts, scored=scored)
 
     def _apply_masks(self, logits, work: list[SeqWork]) -> None:
         """Guided rows: every token their packed mask leaves out becomes -inf."""

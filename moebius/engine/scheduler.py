@@ -222,7 +222,8 @@ class Scheduler:
             req.owner_rank = self._choose_owner(req) if ep or mid_switch else -1
             b = self._bucket(req)
             mgr = self.manager(req)
-            cached = [] if mid_switch else mgr.match_prefix(req.all_token_ids)
+            cached = ([] if mid_switch or req.needs_prompt_logprobs
+                      else mgr.match_prefix(req.all_token_ids))
             num_cached = len(cached) * self.cfg.block_size
             n = min(req.num_tokens - num_cached, budgets[b])
             fits = n > 0 and mgr.can_allocate(cached, num_cached + n)
@@ -263,12 +264,14 @@ class Scheduler:
         if self.transition is not None:
             return self._mixed_inputs(items)
         per_rank: list[list[SeqWork]] = [[] for _ in range(self.world_size)]
+        scoring = False  # a chunk scores prompt tokens: eager (a graph keeps only sampled rows)
         sent, self._tables_sent = self._tables_sent, {}
         history, self._history_sent = self._history_sent, {}
         for req, n in items:
             rid = req.request_id
             work = self._work(req, n, sent.get(rid), history.get(rid))
             self._tables_sent[rid] = (req.block_ids, work.blocks_from + len(work.block_ids))
+            scoring = scoring or work.prompt_logprobs is not None
             if work.penalties is not None:
                 self._history_sent[rid] = (req.output_token_ids,
                                            work.penalties[5] + len(work.penalties[3]))
@@ -279,7 +282,7 @@ class Scheduler:
                     lst.append(work)
         counts = [sum(len(w.token_ids) for w in lst) for lst in per_rank]
         record = self.record_experts
-        decode = bool(items) and all(n == 1 for _, n in items)
+        decode = bool(items) and not scoring and all(n == 1 for _, n in items)
         return [StepInput(self.layout, lst, counts, record, decode) for lst in per_rank]
 
     def _mixed_inputs(self, items: list[tuple[Request, int]]) -> list[StepInput]:
@@ -351,10 +354,14 @@ class Scheduler:
         mask = None
         if do_sample and req.guide is not None:  # a token in flight: the mask follows
             mask = LATE_MASK if req.num_inflight else req.guide.mask(out_ids)
+        scored = None  # prompt logprobs: the prompt tokens this chunk's rows predict
+        num_prompt = len(req.prompt_token_ids)
+        if start < num_prompt - 1 and req.needs_prompt_logprobs:
+            scored = (p.prompt_logprobs, req.prompt_token_ids[start + 1 : start + n + 1])
         return SeqWork(req.request_id, tokens, start, table[since:num_blocks], do_sample,
                        p.temperature, p.top_k, p.top_p, p.min_p, req.seed, num_out,
                        -1 if p.logprobs is None else p.logprobs, banned, -1, None, since,
-                       penalties, rules, mask)
+                       penalties, rules, mask, scored)
 
     eos_ids: tuple[int, ...] = ()
     record_experts: bool = False  # ask ranks for per-request top-k counts (prefill role)

@@ -162,3 +162,20 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int):
     chosen = lp.gather(1, tokens[:, None]).squeeze(1)
     top_lp, top_ids = lp.topk(num_top, dim=-1) if num_top else (lp[:, :0], tokens[:, None][:, :0])
     return chosen, top_ids, top_lp
+
+
+def score_tokens(hidden: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor,
+                 num_top: int, rows_per_pass: int = 256):
+    """(logprob (R,), rank (R,), top ids (R, n), top logprobs (R, n)) of each ``targets[i]``
+    under the logits of ``hidden[i]``: prompt logprobs, vLLM's, of the raw model output (no
+    penalty, bias or temperature). The rank counts the tokens at least as likely, itself
+    included (1: the argmax), as vLLM's. In passes of ``rows_per_pass`` rows: a 2,048-token
+    prompt's float32 logits are 1.2 GB at Qwen3's vocabulary."""
+    outs = []
+    for a in range(0, hidden.shape[0], rows_per_pass):
+        lp = torch.log_softmax((hidden[a : a + rows_per_pass] @ lm_head.t()).float(), dim=-1)
+        chosen = lp.gather(1, targets[a : a + rows_per_pass, None])
+        rank = (lp >= chosen).sum(dim=1)
+        top_lp, top_ids = lp.topk(num_top, dim=-1)
+        outs.append((chosen.squeeze(1), rank, top_ids, top_lp))
+    return tuple(torch.cat(col) for col in zip(*outs, strict=True))
