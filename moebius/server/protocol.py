@@ -137,6 +137,9 @@ class _SamplingFields(_Strict):
     # OpenAI's: JSON keys are strings, so token ids come as decimal strings ({"50256": -100})
     logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     allowed_token_ids: TokenIds | None = None  # vLLM's
+    # vLLM's: each prompt token's logprob and the top n at its position, in the response's
+    # prompt_logprobs (not while streaming)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     guided_json: dict | str | None = None  # vLLM's: a JSON schema (or its text)
     guided_regex: str | None = None  # vLLM's: the output is a whole match of it
@@ -147,6 +150,8 @@ class _SamplingFields(_Strict):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's parameters; raises ``SamplingError`` (a 400) on a bad combination, a
         logit_bias key that is not a token id, or guided decoding this server cannot do."""
+        if self.stream and self.prompt_logprobs is not None:
+            raise SamplingError("prompt_logprobs are not available when stream is true")
         fmt = self.response_format
         if fmt is not None and fmt.type == "structural_tag":
             raise SamplingError(
@@ -191,6 +196,7 @@ class _SamplingFields(_Strict):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=self.scored_prompt(logprobs),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             presence_penalty=self.presence_penalty,
@@ -200,6 +206,10 @@ class _SamplingFields(_Strict):
             allowed_token_ids=self.allowed_token_ids,
             **guides,
         )
+
+    def scored_prompt(self, logprobs: int | None) -> int | None:
+        """The prompt logprobs the engine computes (top n), or None."""
+        return self.prompt_logprobs
 
     def _logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:
@@ -218,11 +228,17 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt | list[Prompt]
-    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
+    max_tokens: int | None = Field(16, ge=0, le=INT64_MAX)  # 0: only with echo
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the prompt, and with logprobs its logprobs, before each completion
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=128)
+
+    def scored_prompt(self, logprobs: int | None) -> int | None:
+        """echo with logprobs scores the prompt with the same top n (OpenAI's, vLLM's)."""
+        if self.prompt_logprobs is None and self.echo:
+            return logprobs
+        return self.prompt_logprobs
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -404,12 +420,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob`` of a prompt position's token or one of its top n."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# None for the first prompt token, then {token id: PromptLogprob} at each position
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks them
 
 
 class CompletionResponse(BaseModel):
@@ -457,6 +486,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks them
 
 
 class Delta(BaseModel):

@@ -4,7 +4,8 @@ JSON bodies, or server-sent-event chunks ending with ``data: [DONE]``.
 A request with several prompts (completions) becomes one engine request per prompt; their
 outputs are merged as they come. Choice ``i * n + j`` is completion ``j`` of prompt ``i``.
 While streaming, text that could still turn out to be the start of a stop string is held back,
-so a streamed text always equals the non-streamed one.
+so a streamed text always equals the non-streamed one. Completions' ``echo`` puts each prompt
+(and, with logprobs, the prompt's logprobs) before its completions (docs/server.md).
 
 Tool calls (chat requests with tools, on a server with a tool-call parser): a choice whose text
 holds calls answers ``message.tool_calls`` and ``finish_reason: "tool_calls"``; streamed, its
@@ -46,6 +47,11 @@ class Job:
     tool_parser: ToolParser | None = None  # chat with tools: find calls in the output
     parallel_tool_calls: bool = True
     reasoning: ReasoningParser | None = None  # chat on a --reasoning-parser server
+    # completions' echo: each prompt's text goes before its completions (``echo_only``:
+    # max_tokens 0, the prompt alone), with its logprobs where logprobs are asked
+    echo: list[str] | None = None
+    echo_only: bool = False
+    prompt_logprobs: bool = False  # asked by name: the response's prompt_logprobs field
 
     def parse_tools(self, text: str) -> ParsedOutput:
         parsed = self.tool_parser.parse(text)
@@ -68,14 +74,22 @@ class Responder:
 
     # ---------------------------------------------------------------- requests
     def prepare_completion(self, req: P.CompletionRequest) -> Job:
-        if req.echo or req.suffix:
-            raise ValueError("echo and suffix are not supported")
+        if req.suffix:
+            raise ValueError("suffix is not supported")
         if req.best_of is not None and req.best_of != req.n:
             raise ValueError("best_of must equal n (best-of sampling is not supported)")
-        prompts = [self.encode_prompt(p) for p in req.prompts()]
-        return self._job(
-            "completion", P.random_id("cmpl"), req, prompts, req.max_tokens, req.logprobs
-        )
+        echo_only = req.max_tokens == 0
+        if echo_only and not req.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: the prompt "
+                             "alone)")
+        raw = req.prompts()
+        prompts = [self.encode_prompt(p) for p in raw]
+        job = self._job("completion", P.random_id("cmpl"), req, prompts,
+                        1 if echo_only else req.max_tokens, req.logprobs)
+        if req.echo:  # a text prompt as sent; token ids as they decode, as vLLM echoes them
+            job.echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in raw]
+            job.echo_only = echo_only
+        return job
 
     def prepare_chat(self, req: P.ChatCompletionRequest) -> Job:
         parser = self._tool_parser(req)
@@ -152,6 +166,7 @@ class Responder:
             num_logprobs,
             req.return_tokens_as_token_ids,
             bool(req.stream and opts and opts.include_usage),
+            prompt_logprobs=req.prompt_logprobs is not None,
         )
 
     # ---------------------------------------------------------------- running
@@ -226,13 +241,17 @@ class Responder:
                         )
                     )
                 else:
+                    text, finish = c.text, c.finish_reason
+                    if job.echo is not None:
+                        text, lps, finish = self._echoed(job, i, finals[i], c)
                     choices.append(
                         P.CompletionChoice(
                             index=index,
-                            text=c.text,
+                            text=text,
                             logprobs=lps,
-                            finish_reason=c.finish_reason,
+                            finish_reason=finish,
                             stop_reason=c.stop_reason,
+                            prompt_logprobs=self._prompt_logprobs(job, finals[i]),
                         )
                     )
         cls = P.ChatCompletionResponse if job.kind == "chat" else P.CompletionResponse
@@ -243,7 +262,38 @@ class Responder:
             choices=choices,
             usage=self._usage(job, finals),
         )
+        if job.kind == "chat":
+            resp.prompt_logprobs = self._prompt_logprobs(job, finals[0])
         return resp.model_dump()
+
+    def _echoed(self, job: Job, i: int, out: RequestOutput, c):
+        """A completion choice under echo: (its text, logprobs and finish reason), the
+        prompt's first; with max_tokens 0 the prompt's alone (the one token the engine
+        sampled to score it is dropped)."""
+        ids, lps, text = list(c.token_ids), c.logprobs, c.text
+        if job.echo_only:
+            ids, lps, text = [], [], ""
+        if job.num_logprobs is not None:
+            ids, lps = out.prompt_token_ids + ids, list(out.prompt_logprobs) + list(lps)
+        text = job.echo[i] + text
+        finish = "length" if job.echo_only else c.finish_reason
+        return text, self._logprobs(job, ids, lps, 0, text), finish
+
+    def _echo_chunk(self, job: Job, i: int, out: RequestOutput, index: int) -> str:
+        """A streamed completion's first chunk under echo: the prompt's text, and its
+        logprobs where logprobs are asked (the prompt is scored by the first output)."""
+        lps = None
+        if job.num_logprobs is not None:
+            lps = self._logprobs(job, out.prompt_token_ids, out.prompt_logprobs, 0, job.echo[i])
+        return self._chunk(job, index, job.echo[i], lps)
+
+    def _prompt_logprobs(self, job: Job, out: RequestOutput) -> P.PromptLogprobs | None:
+        if not job.prompt_logprobs or out.prompt_logprobs is None:
+            return None
+        return [None if d is None else {
+            t: P.PromptLogprob(logprob=_json_logprob(v.logprob), rank=v.rank,
+                               decoded_token=self._token(job, t)) for t, v in d.items()
+        } for d in out.prompt_logprobs]
 
     async def stream(self, job: Job) -> AsyncIterator[str]:
         sent_text: dict[int, int] = {}
@@ -253,6 +303,7 @@ class Responder:
         tool_streams: dict[int, ToolCallStream] = {}
         forced: dict[int, ForcedStream] = {}
         sent_reasoning: dict[int, int] = {}
+        echoed: set[int] = set()
         try:
             async with aclosing(self._run(job)) as outs:
                 async for i, out in outs:
@@ -267,6 +318,14 @@ class Responder:
                         done = c.finish_reason is not None
                         if done:
                             closed.add(index)
+                        if job.echo is not None:
+                            if index not in echoed:  # the prompt (and its logprobs) first
+                                echoed.add(index)
+                                yield self._echo_chunk(job, i, out, index)
+                            if job.echo_only:
+                                if done:
+                                    yield self._chunk(job, index, "", None, "length")
+                                continue
                         safe = len(c.text) if done else max(len(c.text) - hold, 0)
                         if isinstance(job.tool_parser, ForcedCalls):  # calls, never content
                             async for chunk in self._forced_chunks(
@@ -306,7 +365,7 @@ class Responder:
                             job,
                             new_ids,
                             c.logprobs[tok_start:] if c.logprobs else None,
-                            start,
+                            start + (len(job.echo[i]) if job.echo is not None else 0),
                             delta,
                         )
                         if said and not delta and lps is None and not done:
@@ -379,7 +438,8 @@ class Responder:
 
     def _usage(self, job: Job, finals: dict[int, RequestOutput]) -> P.Usage:
         prompt = sum(len(job.prompts[i]) for i in finals)
-        completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
+        completion = 0 if job.echo_only else sum(
+            len(c.token_ids) for o in finals.values() for c in o.outputs)
         return P.Usage(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
@@ -417,10 +477,14 @@ class Responder:
         for tid, d in zip(ids, lps, strict=False):
             tok = self._token(job, tid)
             out.tokens.append(tok)
-            out.token_logprobs.append(_json_logprob(d[tid].logprob))
-            out.top_logprobs.append(
-                {self._token(job, t): _json_logprob(v.logprob) for t, v in d.items()}
-            )
+            if d is None:  # an echoed prompt's first token: nothing precedes it
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                out.token_logprobs.append(_json_logprob(d[tid].logprob))
+                out.top_logprobs.append(
+                    {self._token(job, t): _json_logprob(v.logprob) for t, v in d.items()}
+                )
             out.text_offset.append(offset)
             offset += len(tok)
         return out

@@ -52,6 +52,9 @@ def test_outputs_equal_single_instance(cluster, reference):
     r = httpx.post(url + "/v1/completions", json=_body("no-such-model", "Hi", False), timeout=60)
     err = r.json()["error"]  # as a single instance answers it, and the cluster serves on
     assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
+    scored = {**_body(model, "Hi", False), "echo": True, "logprobs": 1}
+    r = httpx.post(url + "/v1/completions", json=scored, timeout=60)
+    assert r.status_code == 400 and "prompt logprobs" in r.json()["error"]["message"]
     for prompt, want in zip(PROMPTS, reference, strict=True):
         r = httpx.post(url + "/v1/completions", json=_body(model, prompt, False), timeout=120)
         assert r.status_code == 200, r.text

@@ -178,6 +178,65 @@ def test_completions_match_offline(client, offline):
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == max_tokens
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(client, offline):
+    """lm-evaluation-harness' loglikelihood request (echo, logprobs=1, max_tokens=1, token ids
+    in) and max_tokens 0 (the prompt alone): the prompt's logprobs equal the offline
+    prompt_logprobs, the first token's is null; streamed, the prompt comes first."""
+    ids = offline.tokenizer.encode(PROMPTS[0])
+    ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=1,
+                                                 prompt_logprobs=1))[0]
+    want = [None] + [ref.prompt_logprobs[p][t].logprob for p, t in enumerate(ids) if p]
+    for max_tokens in (1, 0):
+        r = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1,
+                                      max_tokens=max_tokens, temperature=0, extra_body=EXTRA)
+        c = r.choices[0]
+        got = c.logprobs.token_logprobs
+        assert ids_of(c.logprobs.tokens)[: len(ids)] == ids and got[0] is None
+        assert all(abs(a - b) < 1e-4 for a, b in zip(got[1 : len(ids)], want[1:], strict=True))
+        assert c.logprobs.top_logprobs[0] is None and len(c.logprobs.top_logprobs[1]) <= 2
+        assert len(got) == len(ids) + max_tokens and c.text.startswith(
+            offline.tokenizer.decode(ids))
+        assert r.usage.completion_tokens == max_tokens and c.finish_reason == "length"
+        chunks = list(client.completions.create(
+            model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens,
+            temperature=0, stream=True, extra_body=EXTRA))
+        assert "".join(x.choices[0].text for x in chunks) == c.text
+        streamed = [v for x in chunks if x.choices[0].logprobs
+                    for v in x.choices[0].logprobs.token_logprobs]
+        assert streamed == got
+    text = client.completions.create(model=MODEL, prompt=PROMPTS[1], echo=True, max_tokens=3,
+                                     temperature=0, extra_body=EXTRA)
+    assert text.choices[0].text.startswith(PROMPTS[1]) and text.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=0)
+
+
+def test_prompt_logprobs_field(server, offline):
+    """vLLM's prompt_logprobs: per completion choice, and at the top of a chat response, with
+    ranks and decoded tokens; a 400 when streaming."""
+    ids = offline.tokenizer.encode(PROMPTS[2])
+    ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=1,
+                                                 prompt_logprobs=2))[0].prompt_logprobs
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 2, "prompt_logprobs": 2}
+    got = httpx.post(f"{server.base}/v1/completions", json=body, headers=AUTH,
+                     timeout=60).json()["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(ids)
+    for entry, want in zip(got[1:], ref[1:], strict=True):
+        assert [int(t) for t in entry] == list(want)
+        for t, v in want.items():
+            assert abs(entry[str(t)]["logprob"] - v.logprob) < 1e-4
+            assert entry[str(t)]["rank"] == v.rank and entry[str(t)]["decoded_token"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "prompt_logprobs": 0}
+    r = httpx.post(f"{server.base}/v1/chat/completions", json=chat, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in r.json()["prompt_logprobs"][1:])
+    for path, b in (("completions", body), ("chat/completions", chat)):
+        r = httpx.post(f"{server.base}/v1/{path}", json={**b, "stream": True}, headers=AUTH,
+                       timeout=60)
+        assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
+
+
 def test_chat_matches_offline(client, offline):
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -823,6 +882,7 @@ def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
         "max_completion_tokens",
         "presence_penalty",
         "echo",
+        "prompt_logprobs",
         "ignore_eos",
         "best_of",
         "tools",
