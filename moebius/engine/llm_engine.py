@@ -595,7 +595,6 @@ class LLMEngine:
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict:
         s = self.scheduler
-        hits = sum(m.num_hits for m in s.managers)
         return {
             "layout": self.layout,
             "steps": self.step_count,
@@ -603,7 +602,8 @@ class LLMEngine:
             "waiting": len(s.waiting),
             "kv_usage": s.kv_usage(),
             "preemptions": s.num_preemptions,
-            "prefix_cache_hit_tokens": hits,
+            "prefix_cache_query_tokens": s.num_prefix_queries,
+            "prefix_cache_hit_tokens": s.num_prefix_hits,
             "switches": len(self.switches),
         }
 

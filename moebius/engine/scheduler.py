@@ -54,6 +54,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.managers = self._make_managers(self.layout)
         self.num_preemptions = 0
+        # prompt tokens looked up in the prefix cache at first admission, and those it served
+        # (the managers are remade by a switch; these count across switches)
+        self.num_prefix_queries = 0
+        self.num_prefix_hits = 0
         self.num_finished = 0  # requests finished so far (the engine rescans groups on change)
         self.transition = None  # a progressive switch in flight (engine/progressive.py)
         self.num_admitted_mid_switch = 0
@@ -242,8 +246,8 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
-                mgr.num_hits += num_cached
-                mgr.num_queries += req.num_prompt_tokens
+                self.num_prefix_hits += num_cached
+                self.num_prefix_queries += req.num_prompt_tokens
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()

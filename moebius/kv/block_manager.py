@@ -53,8 +53,6 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[int, int] = {}
         self.block_meta: dict[int, object] = {}  # hash -> data of a cached block (opaque)
-        self.num_hits = 0  # cached tokens served
-        self.num_queries = 0  # prompt tokens looked up
 
     # ------------------------------------------------------------------ queries
     @property

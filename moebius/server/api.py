@@ -120,7 +120,7 @@ def create_app(
     shutdown, stops it (and the engine's workers when ``owns_engine``). ``tool_calls``: the
     tool-call flags (default: none, so requests with tools answer 400 unless tool_choice is
     "none")."""
-    metrics = ServerMetrics(served_model_name)
+    metrics = ServerMetrics(served_model_name, engine.cfg.context_len)
     aengine = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
     responder = Responder(aengine, served_model_name, tool_calls)
 

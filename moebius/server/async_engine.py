@@ -140,16 +140,16 @@ class AsyncEngine:
         self._idle.clear()
         self._notify()
         finished, waiting_first = False, True
-        last_time, num_tokens = None, 0
+        last_time, num_tokens, first_time, scheduled = None, 0, 0.0, 0.0
         try:
             while True:
                 out, step_start = await self._next(queue)
                 now = time.monotonic()
                 if waiting_first:
-                    waiting_first = False
+                    waiting_first, first_time = False, now
                     self._num_queued -= 1
+                    scheduled = out.metrics.get("first_scheduled_time") or step_start
                     if self.metrics:
-                        scheduled = out.metrics.get("first_scheduled_time") or step_start
                         self.metrics.observe_first_token(
                             now - arrival,
                             max(scheduled - arrival, 0.0),
@@ -165,6 +165,9 @@ class AsyncEngine:
                     if self.metrics:
                         reasons = [c.finish_reason for c in out.outputs]
                         self.metrics.observe_finish(now - arrival, reasons)
+                        self.metrics.observe_request(len(out.prompt_token_ids), total,
+                                                     max(first_time - scheduled, 0.0),
+                                                     now - first_time)
                 yield out
                 if finished:
                     return

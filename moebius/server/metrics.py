@@ -60,6 +60,17 @@ E2E_BUCKETS = (
     480.0,
     960.0,
 )
+def _one_two_five(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
+
+
 SWITCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LAYOUTS = ("tp", "ep")
 
@@ -69,7 +80,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int = 2**20) -> None:
         self.model_name = model_name
         r = self.registry = CollectorRegistry()
         m = ["model_name"]
@@ -116,6 +127,39 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "moebius:generation_tokens", "Generated tokens.", m, registry=r
         )
+        tokens = _one_two_five(max_model_len)
+        self.request_prompt_tokens = Histogram(
+            "moebius:request_prompt_tokens", "Prompt tokens of each finished request.", m,
+            buckets=tokens, registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "moebius:request_generation_tokens", "Tokens generated for each finished request.",
+            m, buckets=tokens, registry=r,
+        )
+        self.prefill_time = Histogram(
+            "moebius:request_prefill_time_seconds",
+            "Time from the first step that ran the request to its first token.",
+            m, buckets=E2E_BUCKETS, registry=r,
+        )
+        self.decode_time = Histogram(
+            "moebius:request_decode_time_seconds",
+            "Time from a finished request's first token to its last.",
+            m, buckets=E2E_BUCKETS, registry=r,
+        )
+        self.preemptions = Counter(
+            "moebius:num_preemptions", "Requests preempted (their KV dropped, recomputed).", m,
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "moebius:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m,
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "moebius:prefix_cache_hits", "Prompt tokens the prefix cache served.", m,
+            registry=r,
+        )
+        self._seen = {"preemptions": 0, "prefix_cache_query_tokens": 0,
+                      "prefix_cache_hit_tokens": 0}  # the engine's totals counted so far
         self.success = Counter(
             "moebius:request_success", "Finished requests.", m + ["finished_reason"], registry=r
         )
@@ -138,6 +182,10 @@ class ServerMetrics:
         for kind in ("weights", "kv"):
             self.switch_bytes.labels(model_name, kind)
         self.switches.labels(model_name)
+        for metric in (self.preemptions, self.prefix_queries, self.prefix_hits,
+                       self.request_prompt_tokens, self.request_generation_tokens,
+                       self.prefill_time, self.decode_time):
+            metric.labels(model_name)  # present (at 0) before the first request
 
     def observe_engine(self, stats: dict) -> None:
         """Gauges from ``LLMEngine.stats()``."""
@@ -145,6 +193,12 @@ class ServerMetrics:
         self.running.labels(name).set(stats["running"])
         self.waiting.labels(name).set(stats["waiting"])
         self.kv_usage.labels(name).set(stats["kv_usage"])
+        for key, counter in (("preemptions", self.preemptions),
+                             ("prefix_cache_query_tokens", self.prefix_queries),
+                             ("prefix_cache_hit_tokens", self.prefix_hits)):
+            if stats[key] > self._seen[key]:
+                counter.labels(name).inc(stats[key] - self._seen[key])
+                self._seen[key] = stats[key]
         for layout in LAYOUTS:
             self.layout.labels(name, layout).set(1 if stats["layout"] == layout else 0)
 
@@ -169,6 +223,15 @@ class ServerMetrics:
         if seconds_since_last is not None and num_tokens:
             for _ in range(num_tokens):
                 self.itl.labels(name).observe(seconds_since_last / num_tokens)
+
+    def observe_request(self, num_prompt: int, num_generated: int, prefill_s: float,
+                        decode_s: float) -> None:
+        """A request that finished (not aborted): its sizes and phases."""
+        name = self.model_name
+        self.request_prompt_tokens.labels(name).observe(num_prompt)
+        self.request_generation_tokens.labels(name).observe(num_generated)
+        self.prefill_time.labels(name).observe(prefill_s)
+        self.decode_time.labels(name).observe(decode_s)
 
     def observe_finish(self, e2e: float, finish_reasons: list[str]) -> None:
         name = self.model_name

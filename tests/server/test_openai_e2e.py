@@ -237,6 +237,29 @@ def test_prompt_logprobs_field(server, offline):
         assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
 
 
+def test_request_and_prefix_cache_metrics(server, client):
+    """vLLM's per-request histograms and prefix-cache counters (tokens): a prompt sent twice is
+    served from the cache the second time."""
+    before = {k: metric(server, k) for k in (
+        "prefix_cache_queries_total", "prefix_cache_hits_total", "request_prompt_tokens_count",
+        "request_generation_tokens_sum", "request_decode_time_seconds_count")}
+    prompt = PROMPTS[3] * 4
+    for _ in range(2):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                      extra_body=EXTRA)
+    n = r.usage.prompt_tokens
+    assert metric(server, "prefix_cache_queries_total") - before[
+        "prefix_cache_queries_total"] == 2 * n
+    assert metric(server, "prefix_cache_hits_total") - before["prefix_cache_hits_total"] >= 16
+    assert metric(server, "request_prompt_tokens_count") - before[
+        "request_prompt_tokens_count"] == 2
+    assert metric(server, "request_generation_tokens_sum") - before[
+        "request_generation_tokens_sum"] == 6
+    assert metric(server, "request_decode_time_seconds_count") - before[
+        "request_decode_time_seconds_count"] == 2
+    assert metric(server, "num_preemptions_total") >= 0
+
+
 def test_chat_matches_offline(client, offline):
     messages = [
         {"role": "system", "content": "Be brief."},
