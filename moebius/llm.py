@@ -112,6 +112,12 @@ class LLM:
         """Switch layout at the next step boundary (callable from any thread)."""
         self.engine.switch(layout)
 
+    def update_weights(self, model_dir: str):
+        """Load new weights of the same model from a checkpoint folder into the running
+        engine, in place (RL: the trainer's latest policy between rollouts); returns the
+        ``WeightUpdate``. Call between ``generate`` calls (moebius/engine/weight_update.py)."""
+        return self.engine.update_weights(model_dir)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

@@ -94,6 +94,14 @@ def qwen_fused_dir(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def qwen_b_dir(tmp_path_factory):
+    """The same model as ``qwen_dir`` with other weights, its experts stored fused (weight
+    updates)."""
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("qwen_b")), "qwen3_moe", seed=7,
+                                 fused_experts=True)
+
+
 def copy_checkpoint(src: str, dst: str, template: str | None = None, **config) -> str:
     """A copy of checkpoint folder ``src`` at ``dst`` with ``config`` merged into its
     tokenizer_config.json and, given, ``template`` as its chat_template.jinja."""

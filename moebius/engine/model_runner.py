@@ -25,7 +25,7 @@ from moebius.engine.messages import (
 )
 from moebius.engine.penalty_counts import PenaltyCounts
 from moebius.kv.pool import KVPool
-from moebius.model import deepseek
+from moebius.model import deepseek, router_fold
 from moebius.model.attention import AttentionMeta, PrefillChunk
 from moebius.model.decoder import forward
 from moebius.model.loader import load_weights
@@ -40,6 +40,7 @@ from moebius.model.sampler import (
     sample,
     score_tokens,
 )
+from moebius.model.weights import copy_weights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
@@ -615,12 +616,36 @@ class ModelRunner:
             self.layout = Layout(switch.target, self.rank, self.comm.world_size)
         return result
 
+    @torch.inference_mode()
+    def update_weights(self, model_dir: str) -> dict:
+        """Load ``model_dir``'s weights (the same model) into this rank's tensors in place, for
+        the current layout: staged whole in host memory first, so a bad checkpoint (a missing
+        or misshapen tensor) changes nothing and answers ``{"error": ...}`` (the engine goes
+        on); then copied over, every address kept (CUDA graphs replay the new values)."""
+        assert len(set(self.layer_modes)) == 1, "weights are updated between switches"
+        t0 = time.perf_counter()
+        try:
+            staged = load_weights(self.model, model_dir, self.layout, self.dtype, "cpu")
+        except Exception as e:  # noqa: BLE001 - nothing was written yet: refuse, keep serving
+            return {"error": f"{type(e).__name__}: {e}"}
+        t1 = time.perf_counter()
+        copy_weights(self.weights, staged)
+        for lw in self.weights.layers:
+            router_fold.refresh(lw)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"load_seconds": t1 - t0, "copy_seconds": time.perf_counter() - t1}
+
     def weights_digest(self) -> str:
-        """A hash of the expert buffers' bytes (tests: switches must restore them exactly)."""
+        """A hash of the expert buffers' bytes and a few dense tensors' (tests: switches must
+        restore the experts exactly; a weight update must give a fresh load's bytes)."""
         import hashlib
 
         h = hashlib.sha256()
-        for t in (self.weights.experts.w13, self.weights.experts.w2):
+        w = self.weights
+        dense = [w.embed, w.lm_head] + [lw.qkv_proj if lw.qkv_proj is not None else lw.o_proj
+                                        for lw in w.layers]
+        for t in (w.experts.w13, w.experts.w2, *dense):
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 

@@ -60,6 +60,7 @@ class Scheduler:
         self.num_prefix_hits = 0
         self.num_finished = 0  # requests finished so far (the engine rescans groups on change)
         self.transition = None  # a progressive switch in flight (engine/progressive.py)
+        self.paused = False  # admit nothing (a weight update waits for the running to finish)
         self.num_admitted_mid_switch = 0
         # request id -> (its table list, the length sent) for the requests of the last step's
         # inputs: the ranks that got them hold that prefix (see ``_work``)
@@ -218,7 +219,8 @@ class Scheduler:
             self._grow(req, req.num_computed_tokens + n)
             items.append((req, n))
             budgets[b] -= n
-        while self.waiting and not preempted and len(self.running) < self.cfg.max_num_seqs:
+        while (self.waiting and not preempted and not self.paused
+               and len(self.running) < self.cfg.max_num_seqs):
             req = self.waiting[0]
             if req.num_inflight:  # preempted with a token in flight: admitted once it lands
                 break

@@ -66,11 +66,21 @@ def prepare(lw: LayerWeights, cfg: ModelConfig, world_size: int, dtype, device) 
             and lw.o_proj is not None and not cfg.is_mla):
         return
     H, E = cfg.hidden_size, cfg.num_experts
-    res = lw.router.float() * lw.post_norm.float()
     o_route = torch.empty(H + E, lw.o_proj.shape[1], dtype=dtype, device=lw.o_proj.device)
     o_route[:H].copy_(lw.o_proj)
-    o_route[H:].copy_(res @ lw.o_proj.float())
-    lw.o_proj, lw.o_route, lw.router_res = o_route[:H], o_route, res.to(dtype)
+    lw.o_proj, lw.o_route = o_route[:H], o_route
+    lw.router_res = torch.empty(E, H, dtype=dtype, device=o_route.device)
+    refresh(lw)
+
+
+def refresh(lw: LayerWeights) -> None:
+    """Recompute a folded layer's derived rows (R·W_o and R = router·diag(post norm)) from its
+    o_proj, router and post norm, in place (after ``prepare``, or a weight update)."""
+    if lw.o_route is None:
+        return
+    res = lw.router.float() * lw.post_norm.float()
+    lw.o_route[lw.o_proj.shape[0]:].copy_(res @ lw.o_proj.float())
+    lw.router_res.copy_(res)
 
 
 def o_projection(lw: LayerWeights):

@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions (JSON or server-sent events),
 /v1/models and /v1/models/{id}, vLLM's /tokenize and /detokenize, plus /health, /version,
-/metrics and the admin endpoints /admin/layout and /admin/switch.
+/metrics and the admin endpoints /admin/layout, /admin/switch and /admin/update_weights.
 
 Every error is OpenAI's error JSON. Bad input is a 400 (404 for an unknown model, as OpenAI
 and vLLM answer), a bad key a 401, a full queue a 429 and a draining or failed server a 503,
@@ -282,6 +282,21 @@ def create_app(
             "switched": record is not None,
             "switch": asdict(record) if record is not None else None,
         }
+
+    @app.post("/admin/update_weights")
+    async def admin_update_weights(request: Request):
+        """New weights of the served model from a checkpoint folder, once the running
+        requests finish (moebius/engine/weight_update.py)."""
+        check_admin(request)
+        try:
+            req = P.UpdateWeightsRequest.model_validate_json(await request.body())
+            record = await aengine.update_weights(req.model_path)
+        except (pydantic.ValidationError, ValueError, EngineDeadError) as e:
+            raise to_api_error(e) from None
+        except TimeoutError:
+            raise APIError(504, "the running requests did not finish in time for the weight "
+                                "update; it stays queued", "timeout") from None
+        return {"success": True, "weights_version": record.version, "update": asdict(record)}
 
     return app
 

@@ -58,6 +58,8 @@ class AsyncEngine:
         self._idle: asyncio.Event | None = None
         self._switch_waiters: list[tuple[str, asyncio.Future]] = []
         self._num_switches_seen = len(engine.switches)
+        self._update_waiter: asyncio.Future | None = None  # the weight update asked, if any
+        self._num_updates_seen = len(engine.weight_updates)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -207,6 +209,20 @@ class AsyncEngine:
         self._notify()
         return await asyncio.wait_for(fut, timeout)
 
+    async def update_weights(self, model_dir: str, timeout: float = 600.0):
+        """Load new weights of the served model from ``model_dir`` once the running requests
+        have finished (new ones wait meanwhile) and return the ``WeightUpdate``; ValueError
+        for another model's checkpoint, or one the ranks refused (the weights stay)."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        self.engine.request_weight_update(model_dir)  # ValueError: another model, or pending
+        fut = self._update_waiter = self._loop.create_future()
+        self._notify()
+        record = await asyncio.wait_for(fut, timeout)
+        if record.error:
+            raise ValueError(f"the checkpoint at {model_dir!r} was refused: {record.error}")
+        return record
+
     # ------------------------------------------------------------------ engine thread
     def _notify(self) -> None:
         with self._cond:
@@ -237,6 +253,9 @@ class AsyncEngine:
                 self.metrics.observe_engine(stats)
             self._num_switches_seen = len(engine.switches)
             last = engine.switches[-1] if engine.switches else None
+            if len(engine.weight_updates) != self._num_updates_seen:
+                self._num_updates_seen = len(engine.weight_updates)
+                self._loop.call_soon_threadsafe(self._updated, engine.weight_updates[-1])
             self._loop.call_soon_threadsafe(self._dispatch, outs, step_start, stats["layout"], last)
             if not outs:
                 time.sleep(0.0005)  # nothing progressed (e.g. a prefill chunk): don't spin hot
@@ -258,6 +277,11 @@ class AsyncEngine:
                 keep.append((target, fut))
         self._switch_waiters = keep
 
+    def _updated(self, record) -> None:
+        fut, self._update_waiter = self._update_waiter, None
+        if fut is not None and not fut.done():
+            fut.set_result(record)
+
     def _fail_all(self) -> None:
         err = EngineDeadError(self.error)
         for queue in self._queues.values():
@@ -266,3 +290,6 @@ class AsyncEngine:
             if not fut.done():
                 fut.set_exception(err)
         self._switch_waiters = []
+        if self._update_waiter is not None and not self._update_waiter.done():
+            self._update_waiter.set_exception(err)
+        self._update_waiter = None

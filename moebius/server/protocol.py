@@ -585,5 +585,11 @@ class SwitchRequest(_Strict):
     layout: Literal["tp", "ep"]
 
 
+class UpdateWeightsRequest(_Strict):
+    """SGLang's ``update_weights_from_disk`` body: a checkpoint folder of the served model."""
+
+    model_path: str
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

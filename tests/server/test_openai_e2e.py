@@ -838,6 +838,51 @@ def test_64_streams_survive_two_switches(server, client, offline):
     assert metric(server, "switch_bytes_total", 'kind="weights"') > 0
 
 
+def test_weight_update_waits_for_running_streams(server, client, offline, qwen_dir, qwen_b_dir):
+    """/admin/update_weights mid-stream: the stream finishes under the weights it began with,
+    requests after the update get the new checkpoint's tokens; another model's checkpoint is a
+    400 and the server serves on. The module's other tests need A: it is restored."""
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    greedy = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    want_a = offline.generate([PROMPTS[1]], greedy)[0].outputs[0]
+    with LLM(qwen_b_dir, max_model_len=MAX_MODEL_LEN) as b:
+        want_b = b.generate([PROMPTS[1]], greedy)[0].outputs[0].token_ids
+    assert want_a.token_ids != want_b
+    got, first = [], threading.Event()
+
+    def stream():
+        for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=200,
+                                               temperature=0, stream=True, extra_body=EXTRA):
+            got.append(chunk.choices[0].text)
+            first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(60)
+    try:
+        assert t.is_alive()  # the update is asked mid-stream
+        r = httpx.post(f"{server.base}/admin/update_weights", json={"model_path": qwen_b_dir},
+                       headers=admin, timeout=120)
+        assert r.status_code == 200 and r.json()["success"], r.text
+        version = r.json()["weights_version"]
+        t.join(60)
+        assert "".join(got) == want_a.text
+        after = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=200,
+                                          temperature=0, logprobs=0, extra_body=EXTRA)
+        assert ids_of(after.choices[0].logprobs.tokens) == want_b
+        bad = httpx.post(f"{server.base}/admin/update_weights",
+                         json={"model_path": "/no/such/dir"}, headers=admin, timeout=60)
+        assert bad.status_code == 400 and "cannot read" in bad.json()["error"]["message"]
+        assert httpx.post(f"{server.base}/admin/update_weights", json={"model_path": qwen_dir},
+                          timeout=60).status_code == 401
+    finally:
+        back = httpx.post(f"{server.base}/admin/update_weights", json={"model_path": qwen_dir},
+                          headers=admin, timeout=120)
+    assert back.status_code == 200 and back.json()["weights_version"] == version + 1
+    layout = httpx.get(f"{server.base}/admin/layout", headers=admin).json()
+    assert layout["stats"]["weights_version"] == version + 1
+
+
 def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
     rng = random.Random(seed)
     values = [

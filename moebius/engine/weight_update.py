@@ -1,0 +1,44 @@
+"""In-place weight updates (RL: the policy's new weights between rollouts; SGLang's
+``update_weights_from_disk``): a checkpoint folder of the same model is loaded into every
+rank's tensors at their fixed addresses, in the current layout, so CUDA graphs, both layouts'
+runtimes and the switch's buffers stay as they are. The prefix cache is dropped (its KV came
+from the old weights). The engine applies an update only with no request running: the server
+pauses admission, lets the running requests finish under the weights they started with, then
+updates and resumes (docs/weight-updates.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from moebius.config import ConfigError, ModelConfig
+
+# fields of ModelConfig a new checkpoint may change: not shapes
+_FREE = {"torch_dtype"}
+
+
+@dataclass
+class WeightUpdate:
+    """One update, as ``LLMEngine.weight_updates`` records it."""
+
+    version: int  # weights version after it (the engine starts at 0)
+    model_dir: str
+    step: int  # the engine step it followed
+    seconds: float  # wall time, every rank loaded and copied
+    load_seconds: float  # the slowest rank's host staging
+    copy_seconds: float  # the slowest rank's copy into place
+    error: str | None = None  # the checkpoint was refused; the weights did not change
+
+
+def check_compatible(current: ModelConfig, model_dir: str) -> None:
+    """ValueError unless ``model_dir`` holds the same model (every shape and option equal):
+    what a rank would otherwise find only tensor by tensor."""
+    try:
+        new = ModelConfig.from_dir(model_dir)
+    except (ConfigError, OSError) as e:
+        raise ValueError(f"cannot read the checkpoint at {model_dir!r}: {e}") from e
+    diff = [f.name for f in fields(ModelConfig)
+            if f.name not in _FREE and getattr(new, f.name) != getattr(current, f.name)]
+    if diff:
+        raise ValueError(f"the checkpoint at {model_dir!r} is another model: {', '.join(diff)} "
+                         f"differ from the served model's")
