@@ -63,6 +63,9 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="priority: requests' priority field orders admission and preemption "
+                        "(lower first), as vLLM's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--progressive-layers",
@@ -132,6 +135,7 @@ def engine_config(args, model_dir: str) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
         seed=args.seed,
         switch_schedule=parse_schedule(args.switch_schedule),
         progressive_layers=args.progressive_layers,

@@ -417,6 +417,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # vLLM's --scheduling-policy: "fcfs" (arrival order) or "priority" (each request's
+    # ``priority``, lower first, then arrival: the order of admission, and the last preempted)
+    scheduling_policy: str = "fcfs"
     seed: int = 0
     switch_schedule: tuple[tuple[int, str], ...] = ()  # (engine step, layout) pairs
     enforce_eager: bool = False
@@ -438,6 +441,9 @@ class EngineConfig:
             )
         if self.policy not in ("manual", "auto"):
             raise ConfigError(f"policy must be 'manual' or 'auto', got {self.policy!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got "
+                              f"{self.scheduling_policy!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -260,6 +260,7 @@ class Request:
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
     guide: object | None = None  # guided decoding: a moebius.guided.guide.Guide
+    priority: int = 0  # scheduling_policy "priority": lower goes first (vLLM's)
     # params.prompt_logprobs set (on a group's first child only): entry p >= 1 is (the logprob
     # of prompt token p, its rank, {top id: logprob}) once a step computed it, else None
     prompt_logprobs: list | None = None

@@ -44,11 +44,14 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[list[int]] | list[int],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """One ``RequestOutput`` per prompt, in order. Prompts are strings or token-id lists."""
+        """One ``RequestOutput`` per prompt, in order. Prompts are strings or token-id lists;
+        ``priority``: one per prompt (scheduling_policy "priority": lower first)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=True)
+        return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=True,
+                              priority=priority)
 
     def chat(
         self,
@@ -68,17 +71,22 @@ class LLM:
         prompts = [render(c, add_generation_prompt, chat_template_kwargs, tools) for c in convs]
         return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=False)
 
-    def _generate(self, prompts, sampling_params, use_tqdm: bool, add_special_tokens: bool):
+    def _generate(self, prompts, sampling_params, use_tqdm: bool, add_special_tokens: bool,
+                  priority: Sequence[int] | None = None):
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError("give one priority per prompt")
         ids: list[str] = []
         try:
-            for p, sp in zip(prompts, params, strict=True):
+            for p, sp, prio in zip(prompts, params, priority, strict=True):
                 ids.append(self.engine.add_request(p, sp, final_only=True,
-                                                   add_special_tokens=add_special_tokens))
+                                                   add_special_tokens=add_special_tokens,
+                                                   priority=prio))
         except BaseException:  # a bad prompt or params: none of this call's prompts runs
             for rid in ids:
                 self.engine.abort(rid)

@@ -144,12 +144,14 @@ class DecodeEngine(LLMEngine):
             self._expected.pop(request_id, None)
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
         with self._lock:
             payload = self._expected.pop(request_id, None) if request_id else None
         if payload is None:
-            return super().add_request(prompt, params, request_id)
+            return super().add_request(prompt, params, request_id, priority=priority)
+        self.check_priority(priority)
         meta = payload.meta
         ids = list(meta["prompt_token_ids"])
         if params.n != 1:
@@ -157,7 +159,7 @@ class DecodeEngine(LLMEngine):
         if not isinstance(prompt, str) and list(prompt) != ids:
             raise ValueError("the handed-off prompt differs from the request's")
         self.check_prompt(ids, params)
-        req = Request(request_id, ids, params, seed=meta["seed"])
+        req = Request(request_id, ids, params, seed=meta["seed"], priority=priority)
         req.guide = self.guide(params)  # it reads the first token with the rest
         req.output_token_ids.append(int(meta["first_token"]))
         if params.logprobs is not None and meta.get("first_logprobs"):

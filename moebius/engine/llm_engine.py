@@ -155,11 +155,14 @@ class LLMEngine:
         request_id: str | None = None,
         final_only: bool = False,
         add_special_tokens: bool = True,
+        priority: int = 0,
     ) -> str:
         """Admit a prompt; returns its request id. ``final_only``: ``step()`` reports it once,
         finished, and skips the per-step detokenisation and output building (as vLLM's
         ``RequestOutputKind.FINAL_ONLY``); stop strings still detokenise every step.
-        ``add_special_tokens=False``: a text prompt gets no BOS (a rendered chat has its own)."""
+        ``add_special_tokens=False``: a text prompt gets no BOS (a rendered chat has its own).
+        ``priority``: under scheduling_policy "priority", lower is admitted first."""
+        self.check_priority(priority)
         rid = request_id or self.next_request_id()
         if rid in self.groups:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -175,6 +178,7 @@ class LLMEngine:
         for i in range(params.n):
             child = Request(f"{rid}#{i}" if params.n > 1 else rid, ids, params, seed=base_seed + i)
             child.guide = self.guide(params)
+            child.priority = priority
             children.append(child)
         if params.prompt_logprobs is not None:  # the prompt is the same: one child scores it
             children[0].prompt_logprobs = [None] * len(ids)
@@ -192,6 +196,15 @@ class LLMEngine:
                 self.requests[child.request_id] = child
                 self.scheduler.add(child)
         return rid
+
+    def check_priority(self, priority: int) -> None:
+        """ValueError for a priority this engine cannot honour (vLLM's rule: any but 0 needs
+        the priority policy)."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority and self.cfg.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy "
+                             f"(--scheduling-policy priority); this engine serves fcfs")
 
     def _check_kv_capacity(self) -> None:
         """As vLLM does: an explicit max_model_len the KV cache cannot hold for one request

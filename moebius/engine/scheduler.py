@@ -4,6 +4,11 @@ plans the bookkeeping side of a layout switch.
 
 Under TP one block manager serves all ranks (their tables are identical); under EP each rank
 has its own, and every request has an owner rank.
+
+Order: "fcfs" admits by arrival and preempts the latest admitted; "priority" (vLLM's) keeps
+the waiting and the running lists sorted by (priority, arrival), so it admits the lowest
+priority value first, gives the running ones the step's tokens in that order and preempts
+the last (a request never preempts another to be admitted, as in vLLM).
 """
 
 from __future__ import annotations
@@ -80,7 +85,19 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        self._insert(self.waiting, req, front=False)
+
+    def _insert(self, queue, req: Request, front: bool) -> None:
+        """Into ``waiting`` or ``running``: at the end (``front``: the start) in "fcfs", at
+        its (priority, arrival) place in "priority" (searched from the end: most requests
+        share a priority and arrive last)."""
+        if self.cfg.scheduling_policy != "priority":
+            queue.appendleft(req) if front else queue.append(req)
+            return
+        key, i = (req.priority, req.arrival_time), len(queue)
+        while i and (queue[i - 1].priority, queue[i - 1].arrival_time) > key:
+            i -= 1
+        queue.insert(i, req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -143,7 +160,7 @@ class Scheduler:
         req.owner_rank = -1
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._insert(self.waiting, req, front=True)
 
     # ------------------------------------------------------------------ scheduling
     def _bucket(self, req: Request) -> int:
@@ -198,8 +215,9 @@ class Scheduler:
                 budgets[b] -= n
                 continue
             while not self._fits(req, req.num_computed_tokens + n):
-                # the latest admitted of this bucket: never one already scheduled this step,
-                # since those precede req in the running order
+                # the last of this bucket in the running order (fcfs: the latest admitted;
+                # priority: the lowest): never one already scheduled this step, since those
+                # precede req in that order
                 peers = [r for r in self.running if self._bucket(r) == b]
                 victim = peers[-1]
                 if peers == [req]:  # alone and still too long: it can never fit this pool
@@ -253,7 +271,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
-            self.running.append(req)
+            self._insert(self.running, req, front=False)
             items.append((req, n))
             budgets[b] -= n
         late = [r for r, _ in items if r.guide is not None and r.num_inflight]
@@ -390,7 +408,7 @@ class Scheduler:
         req.block_hashes = []
         req.num_computed_tokens = num_prompt
         req.status = RequestStatus.RUNNING
-        self.running.append(req)
+        self._insert(self.running, req, front=False)
         self._check_stop(req)
         return True
 

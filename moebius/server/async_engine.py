@@ -124,7 +124,8 @@ class AsyncEngine:
             )
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams, request_id: str,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Admit one prompt and yield its cumulative outputs until it finishes. Raises
         ``QueueFullError``/``EngineUnavailableError`` before admission, input errors from
@@ -134,7 +135,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue  # before add_request: no output can be missed
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, priority=priority)
         except BaseException:
             del self._queues[request_id]
             raise

@@ -140,6 +140,8 @@ class _SamplingFields(_Strict):
     # vLLM's: each prompt token's logprob and the top n at its position, in the response's
     # prompt_logprobs (not while streaming)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's: under --scheduling-policy priority, lower is admitted first (else only 0)
+    priority: int = Field(0, ge=-(2**63), le=INT64_MAX)
     response_format: ResponseFormat | None = None
     guided_json: dict | str | None = None  # vLLM's: a JSON schema (or its text)
     guided_regex: str | None = None  # vLLM's: the output is a whole match of it

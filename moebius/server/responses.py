@@ -52,6 +52,7 @@ class Job:
     echo: list[str] | None = None
     echo_only: bool = False
     prompt_logprobs: bool = False  # asked by name: the response's prompt_logprobs field
+    priority: int = 0
 
     def parse_tools(self, text: str) -> ParsedOutput:
         parsed = self.tool_parser.parse(text)
@@ -144,6 +145,7 @@ class Responder:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _job(self, kind, rid, req, prompts, max_tokens, num_logprobs) -> Job:
+        self.engine.check_priority(req.priority)
         context = self.engine.cfg.context_len
         params = []
         for ids in prompts:
@@ -167,13 +169,14 @@ class Responder:
             req.return_tokens_as_token_ids,
             bool(req.stream and opts and opts.include_usage),
             prompt_logprobs=req.prompt_logprobs is not None,
+            priority=req.priority,
         )
 
     # ---------------------------------------------------------------- running
     async def _run(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) as they come, for every prompt of ``job``."""
         gens = [
-            self.aengine.generate(ids, sp, f"{job.id}-{i}")
+            self.aengine.generate(ids, sp, f"{job.id}-{i}", job.priority)
             for i, (ids, sp) in enumerate(zip(job.prompts, job.params, strict=True))
         ]
         if len(gens) == 1:

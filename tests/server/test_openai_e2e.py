@@ -489,6 +489,9 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
     ({"guided_choice": ["yes"], "ignore_eos": True}, "ignore_eos cannot be combined"),
     ({"guided_choice": ["yes"], "response_format": {"type": "json_object"}}, "exclude each other"),
     ({"guided_grammar": "root ::= 'a'"}, "guided decoding is not supported: guided_grammar"),
+    ({"priority": 3}, "needs the priority scheduling policy"),  # an fcfs server
+    ({"priority": "3"}, "priority"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
 ])
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_bad_logit_rules_and_guided_decoding_are_400(client, endpoint, extra, match):
@@ -951,6 +954,7 @@ def fuzz_cases(seed: int, count: int) -> list[tuple[str, bytes]]:
         "presence_penalty",
         "echo",
         "prompt_logprobs",
+        "priority",
         "ignore_eos",
         "best_of",
         "tools",
@@ -1093,16 +1097,20 @@ class FakeEngine:
 
         self.error_cls = WorkerError
         self.switches, self.layout, self.waiting = [], "tp", set()
+        self.weight_updates = []
         self.release = threading.Event()
         self.cfg = SimpleNamespace(
             context_len=64, model=SimpleNamespace(vocab_size=100), model_dir=None, ranks=1
         )
         self.tokenizer = SimpleNamespace(encode=lambda s, add_special_tokens=True: [1, 2, 3])
 
-    def add_request(self, prompt, params, request_id=None):
+    def add_request(self, prompt, params, request_id=None, priority=0):
         self.waiting.add(request_id)
 
     def check_prompt(self, ids, params):
+        pass
+
+    def check_priority(self, priority):
         pass
 
     def abort(self, request_id):
@@ -1116,7 +1124,8 @@ class FakeEngine:
         raise self.error_cls("rank 1 died (exit code -9)")
 
     def stats(self):
-        return {"layout": "tp", "running": 0, "waiting": len(self.waiting), "kv_usage": 0.0}
+        return {"layout": "tp", "running": 0, "waiting": len(self.waiting), "kv_usage": 0.0,
+                "preemptions": 0, "prefix_cache_query_tokens": 0, "prefix_cache_hit_tokens": 0}
 
     def shutdown(self):
         pass

@@ -50,12 +50,12 @@ class ScriptedEngine:
         self.script = script
         self.cfg = SimpleNamespace(context_len=4096, model_dir=model_dir, ranks=1,
                                    model=SimpleNamespace(vocab_size=self.tokenizer.vocab_size))
-        self.switches, self.layout = [], "tp"
+        self.switches, self.layout, self.weight_updates = [], "tp", []
         self.running: dict[str, list] = {}
         self.prompts: list[list[int]] = []  # every prompt received
         self.params: list = []  # and its sampling parameters
 
-    def add_request(self, prompt, params, request_id=None):
+    def add_request(self, prompt, params, request_id=None, priority=0):
         ids = self.tokenizer.encode(self.script, add_special_tokens=False)
         dets = [IncrementalDetokenizer(self.tokenizer) for _ in range(params.n)]
         self.running[request_id] = [list(prompt), params, ids, dets, 0]
@@ -63,6 +63,9 @@ class ScriptedEngine:
         self.params.append(params)
 
     def check_prompt(self, ids, params):
+        pass
+
+    def check_priority(self, priority):
         pass
 
     def abort(self, request_id):
@@ -87,7 +90,8 @@ class ScriptedEngine:
         return outs
 
     def stats(self):
-        return {"layout": "tp", "running": len(self.running), "waiting": 0, "kv_usage": 0.0}
+        return {"layout": "tp", "running": len(self.running), "waiting": 0, "kv_usage": 0.0,
+                "preemptions": 0, "prefix_cache_query_tokens": 0, "prefix_cache_hit_tokens": 0}
 
     def shutdown(self):
         pass
@@ -170,7 +174,7 @@ class EveryOutput:
     def __init__(self, engine: ScriptedEngine) -> None:
         self.engine = engine
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, priority=0):
         self.engine.add_request(prompt, params, request_id)
         while request_id in self.engine.running:
             for out in self.engine.step():
