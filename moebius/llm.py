@@ -120,11 +120,12 @@ class LLM:
         """Switch layout at the next step boundary (callable from any thread)."""
         self.engine.switch(layout)
 
-    def update_weights(self, model_dir: str):
-        """Load new weights of the same model from a checkpoint folder into the running
-        engine, in place (RL: the trainer's latest policy between rollouts); returns the
-        ``WeightUpdate``. Call between ``generate`` calls (moebius/engine/weight_update.py)."""
-        return self.engine.update_weights(model_dir)
+    def update_weights(self, source):
+        """New weights for the running engine, in place (RL: the trainer's latest policy
+        between rollouts): a checkpoint folder of the same model, or (Hugging Face name,
+        tensor) pairs / a state dict, any subset. Returns the ``WeightUpdate``. Call between
+        ``generate`` calls (moebius/engine/weight_update.py)."""
+        return self.engine.update_weights(source)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -26,7 +26,7 @@ from moebius.engine import progressive
 from moebius.engine.gc_tuning import tune_gc
 from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
-from moebius.engine.weight_update import WeightUpdate, check_compatible
+from moebius.engine.weight_update import WeightUpdate, check_compatible, describe
 from moebius.engine.worker import make_executor
 from moebius.guided.guide import Guide, Vocabulary
 from moebius.guided.token_bytes import token_bytes
@@ -114,7 +114,7 @@ class LLMEngine:
         self.switches: list[SwitchRecord] = []
         self.weight_updates: list[WeightUpdate] = []  # refused ones too (with their error)
         self.weights_version = 0
-        self._pending_update: str | None = None  # a checkpoint to load once none is running
+        self._pending_update = None  # a source to write once no request is running
         self.switch_schedule = dict(cfg.switch_schedule)
         self.progressive_layers = cfg.progressive_layers  # layers a step (0: all at once)
         self._pending_switch: str | None = None
@@ -296,51 +296,56 @@ class LLMEngine:
                 or self._pending_update is not None)
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, model_dir: str) -> WeightUpdate:
-        """Load ``model_dir``'s weights (the same model: ValueError otherwise, or for a
-        checkpoint a rank cannot read; the weights then stay) into every rank in place, now;
-        the engine must be idle (offline use between ``generate`` calls; the server uses
-        ``request_weight_update``). Drops the prefix cache."""
+    def update_weights(self, source) -> WeightUpdate:
+        """Write new weights into every rank in place, now: ``source`` a checkpoint folder of
+        the same model, or (Hugging Face name, tensor) pairs or a dict (any subset of the
+        model's names). ValueError for another model, a missing, unknown or misshapen tensor:
+        the weights then stay. The engine must be idle (offline use between ``generate``
+        calls; the server uses ``request_weight_update``). Drops the prefix cache."""
         if self.has_unfinished():
             raise RuntimeError("update_weights needs an idle engine (requests are unfinished); "
                                "a server updates through request_weight_update")
-        check_compatible(self.cfg.model, model_dir)
-        record = self._update_weights(model_dir)
+        check_compatible(self.cfg.model, source)
+        if not isinstance(source, str):
+            source = list(source.items() if isinstance(source, dict) else source)
+        record = self._update_weights(source)
         if record.error:
             raise ValueError(record.error)
         return record
 
-    def request_weight_update(self, model_dir: str) -> None:
-        """Update at the first step boundary where no request is running (thread-safe): new
-        and preempted requests wait until then, running ones finish under the weights they
-        began with. ValueError for another model's checkpoint; the outcome (a
-        ``WeightUpdate``, its ``error`` set if a rank refused the checkpoint) is appended to
-        ``weight_updates``."""
-        check_compatible(self.cfg.model, model_dir)
+    def request_weight_update(self, source) -> None:
+        """Update (``source`` as for ``update_weights``) at the first step boundary where no
+        request is running (thread-safe): new and preempted requests wait until then, running
+        ones finish under the weights they began with. ValueError for another model's
+        checkpoint; the outcome (a ``WeightUpdate``, its ``error`` set if a rank refused the
+        source) is appended to ``weight_updates``."""
+        check_compatible(self.cfg.model, source)
+        if not isinstance(source, str):
+            source = list(source.items() if isinstance(source, dict) else source)
         with self._lock:
             if self._pending_update is not None:
                 raise ValueError("a weight update is already waiting for the running requests")
-            self._pending_update = model_dir
+            self._pending_update = source
             self.scheduler.paused = True
 
     def _maybe_update_weights(self) -> None:
         s = self.scheduler
         if s.running or self._inflight is not None or s.transition is not None:
             return  # (overlapped: the step in flight lands in this call, the update next)
-        model_dir, self._pending_update = self._pending_update, None
-        self._update_weights(model_dir)
+        source, self._pending_update = self._pending_update, None
+        self._update_weights(source)
         with self._lock:
             s.paused = False
 
-    def _update_weights(self, model_dir: str) -> WeightUpdate:
+    def _update_weights(self, source) -> WeightUpdate:
         t0 = time.perf_counter()
-        results = self.executor.call("update_weights", model_dir)
+        results = self.executor.call("update_weights", source)
         errors = [r["error"] for r in results if "error" in r]
         record = WeightUpdate(
-            self.weights_version + (not errors), model_dir, self.step_count,
+            self.weights_version + (not errors), describe(source), self.step_count,
             time.perf_counter() - t0,
-            max((r.get("load_seconds", 0.0) for r in results), default=0.0),
-            max((r.get("copy_seconds", 0.0) for r in results), default=0.0),
+            max((r.get("check_seconds", 0.0) for r in results), default=0.0),
+            max((r.get("write_seconds", 0.0) for r in results), default=0.0),
             errors[0] if errors else None,
         )
         if not errors:
@@ -348,10 +353,10 @@ class LLMEngine:
             with self._lock:
                 for mgr in self.scheduler.managers:  # cached KV came from the old weights
                     mgr.forget_cached()
-            log.info("weights updated from %s (version %d) in %.2f s", model_dir,
+            log.info("weights updated from %s (version %d) in %.2f s", record.source,
                      record.version, record.seconds)
         else:
-            log.warning("weight update from %s refused: %s", model_dir, errors[0])
+            log.warning("weight update from %s refused: %s", record.source, errors[0])
         self.weight_updates.append(record)
         return record
 

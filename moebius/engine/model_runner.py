@@ -28,7 +28,7 @@ from moebius.kv.pool import KVPool
 from moebius.model import deepseek, router_fold
 from moebius.model.attention import AttentionMeta, PrefillChunk
 from moebius.model.decoder import forward
-from moebius.model.loader import load_weights
+from moebius.model.loader import WeightWriter, load_weights, update_plan
 from moebius.model.mla import MLARotary
 from moebius.model.ops import Rotary
 from moebius.model.sampler import (
@@ -40,7 +40,6 @@ from moebius.model.sampler import (
     sample,
     score_tokens,
 )
-from moebius.model.weights import copy_weights
 from moebius.parallel.comm import Comm
 from moebius.parallel.layout import Layout
 
@@ -617,24 +616,29 @@ class ModelRunner:
         return result
 
     @torch.inference_mode()
-    def update_weights(self, model_dir: str) -> dict:
-        """Load ``model_dir``'s weights (the same model) into this rank's tensors in place, for
-        the current layout: staged whole in host memory first, so a bad checkpoint (a missing
-        or misshapen tensor) changes nothing and answers ``{"error": ...}`` (the engine goes
-        on); then copied over, every address kept (CUDA graphs replay the new values)."""
+    def update_weights(self, source) -> dict:
+        """Write new weights into this rank's tensors in place, for the current layout, every
+        address kept (CUDA graphs replay the new values): ``source`` a checkpoint folder of the
+        same model, or (Hugging Face name, tensor) pairs (any subset). Every name and shape is
+        checked first (``update_plan``), so a bad source changes nothing and answers
+        ``{"error": ...}``; the engine goes on. Then tensor by tensor: no second copy of the
+        weights anywhere."""
         assert len(set(self.layer_modes)) == 1, "weights are updated between switches"
         t0 = time.perf_counter()
+        writer = WeightWriter(self.model, self.layout, self.weights)
         try:
-            staged = load_weights(self.model, model_dir, self.layout, self.dtype, "cpu")
+            plan = update_plan(writer, source)
         except Exception as e:  # noqa: BLE001 - nothing was written yet: refuse, keep serving
             return {"error": f"{type(e).__name__}: {e}"}
         t1 = time.perf_counter()
-        copy_weights(self.weights, staged)
+        for name, get in plan:
+            writer.assign(name, get())
         for lw in self.weights.layers:
             router_fold.refresh(lw)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return {"load_seconds": t1 - t0, "copy_seconds": time.perf_counter() - t1}
+        return {"check_seconds": t1 - t0, "write_seconds": time.perf_counter() - t1,
+                "tensors": len(plan)}
 
     def weights_digest(self) -> str:
         """A hash of the expert buffers' bytes and a few dense tensors' (tests: switches must

@@ -1,10 +1,11 @@
 """In-place weight updates (RL: the policy's new weights between rollouts; SGLang's
-``update_weights_from_disk``): a checkpoint folder of the same model is loaded into every
-rank's tensors at their fixed addresses, in the current layout, so CUDA graphs, both layouts'
-runtimes and the switch's buffers stay as they are. The prefix cache is dropped (its KV came
-from the old weights). The engine applies an update only with no request running: the server
-pauses admission, lets the running requests finish under the weights they started with, then
-updates and resumes (docs/weight-updates.md).
+``update_weights_from_disk`` and ``_from_tensor``): a checkpoint folder of the same model, or
+named tensors (any subset, Hugging Face names), are written into every rank's tensors at their
+fixed addresses, in the current layout (moebius/model/loader.py: ``WeightWriter``), so CUDA
+graphs, both layouts' runtimes and the switch's buffers stay as they are. The prefix cache is
+dropped (its KV came from the old weights). The engine applies an update only with no request
+running: the server pauses admission, lets the running requests finish under the weights they
+started with, then updates and resumes (docs/weight-updates.md).
 """
 
 from __future__ import annotations
@@ -22,17 +23,25 @@ class WeightUpdate:
     """One update, as ``LLMEngine.weight_updates`` records it."""
 
     version: int  # weights version after it (the engine starts at 0)
-    model_dir: str
+    source: str  # the checkpoint folder, or "N tensors"
     step: int  # the engine step it followed
-    seconds: float  # wall time, every rank loaded and copied
-    load_seconds: float  # the slowest rank's host staging
-    copy_seconds: float  # the slowest rank's copy into place
-    error: str | None = None  # the checkpoint was refused; the weights did not change
+    seconds: float  # wall time, every rank checked and wrote
+    check_seconds: float  # the slowest rank's check of every name and shape
+    write_seconds: float  # the slowest rank's reads and writes into place
+    error: str | None = None  # the source was refused; the weights did not change
 
 
-def check_compatible(current: ModelConfig, model_dir: str) -> None:
-    """ValueError unless ``model_dir`` holds the same model (every shape and option equal):
-    what a rank would otherwise find only tensor by tensor."""
+def describe(source) -> str:
+    return source if isinstance(source, str) else f"{len(source)} tensors"
+
+
+def check_compatible(current: ModelConfig, source) -> None:
+    """ValueError unless a checkpoint folder ``source`` holds the same model (every shape and
+    option equal): what a rank would otherwise find only tensor by tensor. Named tensors are
+    checked by the ranks, name by name."""
+    if not isinstance(source, str):
+        return
+    model_dir = source
     try:
         new = ModelConfig.from_dir(model_dir)
     except (ConfigError, OSError) as e:

@@ -9,7 +9,7 @@ view is (E, 2c, H) for w13 and (E, c, H) for w2ᵀ; only the token -> piece rout
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,24 +109,3 @@ class ModelWeights:
                 total += storage.nbytes()
         return total
 
-
-def copy_weights(dst: ModelWeights, src: ModelWeights) -> None:
-    """Write ``src``'s values (the same model and layout, loaded anywhere: host staging) into
-    ``dst``'s tensors in place, so every address stays: CUDA graphs, the switch's buffers and
-    views (q/k/v of qkv, a tied head) see the new values. Tensors ``src`` lacks are derived
-    ones (the router fold's rows, rebuilt by the caller); a shape that differs raises before
-    anything is written."""
-    pairs = [(dst.embed, src.embed), (dst.norm, src.norm), (dst.lm_head, src.lm_head)]
-    for a, b in zip(dst.layers, src.layers, strict=True):
-        for f in fields(LayerWeights):
-            x, y = getattr(a, f.name), getattr(b, f.name)
-            if isinstance(x, dict):
-                pairs += [(x[k], y[k]) for k in x]
-            elif isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-                pairs.append((x, y))
-    pairs += [(dst.experts.w13, src.experts.w13), (dst.experts.w2, src.experts.w2)]
-    for x, y in pairs:
-        if x.shape != y.shape:
-            raise ValueError(f"weight shapes differ: {tuple(x.shape)} here, {tuple(y.shape)} new")
-    for x, y in pairs:
-        x.copy_(y)

@@ -216,7 +216,7 @@ class AsyncEngine:
         for another model's checkpoint, or one the ranks refused (the weights stay)."""
         if self.error is not None:
             raise EngineDeadError(self.error)
-        self.engine.request_weight_update(model_dir)  # ValueError: another model, or pending
+        self.engine.request_weight_update(model_dir)  # ValueError: another model, or one waits
         fut = self._update_waiter = self._loop.create_future()
         self._notify()
         record = await asyncio.wait_for(fut, timeout)
