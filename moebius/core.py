@@ -67,6 +67,9 @@ class SamplingParams:
     guided_json: dict | bool | str | None = None
     guided_choice: list[str] | None = None
     guided_regex: str | None = None
+    # JSON (an object or a schema's) with no whitespace between tokens (vLLM's
+    # disable_any_whitespace); without it runs of up to 32 bytes may go there
+    guided_compact_json: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

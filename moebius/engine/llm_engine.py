@@ -28,7 +28,7 @@ from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
 from moebius.engine.weight_update import WeightUpdate, check_compatible, describe
 from moebius.engine.worker import make_executor
-from moebius.guided.guide import Guide, Vocabulary
+from moebius.guided.guide import WHITESPACE_RUN, Guide, Vocabulary
 from moebius.guided.token_bytes import token_bytes
 from moebius.parallel.reshard import owner_changed_expert_bytes
 from moebius.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -232,11 +232,12 @@ class LLMEngine:
             return None
         if params.guided_choice is not None:
             return Guide(self.vocabulary(), "choice", params.guided_choice)
+        whitespace = 0 if params.guided_compact_json else WHITESPACE_RUN
         if params.guided_json is not None:
-            return Guide(self.vocabulary(), "schema", params.guided_json)
+            return Guide(self.vocabulary(), "schema", params.guided_json, whitespace)
         if params.guided_regex is not None:
             return Guide(self.vocabulary(), "regex", params.guided_regex)
-        return Guide(self.vocabulary(), "json")
+        return Guide(self.vocabulary(), "json", (), whitespace)
 
     def vocabulary(self) -> Vocabulary:
         """Every token's bytes and the guided masks computed so far (a pass over the

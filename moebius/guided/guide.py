@@ -189,16 +189,20 @@ class Vocabulary:
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (bytes, lengths)
         self._grammars: OrderedDict = OrderedDict()
 
-    def grammar(self, kind: str, spec=()) -> Grammar:
+    def grammar(self, kind: str, spec=(), whitespace: int = WHITESPACE_RUN) -> Grammar:
         """The grammar of ``kind`` ("json", "schema" with ``spec`` a JSON schema, "choice"
-        with ``spec`` the strings, "regex" with ``spec`` the pattern), built once per distinct
-        spec (SchemaError or RegexError where unsupported); a request holds on to its own past
+        with ``spec`` the strings, "regex" with ``spec`` the pattern; JSON's whitespace runs
+        between tokens at most ``whitespace`` bytes), built once per distinct spec
+        (SchemaError or RegexError where unsupported); a request holds on to its own past
         this cache's bound."""
-        key = (kind, json.dumps(spec))  # in the spec's order: a schema's properties follow it
+        if kind not in ("json", "schema"):
+            whitespace = 0  # (not read)
+        # in the spec's order: a schema's properties follow it
+        key = (kind, json.dumps(spec), whitespace)
         hit = self._grammars.get(key)
         if hit is None:
-            automaton = (BoundedWhitespace(JsonObject()) if kind == "json"
-                         else BoundedWhitespace(compiled(spec)) if kind == "schema"
+            automaton = (BoundedWhitespace(JsonObject(), whitespace) if kind == "json"
+                         else BoundedWhitespace(compiled(spec), whitespace) if kind == "schema"
                          else regex.compiled(spec) if kind == "regex"
                          else Choices(spec))
             table = ByteTable(automaton) if kind == "regex" else None
@@ -304,9 +308,9 @@ class Guide:
     """One request's place in its grammar: ``mask(outputs)`` before each sampled token.
     ``kind`` and ``spec``: as ``Vocabulary.grammar``."""
 
-    def __init__(self, vocab: Vocabulary, kind: str, spec=()) -> None:
+    def __init__(self, vocab: Vocabulary, kind: str, spec=(), whitespace=WHITESPACE_RUN) -> None:
         self.vocab = vocab
-        self.grammar = vocab.grammar(kind, spec)
+        self.grammar = vocab.grammar(kind, spec, whitespace)
         self.state = self.grammar.automaton.start
         self.read = 0  # outputs moved through so far
 

@@ -72,8 +72,9 @@ class ResponseFormat(_Strict):
 
 class StructuredOutputs(BaseModel):
     """vLLM's ``structured_outputs`` (its newer form of the ``guided_*`` fields): one of
-    ``json`` (a schema), ``regex``, ``choice``, ``json_object``. A grammar, a structural tag,
-    a whitespace pattern and compact-only JSON are 400s; ``disable_fallback`` and
+    ``json`` (a schema), ``regex``, ``choice``, ``json_object``; ``disable_any_whitespace``
+    (JSON with no whitespace between tokens). A grammar, a structural tag and a whitespace
+    pattern are 400s; ``disable_fallback`` and
     ``disable_additional_properties`` ask what this server does anyway (no fallback backend;
     no properties beyond a schema's)."""
 
@@ -96,12 +97,9 @@ class StructuredOutputs(BaseModel):
                 raise SamplingError(f"guided decoding is not supported: structured_outputs."
                                     f"{name} cannot be enforced by this server (json, regex, "
                                     f"choice and json_object can)")
-        if self.disable_any_whitespace:
-            raise SamplingError("structured_outputs.disable_any_whitespace is not supported: "
-                                "whitespace between JSON tokens comes in runs of at most 32 "
-                                "bytes here")
         return {"guided_json": self.json_, "guided_regex": self.regex,
-                "guided_choice": self.choice, "guided_json_object": bool(self.json_object)}
+                "guided_choice": self.choice, "guided_json_object": bool(self.json_object),
+                "guided_compact_json": self.disable_any_whitespace}
 
 
 # vLLM's guided-decoding extras this server cannot enforce: any value but null is a 400

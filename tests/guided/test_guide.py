@@ -119,6 +119,19 @@ def test_whitespace_between_tokens_comes_in_bounded_runs():
     assert jg.advance(auto.start, ('{"f": {"k":' + run + " ").encode(), auto.step) is None
 
 
+@pytest.mark.parametrize("kind,spec", [("json", ()), ("schema", {"type": "object"})])
+def test_compact_json_has_no_whitespace_between_tokens(kind, spec):
+    """vLLM's disable_any_whitespace: none between tokens, strings keep theirs; a grammar of
+    its own (the bounded one stays as it was)."""
+    vocab = Vocabulary([b"{"], [])
+    auto = vocab.grammar(kind, spec, whitespace=0).automaton
+    def ok(text: str) -> bool:
+        return jg.advance(auto.start, text.encode(), auto.step) is not None
+    assert ok('{"a":[1,{"b":" x "}]}') and not ok('{ "a":1}') and not ok('{"a": 1}')
+    assert not ok('{"a":1}\n')
+    assert vocab.grammar(kind, spec).automaton.limit == WHITESPACE_RUN
+
+
 def test_guide_follows_outputs_and_ends_only_when_whole():
     tokens = [b"{", b"}", b' "a"', b":", b" 1", b"x", None]
     vocab = Vocabulary(tokens, [6])

@@ -206,3 +206,22 @@ def test_guided_on_cuda_matches_cpu(qwen_dir):
         with LLM(qwen_dir, **kw) as llm:
             outs.append(token_ids(llm.generate(PROMPTS[:3], params)))
     assert outs[0] == outs[1]
+
+
+def test_compact_json_outputs(qwen_dir):
+    """guided_compact_json (vLLM's disable_any_whitespace): sampled JSON with whitespace only
+    inside strings."""
+    params = [SamplingParams(seed=s, max_tokens=24, guided_json_object=True,
+                             guided_compact_json=True) for s in range(6)]
+    with LLM(qwen_dir) as llm:
+        outs = llm.generate(["JSON, please:"] * 6, params)
+    for o in outs:
+        text, in_string, escaped = o.outputs[0].text, False, False
+        assert jg.advance(jg.OBJECT, text.encode()) is not None, text
+        for ch in text:
+            if in_string:
+                in_string = escaped or ch != '"'
+                escaped = not escaped and ch == "\\"
+            else:
+                assert not ch.isspace(), text
+                in_string = ch == '"'

@@ -63,12 +63,13 @@ def test_structured_outputs_map_onto_the_guided_fields():
     assert params(structured_outputs={"regex": "a+"}).guided_regex == "a+"
     assert params(structured_outputs={"choice": ["a", "b"]}).guided_choice == ["a", "b"]
     assert params(structured_outputs={"json_object": True}).guided_json_object
+    assert params(structured_outputs={"json": {}, "disable_any_whitespace": True}
+                  ).guided_compact_json
     assert params(structured_outputs={"choice": ["a"], "disable_fallback": True,
                                       "disable_additional_properties": True}).guided
     for so, match in [({"grammar": "root ::= x"}, "structured_outputs.grammar cannot"),
                       ({"structural_tag": "{}"}, "structural_tag cannot"),
                       ({"whitespace_pattern": " "}, "whitespace_pattern cannot"),
-                      ({"json": {}, "disable_any_whitespace": True}, "disable_any_whitespace"),
                       ({"regex": "a", "choice": ["a"]}, "exclude each other"),
                       ({"json": {"type": "integer", "minimum": 1}}, "minimum cannot be")]:
         with pytest.raises(SamplingError, match=match):
