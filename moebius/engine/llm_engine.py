@@ -26,7 +26,7 @@ from moebius.engine import progressive
 from moebius.engine.gc_tuning import tune_gc
 from moebius.engine.policy import EngineSnapshot, ManualPolicy, SwitchPolicy
 from moebius.engine.scheduler import Scheduler
-from moebius.engine.weight_update import WeightUpdate, check_compatible, describe
+from moebius.engine.weight_update import WeightUpdate, checked_source, describe
 from moebius.engine.worker import make_executor
 from moebius.guided.guide import WHITESPACE_RUN, Guide, Vocabulary
 from moebius.guided.token_bytes import token_bytes
@@ -306,10 +306,7 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("update_weights needs an idle engine (requests are unfinished); "
                                "a server updates through request_weight_update")
-        check_compatible(self.cfg.model, source)
-        if not isinstance(source, str):
-            source = list(source.items() if isinstance(source, dict) else source)
-        record = self._update_weights(source)
+        record = self._update_weights(checked_source(self.cfg.model, source))
         if record.error:
             raise ValueError(record.error)
         return record
@@ -320,9 +317,7 @@ class LLMEngine:
         ones finish under the weights they began with. ValueError for another model's
         checkpoint; the outcome (a ``WeightUpdate``, its ``error`` set if a rank refused the
         source) is appended to ``weight_updates``."""
-        check_compatible(self.cfg.model, source)
-        if not isinstance(source, str):
-            source = list(source.items() if isinstance(source, dict) else source)
+        source = checked_source(self.cfg.model, source)
         with self._lock:
             if self._pending_update is not None:
                 raise ValueError("a weight update is already waiting for the running requests")

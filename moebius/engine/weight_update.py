@@ -35,12 +35,13 @@ def describe(source) -> str:
     return source if isinstance(source, str) else f"{len(source)} tensors"
 
 
-def check_compatible(current: ModelConfig, source) -> None:
-    """ValueError unless a checkpoint folder ``source`` holds the same model (every shape and
-    option equal): what a rank would otherwise find only tensor by tensor. Named tensors are
-    checked by the ranks, name by name."""
+def checked_source(current: ModelConfig, source):
+    """``source`` as the ranks take it: a checkpoint folder, ValueError unless it holds the
+    same model (every shape and option equal: what a rank would otherwise find only tensor by
+    tensor); or named tensors (pairs or a dict) as a list of pairs, checked by the ranks name
+    by name."""
     if not isinstance(source, str):
-        return
+        return list(source.items() if isinstance(source, dict) else source)
     model_dir = source
     try:
         new = ModelConfig.from_dir(model_dir)
@@ -51,3 +52,4 @@ def check_compatible(current: ModelConfig, source) -> None:
     if diff:
         raise ValueError(f"the checkpoint at {model_dir!r} is another model: {', '.join(diff)} "
                          f"differ from the served model's")
+    return source

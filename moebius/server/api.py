@@ -267,16 +267,22 @@ def create_app(
             "switches": [asdict(r) for r in engine.switches],
         }
 
-    @app.post("/admin/switch")
-    async def admin_switch(request: Request):
+    async def admin_action(request: Request, model, act, late: str):
+        """An admin POST: the body read as ``model``, then ``act(body)`` awaited; bad bodies
+        and refusals as the API's errors, a timeout as a 504 saying ``late``."""
         check_admin(request)
         try:
-            req = P.SwitchRequest.model_validate_json(await request.body())
-            record = await aengine.switch(req.layout)
+            return await act(model.model_validate_json(await request.body()))
         except (pydantic.ValidationError, ValueError, EngineDeadError) as e:
             raise to_api_error(e) from None
         except TimeoutError:
-            raise APIError(504, "the switch did not happen in time", "timeout") from None
+            raise APIError(504, late, "timeout") from None
+
+    @app.post("/admin/switch")
+    async def admin_switch(request: Request):
+        record = await admin_action(request, P.SwitchRequest,
+                                    lambda req: aengine.switch(req.layout),
+                                    "the switch did not happen in time")
         return {
             "layout": engine.layout,
             "switched": record is not None,
@@ -287,15 +293,9 @@ def create_app(
     async def admin_update_weights(request: Request):
         """New weights of the served model from a checkpoint folder, once the running
         requests finish (moebius/engine/weight_update.py)."""
-        check_admin(request)
-        try:
-            req = P.UpdateWeightsRequest.model_validate_json(await request.body())
-            record = await aengine.update_weights(req.model_path)
-        except (pydantic.ValidationError, ValueError, EngineDeadError) as e:
-            raise to_api_error(e) from None
-        except TimeoutError:
-            raise APIError(504, "the running requests did not finish in time for the weight "
-                                "update; it stays queued", "timeout") from None
+        record = await admin_action(
+            request, P.UpdateWeightsRequest, lambda req: aengine.update_weights(req.model_path),
+            "the running requests did not finish in time for the weight update; it stays queued")
         return {"success": True, "weights_version": record.version, "update": asdict(record)}
 
     return app
