@@ -43,6 +43,10 @@ class Job:
     num_logprobs: int | None = None
     token_ids_as_tokens: bool = False
     include_usage: bool = False
+    # vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries
+    # the usage so far, ``usage_now``
+    continuous_usage: bool = False
+    usage_now: P.Usage | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     tool_parser: ToolParser | None = None  # chat with tools: find calls in the output
     parallel_tool_calls: bool = True
@@ -170,6 +174,8 @@ class Responder:
             bool(req.stream and opts and opts.include_usage),
             prompt_logprobs=req.prompt_logprobs is not None,
             priority=req.priority,
+            continuous_usage=bool(req.stream and opts and opts.include_usage
+                                  and opts.continuous_usage_stats),
         )
 
     # ---------------------------------------------------------------- running
@@ -307,9 +313,13 @@ class Responder:
         forced: dict[int, ForcedStream] = {}
         sent_reasoning: dict[int, int] = {}
         echoed: set[int] = set()
+        latest: dict[int, RequestOutput] = {}  # continuous usage: each prompt's newest output
         try:
             async with aclosing(self._run(job)) as outs:
                 async for i, out in outs:
+                    if job.continuous_usage:
+                        latest[i] = out
+                        job.usage_now = self._usage(job, latest)
                     hold = max((len(s) for s in job.params[i].stop), default=1) - 1
                     for c in out.outputs:
                         index = i * job.params[i].n + c.index
@@ -436,6 +446,7 @@ class Responder:
             "choices": [_dump(c) for c in choices],
         }
         if job.include_usage:
+            usage = usage or (job.usage_now if choices else None)
             body["usage"] = usage.model_dump() if usage else None
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 

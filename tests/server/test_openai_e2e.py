@@ -260,6 +260,23 @@ def test_request_and_prefix_cache_metrics(server, client):
     assert metric(server, "num_preemptions_total") >= 0
 
 
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    for chat in (False, True):
+        kw = dict(model=MODEL, max_tokens=6, temperature=0, stream=True, extra_body=EXTRA,
+                  stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(client.chat.completions.create(messages=ASK, **kw) if chat
+                      else client.completions.create(prompt=PROMPTS[0], **kw))
+        used = [c.usage.completion_tokens for c in chunks]
+        assert all(c.usage is not None for c in chunks) and used == sorted(used)
+        assert used[-1] == 6 and len({c.usage.prompt_tokens for c in chunks}) == 1
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+                   for c in chunks)
+    plain = list(client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert [c.usage is None for c in plain] == [True] * (len(plain) - 1) + [False]
+
+
 def test_chat_matches_offline(client, offline):
     messages = [
         {"role": "system", "content": "Be brief."},
