@@ -131,6 +131,7 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
+    return_token_ids: bool | None = None  # vLLM's: ids beside the text (responses.Job)
     user: str | None = None
     # OpenAI's: JSON keys are strings, so token ids come as decimal strings ({"50256": -100})
     logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
@@ -439,6 +440,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks them
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -477,6 +480,7 @@ class ChatChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -487,6 +491,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks them
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class Delta(BaseModel):

@@ -47,6 +47,9 @@ class Job:
     # the usage so far, ``usage_now``
     continuous_usage: bool = False
     usage_now: P.Usage | None = None
+    # vLLM's return_token_ids: the prompt's and the output's ids beside the text (streamed:
+    # the prompt's in each choice's first chunk, the new ids in every chunk)
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     tool_parser: ToolParser | None = None  # chat with tools: find calls in the output
     parallel_tool_calls: bool = True
@@ -176,6 +179,7 @@ class Responder:
             priority=req.priority,
             continuous_usage=bool(req.stream and opts and opts.include_usage
                                   and opts.continuous_usage_stats),
+            return_token_ids=bool(req.return_token_ids),
         )
 
     # ---------------------------------------------------------------- running
@@ -247,6 +251,7 @@ class Responder:
                             logprobs=lps,
                             finish_reason=finish,
                             stop_reason=c.stop_reason,
+                            token_ids=list(c.token_ids) if job.return_token_ids else None,
                         )
                     )
                 else:
@@ -261,6 +266,9 @@ class Responder:
                             finish_reason=finish,
                             stop_reason=c.stop_reason,
                             prompt_logprobs=self._prompt_logprobs(job, finals[i]),
+                            **(dict(prompt_token_ids=job.prompts[i], token_ids=[] if
+                                    job.echo_only else list(c.token_ids))
+                               if job.return_token_ids else {}),
                         )
                     )
         cls = P.ChatCompletionResponse if job.kind == "chat" else P.CompletionResponse
@@ -273,6 +281,8 @@ class Responder:
         )
         if job.kind == "chat":
             resp.prompt_logprobs = self._prompt_logprobs(job, finals[0])
+            if job.return_token_ids:
+                resp.prompt_token_ids = job.prompts[0]
         return resp.model_dump()
 
     def _echoed(self, job: Job, i: int, out: RequestOutput, c):
@@ -325,8 +335,14 @@ class Responder:
                         index = i * job.params[i].n + c.index
                         if index in closed:
                             continue
-                        if job.kind == "chat" and index not in sent_text:
-                            yield self._chunk(job, index, {"role": "assistant", "content": ""})
+                        if index not in sent_text:
+                            prompt_ids = job.prompts[i] if job.return_token_ids else None
+                            if job.kind == "chat":
+                                yield self._chunk(job, index, {"role": "assistant",
+                                                               "content": ""},
+                                                  prompt_ids=prompt_ids)
+                            elif prompt_ids is not None:
+                                yield self._chunk(job, index, "", prompt_ids=prompt_ids)
                             sent_text[index] = 0
                         done = c.finish_reason is not None
                         if done:
@@ -381,18 +397,20 @@ class Responder:
                             start + (len(job.echo[i]) if job.echo is not None else 0),
                             delta,
                         )
-                        if said and not delta and lps is None and not done:
+                        if said and not delta and lps is None and not done and not (
+                                job.return_token_ids and new_ids):
                             continue  # this step's text was all reasoning, sent above
                         if calls:
                             if delta or new_ids:
-                                yield self._chunk(job, index, delta, lps)
+                                yield self._chunk(job, index, delta, lps, token_ids=new_ids)
                             for k, call in enumerate(calls):
                                 tool_delta = {"tool_calls": [{"index": k, **call.to_openai()}]}
                                 yield self._chunk(job, index, tool_delta)
                             finish = job.tool_parser.finish_reason or c.finish_reason
                             yield self._chunk(job, index, "", None, finish)
                             continue
-                        yield self._chunk(job, index, delta, lps, c.finish_reason if done else None)
+                        yield self._chunk(job, index, delta, lps, c.finish_reason if done else None,
+                                          token_ids=new_ids)
                     if out.finished:
                         finals[i] = out
             if job.include_usage:
@@ -415,16 +433,20 @@ class Responder:
             yield self._chunk(job, index, {"tool_calls": [entry]})
         start = sent_tokens.get(index, 0)
         sent_tokens[index] = len(c.token_ids)
-        lps = self._logprobs(job, c.token_ids[start:], c.logprobs[start:] if c.logprobs
-                             else None, 0, "")
-        if lps is not None and lps.content:
-            yield self._chunk(job, index, {}, lps)
+        new_ids = c.token_ids[start:]
+        lps = self._logprobs(job, new_ids, c.logprobs[start:] if c.logprobs else None, 0, "")
+        if (lps is not None and lps.content) or (job.return_token_ids and new_ids):
+            yield self._chunk(job, index, {}, lps, token_ids=new_ids)
         if c.finish_reason is not None:
             if not stream.calls:
                 yield self._chunk(job, index, c.text)
             yield self._chunk(job, index, "", None, c.finish_reason)
 
-    def _chunk(self, job: Job, index: int, delta, logprobs=None, finish=None) -> str:
+    def _chunk(self, job: Job, index: int, delta, logprobs=None, finish=None, token_ids=(),
+               prompt_ids=None) -> str:
+        """One choice's chunk; under return_token_ids it carries ``token_ids`` (the ids new
+        since the last chunk) and, the first chunk of a choice, ``prompt_ids`` (a completion
+        choice's ``prompt_token_ids``; a chat chunk's, at the top as vLLM sends them)."""
         if job.kind == "chat":
             d = (
                 delta
@@ -434,9 +456,16 @@ class Responder:
             choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
-        return self._event(job, [choice], None)
+        top = None
+        if job.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+            if prompt_ids is not None and job.kind == "chat":
+                top = {"prompt_token_ids": prompt_ids}
+            elif prompt_ids is not None:
+                choice["prompt_token_ids"] = prompt_ids
+        return self._event(job, [choice], None, top)
 
-    def _event(self, job: Job, choices: list, usage: P.Usage | None) -> str:
+    def _event(self, job: Job, choices: list, usage: P.Usage | None, top=None) -> str:
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         body = {
             "id": job.id,
@@ -444,6 +473,7 @@ class Responder:
             "created": job.created,
             "model": self.model_name,
             "choices": [_dump(c) for c in choices],
+            **(top or {}),
         }
         if job.include_usage:
             usage = usage or (job.usage_now if choices else None)

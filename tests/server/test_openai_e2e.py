@@ -277,6 +277,43 @@ def test_continuous_usage_stats(client):
     assert [c.usage is None for c in plain] == [True] * (len(plain) - 1) + [False]
 
 
+def test_return_token_ids(server, offline):
+    """vLLM's return_token_ids: the prompt's and the output's ids beside the text; streamed,
+    the prompt's in each choice's first chunk and the new ids in every chunk, which merge to
+    the whole (forced tool calls and plain chat alike)."""
+    ids = offline.tokenizer.encode(PROMPTS[1])
+    want = offline.generate([ids], SamplingParams(temperature=0, max_tokens=8,
+                                                  ignore_eos=True))[0].outputs[0].token_ids
+    url = f"{server.base}/v1/completions"
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    c = httpx.post(url, json=body, headers=AUTH, timeout=60).json()["choices"][0]
+    assert (c["prompt_token_ids"], c["token_ids"]) == (ids, want)
+    events = sse_bodies(httpx.post(url, json={**body, "stream": True}, headers=AUTH,
+                                   timeout=60))
+    assert events[0]["choices"][0]["prompt_token_ids"] == ids
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == want
+    chat_url = f"{server.base}/v1/chat/completions"
+    for extra in ({}, {"tools": FORCED_TOOLS, "tool_choice": "required"}):
+        chat = {"model": MODEL, "messages": ASK, "max_tokens": 8, "temperature": 0,
+                "return_token_ids": True, **extra}
+        whole = httpx.post(chat_url, json=chat, headers=AUTH, timeout=60).json()
+        assert whole["prompt_token_ids"] and len(whole["choices"][0]["token_ids"]) == \
+            whole["usage"]["completion_tokens"]
+        events = sse_bodies(httpx.post(chat_url, json={**chat, "stream": True}, headers=AUTH,
+                                       timeout=60))
+        assert events[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+        assert [t for e in events for t in e["choices"][0]["token_ids"]] == whole[
+            "choices"][0]["token_ids"]
+
+
+def sse_bodies(resp) -> list[dict]:
+    """A stream's JSON events, without the final [DONE]."""
+    lines = [ln[6:] for ln in resp.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
 def test_chat_matches_offline(client, offline):
     messages = [
         {"role": "system", "content": "Be brief."},
