@@ -48,10 +48,6 @@ def _parse(responder: Responder, kind: str, body: dict, served_name: str):
     job = responder.prepare_chat(req) if kind == "chat" else responder.prepare_completion(req)
     if len(job.prompts) != 1 or job.params[0].n != 1:
         raise APIError(400, "disaggregated serving takes one prompt and n = 1 per request")
-    if job.params[0].prompt_logprobs is not None:  # scored on the prefill instance, answered
-        # by the decode instance: not carried across (yet)
-        raise APIError(400, "prompt logprobs (prompt_logprobs, or echo with logprobs) are not "
-                            "available through disaggregated serving")
     return req, job
 
 

@@ -70,6 +70,19 @@ def prompt_counts(block_meta: dict, num_prompt_tokens: int, block_size: int):
     return sum(parts[1:], parts[0].copy()) if parts else None
 
 
+def _scores_out(entries: list | None) -> list | None:
+    """A request's prompt logprobs (``Request.prompt_logprobs``) as the handoff's JSON."""
+    if entries is None:
+        return None
+    return [None if e is None else [e[0], e[1], [[t, v] for t, v in e[2].items()]]
+            for e in entries]
+
+
+def _scores_in(entries: list) -> list:
+    return [None if e is None else (float(e[0]), int(e[1]), {int(t): float(v) for t, v in e[2]})
+            for e in entries]
+
+
 class PrefillEngine(LLMEngine):
     """Runs prompts, exports each one's KV + expert counts + first token; see the module doc."""
 
@@ -112,6 +125,7 @@ class PrefillEngine(LLMEngine):
                 "seed": req.seed,
                 "num_cached_tokens": req.num_cached_tokens,
                 "expert_counts": None if counts is None else counts.tolist(),
+                "prompt_logprobs": _scores_out(req.prompt_logprobs),
             }
             kv = assemble_heads(parts, self.cfg.model.num_kv_heads)
             self.exports[req.request_id] = KVPayload(meta, kv)
@@ -164,6 +178,9 @@ class DecodeEngine(LLMEngine):
         req.output_token_ids.append(int(meta["first_token"]))
         if params.logprobs is not None and meta.get("first_logprobs"):
             req.output_logprobs.append({int(t): float(v) for t, v in meta["first_logprobs"]})
+        if params.prompt_logprobs is not None and meta.get("prompt_logprobs"):
+            req.prompt_logprobs = _scores_in(meta["prompt_logprobs"])
+            req.num_prompt_logprobs = len(ids) - 1
         req.num_cached_tokens = int(meta.get("num_cached_tokens", 0))
         detok = (
             IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)

@@ -536,13 +536,14 @@ class LLMEngine:
         return self._apply(batch, results)
 
     def _apply(self, batch, results) -> list[RequestOutput]:
-        self._on_step_results(batch, results)
-        tokens = {t.request_id: t for res in results for t in res.tokens}
         with self._lock:
             for res in results:
                 for rid, scored in (res.prompt_logprobs or {}).items():
                     if (req := self.requests.get(rid)) is not None:
                         req.store_prompt_logprobs(*scored)
+        self._on_step_results(batch, results)
+        tokens = {t.request_id: t for res in results for t in res.tokens}
+        with self._lock:
             updated = self.scheduler.update(batch, tokens)
             self.step_count += 1
             now = time.monotonic()

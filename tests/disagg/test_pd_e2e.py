@@ -52,9 +52,18 @@ def test_outputs_equal_single_instance(cluster, reference):
     r = httpx.post(url + "/v1/completions", json=_body("no-such-model", "Hi", False), timeout=60)
     err = r.json()["error"]  # as a single instance answers it, and the cluster serves on
     assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
-    scored = {**_body(model, "Hi", False), "echo": True, "logprobs": 1}
+    # prompt logprobs: scored by the prefill instance, carried with the KV, answered by the
+    # decode instance as a single instance answers them
+    scored = {**_body(model, PROMPTS[1], False), "max_tokens": 2, "prompt_logprobs": 1}
     r = httpx.post(url + "/v1/completions", json=scored, timeout=60)
-    assert r.status_code == 400 and "prompt logprobs" in r.json()["error"]["message"]
+    got = r.json()["choices"][0]["prompt_logprobs"]
+    with LLM(cluster["model"], device="cpu") as one:
+        want = one.generate([PROMPTS[1]], SamplingParams(max_tokens=1, prompt_logprobs=1)
+                            )[0].prompt_logprobs
+    assert got[0] is None and len(got) == len(want)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert [int(t) for t in g] == list(w)
+        assert all(abs(g[str(t)]["logprob"] - v.logprob) < 1e-4 for t, v in w.items())
     for prompt, want in zip(PROMPTS, reference, strict=True):
         r = httpx.post(url + "/v1/completions", json=_body(model, prompt, False), timeout=120)
         assert r.status_code == 200, r.text
