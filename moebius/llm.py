@@ -122,10 +122,18 @@ class LLM:
 
     def update_weights(self, source):
         """New weights for the running engine, in place (RL: the trainer's latest policy
-        between rollouts): a checkpoint folder of the same model, or (Hugging Face name,
-        tensor) pairs / a state dict, any subset. Returns the ``WeightUpdate``. Call between
-        ``generate`` calls (moebius/engine/weight_update.py)."""
+        between rollouts): a checkpoint folder of the same model, (Hugging Face name, tensor)
+        pairs / a state dict (any subset), or a ``GroupSource`` (the tensors a trainer's
+        ``WeightSender`` broadcasts: ``join_weight_group`` first). Returns the
+        ``WeightUpdate``. Call between ``generate`` calls (moebius/engine/weight_update.py)."""
         return self.engine.update_weights(source)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int = 1,
+                          timeout_s: float = 300.0) -> None:
+        """Join a trainer's process group for weight updates over NCCL/gloo; then
+        ``update_weights(GroupSource(...))`` receives what the trainer's ``WeightSender``
+        broadcasts (moebius/engine/weight_sync.py)."""
+        self.engine.join_weight_group(host, port, world_size, rank_offset, timeout_s)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -311,6 +311,15 @@ class LLMEngine:
             raise ValueError(record.error)
         return record
 
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int = 1,
+                          timeout_s: float = 300.0) -> None:
+        """Every rank joins a trainer's process group (moebius/engine/weight_sync.py): rank
+        ``rank_offset + r`` of ``world_size``, the trainer's ``WeightSender`` at rank 0
+        hosting the store at host:port. Blocks until all have joined (call it while the
+        trainer makes its sender)."""
+        self.executor.call("moebius.engine.weight_sync:join", host, port, world_size,
+                           rank_offset, timeout_s)
+
     def request_weight_update(self, source) -> None:
         """Update (``source`` as for ``update_weights``) at the first step boundary where no
         request is running (thread-safe): new and preempted requests wait until then, running

@@ -24,6 +24,7 @@ from moebius.engine.messages import (
     SwitchInput,
 )
 from moebius.engine.penalty_counts import PenaltyCounts
+from moebius.engine.weight_sync import GroupSource, group_plan
 from moebius.kv.pool import KVPool
 from moebius.model import deepseek, router_fold
 from moebius.model.attention import AttentionMeta, PrefillChunk
@@ -147,6 +148,7 @@ class ModelRunner:
         self.inflight: deque[PendingStep] = deque()  # launched by a rank process, not finished
         self._tables: dict[str, list[int]] = {}  # request id -> block table, last step's seqs
         self._penalty_counts: PenaltyCounts | None = None  # made at the first penalised row
+        self.weight_group = None  # a trainer's group for weight updates (engine/weight_sync.py)
         t0 = time.perf_counter()
         self.weights = load_weights(
             self.model, cfg.model_dir, self.layout, self.dtype, self.device, seed=cfg.seed
@@ -627,7 +629,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         writer = WeightWriter(self.model, self.layout, self.weights)
         try:
-            plan = update_plan(writer, source)
+            plan = (group_plan(writer, self.weight_group, source.specs, self.device)
+                    if isinstance(source, GroupSource) else update_plan(writer, source))
         except Exception as e:  # noqa: BLE001 - nothing was written yet: refuse, keep serving
             return {"error": f"{type(e).__name__}: {e}"}
         t1 = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from moebius.config import ConfigError, ModelConfig
+from moebius.engine.weight_sync import GroupSource
 
 # fields of ModelConfig a new checkpoint may change: not shapes
 _FREE = {"torch_dtype"}
@@ -32,6 +33,8 @@ class WeightUpdate:
 
 
 def describe(source) -> str:
+    if isinstance(source, GroupSource):
+        return f"{len(source)} tensors over the trainer's group"
     return source if isinstance(source, str) else f"{len(source)} tensors"
 
 
@@ -40,6 +43,8 @@ def checked_source(current: ModelConfig, source):
     same model (every shape and option equal: what a rank would otherwise find only tensor by
     tensor); or named tensors (pairs or a dict) as a list of pairs, checked by the ranks name
     by name."""
+    if isinstance(source, GroupSource):
+        return source
     if not isinstance(source, str):
         return list(source.items() if isinstance(source, dict) else source)
     model_dir = source
