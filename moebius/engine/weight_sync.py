@@ -35,7 +35,8 @@ def open_group(host: str, port: int, world_size: int, rank: int, backend: str,
     store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        if hasattr(opts, "_timeout"):  # (a private field, so checked)
+            opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
