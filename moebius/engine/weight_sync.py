@@ -62,7 +62,6 @@ class WeightSender:
 
     def __init__(self, host: str, port: int, num_engine_ranks: int, backend: str = "gloo",
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.backend = backend
         self.group = open_group(host, port, 1 + num_engine_ranks, 0, backend, timeout_s)
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from moebius.config import ConfigError, ModelConfig
 from moebius.model import router_fold
 from moebius.model.weights import ExpertStore, LayerWeights, ModelWeights
-from moebius.parallel.layout import Layout, piece_index
+from moebius.parallel.layout import Layout
 
 
 class CheckpointReader:
@@ -90,8 +90,6 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
 _EXPERT_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up",
                 "down_proj": "down", "w2": "down"}
-_MLA_KEYS = ("q_a_proj", "q_a_layernorm", "q_b_proj", "q_proj", "kv_a_proj_with_mqa",
-             "kv_a_layernorm", "kv_b_proj")
 
 
 def allocate_weights(cfg: ModelConfig, layout: Layout, dtype, device, tied: bool) -> ModelWeights:
@@ -164,6 +162,26 @@ class WeightWriter:
         first = layout.first_local_expert(E)
         self.local = range(first, first + layout.num_local_experts(E))
         self.written: set[str] = set()
+        self._plain = [self._layer_names(lw) for lw in weights.layers]
+
+    def _layer_names(self, lw: LayerWeights) -> dict[str, torch.Tensor]:
+        """A layer's whole tensors by their names after ``model.layers.{i}.`` (the MoE parts
+        aside: ``_moe_target``)."""
+        cfg = self.cfg
+        plain = {"input_layernorm.weight": lw.input_norm,
+                 "post_attention_layernorm.weight": lw.post_norm,
+                 "self_attn.o_proj.weight": lw.o_proj}
+        if cfg.is_mla:
+            plain.update({f"self_attn.{k}.weight": lw.mla[k] for k in lw.mla})
+        else:
+            plain.update({"self_attn.q_proj.weight": lw.q_proj,
+                          "self_attn.k_proj.weight": lw.k_proj,
+                          "self_attn.v_proj.weight": lw.v_proj})
+        if cfg.qk_norm:
+            plain.update({"self_attn.q_norm.weight": lw.q_norm,
+                          "self_attn.k_norm.weight": lw.k_norm})
+        plain.update({f"mlp.{k}_proj.weight": lw.dense[k] for k in lw.dense})
+        return plain
 
     # ---------------------------------------------------------------- names
     def target(self, name: str):
@@ -183,21 +201,7 @@ class WeightWriter:
         if m is None or int(m.group(1)) >= cfg.num_layers:
             raise KeyError(name)
         i, rest = int(m.group(1)), m.group(2)
-        lw = w.layers[i]
-        plain = {"input_layernorm.weight": lw.input_norm,
-                 "post_attention_layernorm.weight": lw.post_norm,
-                 "self_attn.o_proj.weight": lw.o_proj}
-        if cfg.is_mla:
-            plain.update({f"self_attn.{k}.weight": lw.mla[k] for k in lw.mla})
-        else:
-            plain.update({"self_attn.q_proj.weight": lw.q_proj,
-                          "self_attn.k_proj.weight": lw.k_proj,
-                          "self_attn.v_proj.weight": lw.v_proj})
-        if cfg.qk_norm:
-            plain.update({"self_attn.q_norm.weight": lw.q_norm,
-                          "self_attn.k_norm.weight": lw.k_norm})
-        if lw.dense:
-            plain.update({f"mlp.{k}_proj.weight": lw.dense[k] for k in lw.dense})
+        lw, plain = w.layers[i], self._plain[i]
         if rest in plain:
             t = plain[rest]
             return ("tensor", t, tuple(t.shape), f"{i}.{rest}")
@@ -241,18 +245,19 @@ class WeightWriter:
             return False
 
     # ---------------------------------------------------------------- writing
-    def check(self, name: str, shape: tuple) -> None:
-        """ConfigError unless ``name`` is this model's with this shape (ignored names pass)."""
+    def check(self, name: str, shape: tuple):
+        """``name``'s target (``target``) if it is this model's with this shape, else
+        ConfigError (a name with no part here passes: None)."""
         try:
             t = self.target(name)
         except KeyError:
             raise ConfigError(f"{name!r} is not a weight of this model") from None
         if t is not None and tuple(shape) != t[2]:
             raise ConfigError(f"tensor {name} has shape {tuple(shape)}, expected {t[2]}")
+        return t
 
-    def parts_of(self, name: str) -> set[str]:
-        """The parts ``name`` writes on this rank (see ``parts``)."""
-        t = self.target(name)
+    def parts_of(self, t) -> set[str]:
+        """The parts a target (``target``) writes on this rank (see ``parts``)."""
         if t is None:
             return set()
         if t[0] == "tensor":
@@ -263,38 +268,23 @@ class WeightWriter:
 
     def assign(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (any device and float dtype) where ``name`` goes on this rank."""
-        self.check(name, tensor.shape)
-        t = self.target(name)
+        t = self.check(name, tensor.shape)
         if t is None:
             return
+        store, layout = self.w.experts, self.layout
         if t[0] == "tensor":
             t[1].copy_(tensor)
         elif t[0] == "fused":
             I = self.cfg.moe_intermediate_size
             for e in self.local:
                 if t[4] == ("down",):
-                    self._expert(t[1], e, "down", tensor[e])
+                    store.fill_part(t[1], layout, e, "down", tensor[e])
                 else:
-                    self._expert(t[1], e, "gate", tensor[e, :I])
-                    self._expert(t[1], e, "up", tensor[e, I:])
+                    store.fill_part(t[1], layout, e, "gate", tensor[e, :I])
+                    store.fill_part(t[1], layout, e, "up", tensor[e, I:])
         else:
-            self._expert(t[1], t[4], t[5], tensor)
-        self.written |= self.parts_of(name)
-
-    def _expert(self, moe: int, e: int, part: str, t: torch.Tensor) -> None:
-        """Expert ``e``'s gate (I, H), up (I, H) or down (H, I) into the pieces this rank
-        holds of it: under TP its own shard, under EP every shard."""
-        layout, store, c = self.layout, self.w.experts, self.w.experts.shard
-        w13, w2 = store.view(moe)
-        shards = [layout.rank] if layout.is_tp else range(layout.world_size)
-        for s in shards:
-            _, idx = piece_index(layout.mode, e, s, self.cfg.num_experts, layout.world_size)
-            if part == "gate":
-                w13[idx, :c].copy_(t[s * c : (s + 1) * c])
-            elif part == "up":
-                w13[idx, c:].copy_(t[s * c : (s + 1) * c])
-            else:
-                w2[idx].copy_(t[:, s * c : (s + 1) * c].t())
+            store.fill_part(t[1], layout, t[4], t[5], tensor)
+        self.written |= self.parts_of(t)
 
     def parts(self) -> list[tuple[str, str]]:
         """(part, a name that writes it) for every part a whole load writes on this rank, in
@@ -324,11 +314,13 @@ class WeightWriter:
                     for e in self.local for k in ("gate", "up", "down")]
         return out
 
-    def missing(self, written: set[str] | None = None) -> str | None:
-        """A name of the first part a whole load has not written (``written``: these parts,
-        else the ones written so far), or None."""
+    def require_whole(self, written: set[str] | None = None) -> None:
+        """ConfigError naming the first part a whole load has not written (``written``: these
+        parts, else the ones written so far)."""
         done = self.written if written is None else written
-        return next((name for part, name in self.parts() if part not in done), None)
+        missing = next((name for part, name in self.parts() if part not in done), None)
+        if missing is not None:
+            raise ConfigError(f"checkpoint lacks the tensor {missing!r} (or its fused form)")
 
 
 def update_plan(writer: WeightWriter, source) -> list[tuple[str, object]]:
@@ -341,16 +333,12 @@ def update_plan(writer: WeightWriter, source) -> list[tuple[str, object]]:
         names = [n for n in reader.name_to_file if writer.wanted(n)]
         parts: set[str] = set()
         for n in names:
-            writer.check(n, reader.shape(n))
-            parts |= writer.parts_of(n)
-        missing = writer.missing(parts)
-        if missing is not None:
-            raise ConfigError(f"checkpoint lacks the tensor {missing!r} (or its fused form)")
+            parts |= writer.parts_of(writer.check(n, reader.shape(n)))
+        writer.require_whole(parts)
         return [(n, functools.partial(reader.get, n)) for n in names]
     pairs = list(source.items() if isinstance(source, Mapping) else source)
-    for n, t in pairs:
-        writer.check(n, t.shape)
-    return [(n, functools.partial(_same, t)) for n, t in pairs if writer.target(n) is not None]
+    return [(n, functools.partial(_same, t)) for n, t in pairs
+            if writer.check(n, t.shape) is not None]
 
 
 def _same(t):
@@ -389,9 +377,7 @@ def load_weights(
         for name in reader.name_to_file:
             if writer.wanted(name):
                 writer.assign(name, reader.get(name))
-        missing = writer.missing()
-        if missing is not None:
-            raise ConfigError(f"checkpoint lacks the tensor {missing!r} (or its fused form)")
+        writer.require_whole()
     else:
         rand = _Random(seed, device)
         for _, name in writer.parts():

@@ -68,17 +68,21 @@ class ExpertStore:
         """(w13 (E, 2c, H), w2ᵀ (E, c, H)) pieces of one layer."""
         return self.w13[moe_index], self.w2[moe_index]
 
-    def fill_expert(self, moe_index: int, layout: Layout, expert: int, gate_up, down) -> None:
-        """Write expert ``expert`` from HF tensors gate_up (2I, H) and down (H, I) into the
-        pieces ``layout`` gives this rank."""
-        I, c = self.cfg.moe_intermediate_size, self.shard
+    def fill_part(self, moe_index: int, layout: Layout, expert: int, part: str, t) -> None:
+        """Write expert ``expert``'s Hugging Face ``part``, gate (I, H), up (I, H) or down
+        (H, I), into the pieces ``layout`` gives this rank: under TP its own shard, under EP
+        every shard."""
+        c = self.shard
         w13, w2 = self.view(moe_index)
         shards = [layout.rank] if layout.is_tp else range(self.world_size)
         for s in shards:
             _, idx = piece_index(layout.mode, expert, s, self.cfg.num_experts, self.world_size)
-            w13[idx, :c].copy_(gate_up[s * c : (s + 1) * c])
-            w13[idx, c:].copy_(gate_up[I + s * c : I + (s + 1) * c])
-            w2[idx].copy_(down[:, s * c : (s + 1) * c].t())
+            if part == "gate":
+                w13[idx, :c].copy_(t[s * c : (s + 1) * c])
+            elif part == "up":
+                w13[idx, c:].copy_(t[s * c : (s + 1) * c])
+            else:
+                w2[idx].copy_(t[:, s * c : (s + 1) * c].t())
 
     def nbytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
@@ -108,4 +112,3 @@ class ModelWeights:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
         return total
-
